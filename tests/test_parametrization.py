@@ -1,0 +1,83 @@
+"""The converter: round trips are the identity, errors are clear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdelab.oracle import GaussianData
+from sdelab.parametrization import KINDS, ScoreModel, convert, score_fn_to_kind
+
+D64 = torch.float64
+
+
+def _point(schedule, shape=(6, 3, 4, 4)):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g, dtype=D64)
+    out = torch.randn(shape, generator=g, dtype=D64)
+    u = torch.rand(shape[0], generator=g, dtype=D64)
+    t = schedule.t_min + (schedule.T - schedule.t_min) * (0.05 + 0.9 * u)
+    return x, out, t
+
+
+def test_round_trip_chain_is_identity(schedule):
+    """score → eps → x0 → v → drift → score, on image-shaped data with per-example t."""
+    x, s0, t = _point(schedule)
+    cur, kind = s0, "score"
+    for nxt in ("eps", "x0", "v", "drift", "score"):
+        cur = convert(cur, source=kind, target=nxt, x=x, t=t, schedule=schedule)
+        kind = nxt
+    torch.testing.assert_close(cur, s0, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_round_trips(schedule, kind):
+    x, out, t = _point(schedule, (5, 7))
+    back = convert(
+        convert(out, source=kind, target="eps", x=x, t=t, schedule=schedule),
+        source="eps",
+        target=kind,
+        x=x,
+        t=t,
+        schedule=schedule,
+    )
+    torch.testing.assert_close(back, out, rtol=1e-8, atol=1e-8)
+
+
+def test_conversions_agree_with_definitions(schedule):
+    """x̂0 = (x − σ ε̂)/α, v = α ε − σ x0, a = g s, s = −ε/σ, written out independently."""
+    x, eps, t = _point(schedule, (5, 7))
+    v = schedule(t)
+    a, s, g = v.alpha[:, None], v.sigma[:, None], v.g[:, None]
+    x0 = (x - s * eps) / a
+
+    def conv(k):
+        return convert(eps, source="eps", target=k, x=x, t=t, schedule=schedule)
+
+    torch.testing.assert_close(conv("score"), -eps / s)
+    torch.testing.assert_close(conv("x0"), x0)
+    torch.testing.assert_close(conv("v"), a * eps - s * x0)
+    torch.testing.assert_close(conv("drift"), -g * eps / s)
+
+
+def test_score_model_wraps_any_kind(schedule):
+    """A network predicting x0 (here: the oracle's x̂0) gives the oracle score back."""
+    data = GaussianData(
+        torch.tensor([0.5, -1.0], dtype=D64), torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=D64)
+    )
+    score = data.score_fn(schedule)
+    x, _, t = _point(schedule, (8, 2))
+    for kind in KINDS:
+        model = ScoreModel(score_fn_to_kind(score, schedule, kind), schedule, output=kind)
+        torch.testing.assert_close(model(x, t), score(x, t), rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(model.eps(x, t), -schedule(t).sigma[:, None] * score(x, t))
+
+
+def test_bad_kind_and_shapes(schedule):
+    x, out, t = _point(schedule, (4, 3))
+    with pytest.raises(ValueError, match="unknown parametrization 'noise'.*eps"):
+        convert(out, source="noise", target="eps", x=x, t=t, schedule=schedule)
+    with pytest.raises(ValueError, match="prediction shape"):
+        convert(out[:, :2], source="eps", target="x0", x=x, t=t, schedule=schedule)
+    with pytest.raises(ValueError, match="one time per example"):
+        convert(out, source="eps", target="x0", x=x, t=t[:2], schedule=schedule)
