@@ -178,3 +178,22 @@ def test_time_outside_range_is_rejected(schedule):
     with pytest.raises(ValueError, match="NaN"):
         schedule(torch.tensor([float("nan")]))
     schedule(torch.tensor([schedule.t_min, schedule.T]))  # the ends are fine
+
+
+def test_reverse_family_and_probability_flow(schedule):
+    """λ-family drift/diffusion match their formula; λ = 1 is the PF-ODE; bad λ is rejected."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, generator=g, dtype=D64)
+    s = torch.randn(4, 3, generator=g, dtype=D64)
+    t = torch.full((4,), 0.5 * (schedule.t_min + schedule.T), dtype=D64)
+    v = schedule(t)
+    for lam in (0.0, 0.5, 1.0):
+        drift, diff = schedule.reverse_sde(x, t, s, lam)
+        ref = v.f[:, None] * x - (1 - lam / 2) * v.g2[:, None] * s
+        torch.testing.assert_close(drift, ref)
+        torch.testing.assert_close(diff, ((1 - lam) * v.g2[:, None]).sqrt().expand_as(x))
+    torch.testing.assert_close(
+        schedule.probability_flow(x, t, s), schedule.reverse_sde(x, t, s, 1.0)[0]
+    )
+    with pytest.raises(ValueError, match=r"lam must lie in \[0, 1\]"):
+        schedule.reverse_sde(x, t, s, 1.5)

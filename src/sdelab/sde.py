@@ -187,6 +187,28 @@ class Schedule(nn.Module):
         out = self(t)
         return append_dims(out.f, x.ndim) * x, append_dims(out.g, x.ndim)
 
+    def reverse_sde(
+        self, x: Tensor, t: Tensor, score: Tensor, lam: float = 0.0
+    ) -> tuple[Tensor, Tensor]:
+        """Drift and diffusion of the λ-family of reverse processes (sdeflow-light, App. C):
+
+            dx = [f x − (1 − λ/2) g² s] dt + √(1 − λ) g dw̄,   time running from T to t_min.
+
+        λ = 0 is Anderson's reverse SDE, λ = 1 the probability-flow ODE; every λ ∈ [0, 1]
+        has the same marginals p_t when ``score`` is exact. Returns (drift, diffusion), both
+        broadcast to ``x``; ``t`` is a scalar or ``(B,)``.
+        """
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam must lie in [0, 1] (0: reverse SDE, 1: ODE), got {lam}")
+        out = self(t)
+        f, g2 = append_dims(out.f, x.ndim), append_dims(out.g2, x.ndim)
+        drift = f * x - (1.0 - 0.5 * lam) * g2 * score
+        return drift, ((1.0 - lam) * g2).clamp_min(0).sqrt().expand_as(x)
+
+    def probability_flow(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
+        """Velocity of the probability-flow ODE, dx/dt = f x − ½ g² s (λ = 1 above)."""
+        return self.reverse_sde(x, t, score, lam=1.0)[0]
+
     def marginal(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Mean α_t x_0 and std σ_t (broadcast to ``x0``) of p_{0t}(x_t | x_0)."""
         alpha, sigma = self.alpha_sigma(t)

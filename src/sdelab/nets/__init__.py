@@ -1,0 +1,1 @@
+"""Networks: time embeddings, MLP, U-Net."""
