@@ -34,7 +34,9 @@ __all__ = [
     "SCHEDULES",
     "CosineSchedule",
     "FunctionSchedule",
+    "LearnedLinearSchedule",
     "LogSNRSchedule",
+    "MonotoneNetSchedule",
     "Schedule",
     "ScheduleOutput",
     "SubVPSchedule",
@@ -584,6 +586,93 @@ class VDMLinearSchedule(LogSNRSchedule):
         )
 
 
+class LearnedLinearSchedule(LogSNRSchedule):
+    """VDM's linear γ_t = γ_0 + (γ_1 − γ_0) t with learnable end points γ_0 < γ_1.
+
+    The end points trade the reconstruction term (γ_0) against the prior term (γ_1) of the
+    VLB; they are parameters, initialised at VDM's −13.3 and 5.
+    """
+
+    def __init__(self, gamma_min: float = -13.3, gamma_max: float = 5.0) -> None:
+        super().__init__(0.0, 1.0)
+        if not gamma_min < gamma_max:
+            raise ValueError(f"need gamma_min < gamma_max, got {gamma_min}, {gamma_max}")
+        self.gamma_0 = nn.Parameter(torch.tensor(float(gamma_min)))
+        self.gamma_1 = nn.Parameter(torch.tensor(float(gamma_max)))
+
+    def log_snr(self, t):
+        return -(self.gamma_0 + (self.gamma_1 - self.gamma_0) * t)
+
+    def d_log_snr(self, t):
+        return -(self.gamma_1 - self.gamma_0).to(t.dtype).expand_as(t)
+
+    def t_of_log_snr(self, log_snr):
+        return (-log_snr - self.gamma_0) / (self.gamma_1 - self.gamma_0)
+
+
+class MonotoneNetSchedule(LogSNRSchedule):
+    """VDM's learned schedule γ_η(t): a monotone network rescaled to exact end points.
+
+    γ̃(t) = l_1(t) + l_3(φ(l_2(l_1(t)))) with positive weights (softplus of free parameters),
+    φ = sigmoid and ``hidden`` units in l_2 (1024 in the VDM paper). Then
+
+        γ_η(t) = γ_min + (γ_max − γ_min) · (γ̃(t) − γ̃(0)) / (γ̃(1) − γ̃(0)),
+
+    so γ_η(0) = γ_min and γ_η(1) = γ_max *by construction*, whatever the weights — the
+    original's unnormalised network drifted off its end points during training. γ̃ is strictly
+    increasing because l_1 has a positive slope and every other path has positive weights.
+    ``learn_endpoints=True`` makes γ_min, γ_max parameters too.
+    """
+
+    def __init__(
+        self,
+        gamma_min: float = -13.3,
+        gamma_max: float = 5.0,
+        hidden: int = 1024,
+        learn_endpoints: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(0.0, 1.0)
+        if not gamma_min < gamma_max:
+            raise ValueError(f"need gamma_min < gamma_max, got {gamma_min}, {gamma_max}")
+        g = torch.Generator().manual_seed(seed)
+        # fixed end points stay Python floats, so they are exact in any dtype
+        self.ends: nn.Parameter | tuple[float, float] = (float(gamma_min), float(gamma_max))
+        if learn_endpoints:
+            self.ends = nn.Parameter(torch.tensor(self.ends))
+        # free parameters; the weights used are softplus(·) > 0
+        self.w1 = nn.Parameter(torch.tensor(1.0))
+        self.b1 = nn.Parameter(torch.tensor(0.0))
+        self.w2 = nn.Parameter(torch.randn(hidden, generator=g) * 0.5)
+        self.b2 = nn.Parameter(torch.randn(hidden, generator=g) * 0.5)
+        self.w3 = nn.Parameter(torch.randn(hidden, generator=g) * 0.5 - 3.0)
+
+    def _raw(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """γ̃(t) and dγ̃/dt, elementwise in t."""
+        sp = nn.functional.softplus
+        w1, w2, w3 = sp(self.w1), sp(self.w2), sp(self.w3) / self.w2.numel()
+        u = w1 * t + self.b1  # l_1
+        h = torch.sigmoid(u.unsqueeze(-1) * w2 + self.b2)  # φ(l_2(l_1 t)), (..., hidden)
+        value = u + (h * w3).sum(-1)
+        slope = w1 + ((h * (1 - h)) * w2 * w3).sum(-1) * w1
+        return value, slope
+
+    def gamma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """γ_η(t) and γ_η'(t)."""
+        ends01 = torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device)
+        raw_t, slope = self._raw(t)
+        raw_ends, _ = self._raw(ends01)
+        g_min, g_max = self.ends if isinstance(self.ends, tuple) else self.ends.to(t.dtype)
+        scale = (g_max - g_min) / (raw_ends[1] - raw_ends[0])
+        return g_min + scale * (raw_t - raw_ends[0]), scale * slope
+
+    def log_snr(self, t):
+        return -self.gamma(t)[0]
+
+    def d_log_snr(self, t):
+        return -self.gamma(t)[1]
+
+
 #: Built-in schedules by name (a plain dict: add your own entry or pass an instance).
 SCHEDULES: dict[str, type[Schedule]] = {
     "ve": VESchedule,
@@ -592,15 +681,19 @@ SCHEDULES: dict[str, type[Schedule]] = {
     "cosine": CosineSchedule,
     "tutorial": TutorialSchedule,
     "vdm": VDMLinearSchedule,
+    "vdm-learned-ends": LearnedLinearSchedule,
+    "vdm-learned": MonotoneNetSchedule,
 }
 
 
 def make_schedule(name: str, **kwargs: float) -> Schedule:
-    """Build a schedule by name (``ve``, ``vp``, ``subvp``, ``cosine``, ``tutorial``, ``vdm``).
+    """Build a schedule by name (``ve``, ``vp``, ``subvp``, ``cosine``, ``tutorial``, ``vdm``,
+    ``vdm-learned-ends``, ``vdm-learned``).
 
     Raises ``ValueError`` naming the valid choices for an unknown name or a bad keyword.
     """
-    key = name.lower().replace("-", "").replace("_", "")
+    key = name.lower().replace("_", "-")
+    key = {"sub-vp": "subvp"}.get(key, key)
     if key not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}: choose one of {', '.join(SCHEDULES)}")
     cls = SCHEDULES[key]
