@@ -31,9 +31,9 @@ def test_importance_sampler_ks(schedule):
 
     def cdf(t):
         lam = schedule.log_snr(torch.as_tensor(t, dtype=D64))
-        return ((ends[0] - lam) / (ends[0] - ends[1])).numpy()
+        return ((ends[0] - lam) / (ends[0] - ends[1])).detach().numpy()
 
-    assert stats.kstest(ts.t.numpy(), cdf).pvalue > 1e-3
+    assert stats.kstest(ts.t.detach().numpy(), cdf).pvalue > 1e-3
     # weight is 1/q(t) = Λ / (−λ'(t))
     torch.testing.assert_close(ts.weight, (ends[0] - ends[1]) / -schedule.d_log_snr(ts.t))
 

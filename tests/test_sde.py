@@ -102,6 +102,7 @@ def test_transition_composes(schedule):
     torch.testing.assert_close(a_ts**2 * sig_s**2 + s_ts**2, sig_t**2, rtol=1e-8, atol=1e-14)
 
 
+@torch.no_grad()
 def test_euler_maruyama_reproduces_marginal(schedule):
     """Simulate dx = f x dt + g dw from x_{t_min} ~ N(α x_0, σ²) on a fine log-SNR grid.
 
