@@ -171,6 +171,9 @@ class Schedule(nn.Module):
         if not t.is_floating_point():
             t = t.to(torch.get_default_dtype())
         self.check_time(t)
+        return self._values(t)
+
+    def _values(self, t: Tensor) -> ScheduleOutput:
         alpha, sigma, d_alpha, d_sigma = self.derivatives(t)
         return ScheduleOutput(
             t=t,
@@ -405,6 +408,28 @@ class LogSNRSchedule(Schedule):
         lam = self.log_snr(t)
         return torch.exp(0.5 * nn.functional.logsigmoid(lam)), torch.exp(
             0.5 * nn.functional.logsigmoid(-lam)
+        )
+
+    def log_snr_and_derivative(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """λ(t) and dλ/dt together (override when one pass gives both)."""
+        return self.log_snr(t), self.d_log_snr(t)
+
+    def _values(self, t: Tensor) -> ScheduleOutput:
+        # everything follows from λ and λ': one evaluation of the schedule per call
+        lam, d_lam = self.log_snr_and_derivative(t)
+        alpha = torch.exp(0.5 * nn.functional.logsigmoid(lam))
+        sigma = torch.exp(0.5 * nn.functional.logsigmoid(-lam))
+        s2, a2 = sigma**2, alpha**2
+        return ScheduleOutput(
+            t=t,
+            alpha=alpha,
+            sigma=sigma,
+            d_alpha=0.5 * alpha * s2 * d_lam,
+            d_sigma=-0.5 * sigma * a2 * d_lam,
+            log_snr=lam,
+            d_log_snr=d_lam,
+            f=0.5 * s2 * d_lam,
+            g2=-s2 * d_lam,
         )
 
     def derivatives(self, t):
@@ -671,6 +696,10 @@ class MonotoneNetSchedule(LogSNRSchedule):
 
     def d_log_snr(self, t):
         return -self.gamma(t)[1]
+
+    def log_snr_and_derivative(self, t):
+        gamma, d_gamma = self.gamma(t)
+        return -gamma, -d_gamma
 
 
 #: Built-in schedules by name (a plain dict: add your own entry or pass an instance).
