@@ -675,23 +675,23 @@ def evaluate_likelihood(
         )
 
     if estimator == "ode":
-        model, model_schedule = score_fn, schedule
+        model, model_schedule, model_kwargs = score_fn, schedule, kwargs
     else:
         bound = elbo if estimator == "elbo" else scoreflow_bound
 
-        def model(y: Tensor) -> Tensor:
+        def model(y: Tensor) -> Tensor:  # a lower bound on log p(y) is a valid log-density here
             return -bound(score_fn, schedule, y, generator=generator, **kwargs).nll_bound
 
-        model_schedule, kwargs = None, {}
+        model_schedule, model_kwargs = None, {}
 
-    nll, bpd, nfe = [], [], 0
+    nll, nfe, dim = [], 0, 0
     total = len(batches) if hasattr(batches, "__len__") else None
     with torch.no_grad():
         for batch in tqdm(batches, total=total, disable=not progress, desc="likelihood"):
             data = batch[0] if isinstance(batch, tuple | list) else batch
             if device is not None:
                 data = data.to(device)
-            if levels is not None:
+            if levels is not None:  # discrete: dequantize and account (bits_per_dim checks)
                 res = bits_per_dim(
                     model,
                     data,
@@ -702,24 +702,22 @@ def evaluate_likelihood(
                     n_repeats=n_repeats,
                     dequantization=dequantization,
                     generator=generator,
-                    **kwargs,
+                    **model_kwargs,
                 )
                 nll.append(res.nll)
-                bpd.append(res.bpd)
                 nfe += res.nfe
-            elif estimator == "ode":
+            elif estimator == "ode":  # continuous: the density itself
                 res = log_likelihood(score_fn, schedule, data, generator=generator, **kwargs)
                 nll.append(res.nll)
-                bpd.append(nats_to_bpd(res.nll, data[0].numel()))
                 nfe += res.nfe
             else:
                 _check_batch(data)
-                logp = model(data)
-                nll.append(-logp)
-                bpd.append(nats_to_bpd(-logp, data[0].numel()))
+                nll.append(-model(data))
+            dim = data[0].numel()
     if not nll:
         raise ValueError("the data set is empty: batches yielded nothing")
-    nll_all, bpd_all = torch.cat(nll), torch.cat(bpd)
+    nll_all = torch.cat(nll)
+    bpd_all = nats_to_bpd(nll_all, dim)
     nll_mean, nll_se = _mean_se(nll_all)
     bpd_mean, bpd_se = _mean_se(bpd_all)
     return EvaluationResult(
