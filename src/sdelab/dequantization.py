@@ -173,6 +173,7 @@ def dequantize(
             "the truncated normal): pass schedule=..."
         )
     t = torch.tensor(schedule.t_min if t_min is None else t_min, dtype=torch.float64)
+    schedule.check_time(t)
     alpha, sigma = (float(v) for v in schedule.alpha_sigma(t))
     if not sigma > 0:
         raise ValueError("truncated-normal dequantization needs σ(t_min) > 0: use t_min > 0")
@@ -262,8 +263,6 @@ def bits_per_dim(
             f"options {sorted(likelihood_kwargs)} apply to the ODE likelihood: pass schedule=... "
             "with a score function, or drop them for a plain log-density"
         )
-    k = torch.as_tensor(k)
-    d = k[0].numel() if k.ndim > 0 and k.shape[0] > 0 else 0
     nlls, nfe = [], 0
     for _ in range(n_repeats):
         dq = dequantize(
@@ -285,6 +284,7 @@ def bits_per_dim(
             )
             logp, nfe = res.logp, nfe + res.nfe
         nlls.append(-logp - dq.entropy)
+    d = dq.y[0].numel()
     per_repeat = torch.stack(nlls)  # (R, B)
     nll = per_repeat.mean(0)
     se = (

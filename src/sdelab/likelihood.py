@@ -58,7 +58,9 @@ from sdelab.sde import Schedule
 from sdelab.utils import randn_like, sum_except_batch
 
 __all__ = [
+    "ADAPTIVE_SOLVERS",
     "DIVERGENCES",
+    "ESTIMATORS",
     "PROBES",
     "BoundResult",
     "EvaluationResult",
@@ -156,17 +158,24 @@ def _leaf(x: Tensor, create_graph: bool) -> Tensor:
     return x if create_graph and x.requires_grad else x.detach().requires_grad_(True)
 
 
-def _tracks_grad(score_fn: ScoreFn, schedule: Schedule, x: Tensor) -> bool:
-    """Whether the result must carry gradients: grad mode is on and ``x``, the schedule or the
-    score function (module parameters or tensors a plain callable closes over) requires grad.
-    A plain callable is probed with one evaluation on the first example."""
+def _score_requires_grad(score_fn: ScoreFn, schedule: Schedule, x: Tensor) -> bool:
+    """Whether the score function's output carries gradients (module parameters, or tensors a
+    plain callable closes over): one evaluation on the first example, under the current grad
+    mode."""
     if not torch.is_grad_enabled():
         return False
-    if x.requires_grad or any(p.requires_grad for p in schedule.parameters()):
-        return True
-    probe_x = x[:1].detach()
     t = torch.full((1,), schedule.T, dtype=x.dtype, device=x.device)
-    return bool(score_fn(probe_x, t).requires_grad)
+    return bool(score_fn(x[:1].detach(), t).requires_grad)
+
+
+def _tracks_grad(score_fn: ScoreFn, schedule: Schedule, x: Tensor) -> bool:
+    """Whether the result must carry gradients: grad mode is on and ``x``, the schedule or the
+    score function requires grad."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad
+        or any(p.requires_grad for p in schedule.parameters())
+        or _score_requires_grad(score_fn, schedule, x)
+    )
 
 
 def _check_batch(x: Tensor) -> None:
@@ -340,8 +349,8 @@ def log_likelihood(
         )
     div = _Divergence.make(x, divergence, n_probes, probe, generator)
     track = _tracks_grad(score_fn, schedule, x)
-    if adjoint and track and not x.requires_grad and not isinstance(score_fn, nn.Module):
-        if not any(p.requires_grad for p in schedule.parameters()):
+    if adjoint and track and not isinstance(score_fn, nn.Module):
+        if _score_requires_grad(score_fn, schedule, x):
             raise ValueError(
                 "adjoint=True cannot see tensors a plain score function closes over: wrap the "
                 "score function in an nn.Module holding them as parameters (or use adjoint=False)"
@@ -412,8 +421,6 @@ def _boundary_term(
     σ(ε̂ − ε) and H = D/2 log(2πeσ²), this is ½‖ε̂ − ε‖² − D/2 − D log α_{t_min}; the first term
     is the unit-weight denoising loss at t_min."""
     t_min, _ = _end_times(schedule, x)
-    if float(schedule.alpha_sigma(t_min[:1])[1]) <= 0:
-        raise ValueError("the bounds need σ(t_min) > 0: build the schedule with t_min > 0")
     out = dsm_loss(
         score_fn,
         schedule,
@@ -440,11 +447,14 @@ def _dsm_offset(schedule: Schedule, x: Tensor) -> Tensor:
     return -0.5 * d * (log_snr[0] - log_snr[1]) - d * (log_alpha[1] - log_alpha[0])
 
 
-def _check_samples(n_samples: int) -> None:
+def _check_bound_inputs(schedule: Schedule, x: Tensor, n_samples: int) -> None:
+    _check_batch(x)
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
         raise ValueError(
             f"n_samples must be an integer >= 2 (for a standard error), got {n_samples!r}"
         )
+    if float(schedule.alpha_sigma(torch.tensor(schedule.t_min, dtype=torch.float64))[1]) <= 0:
+        raise ValueError("the bounds need σ(t_min) > 0: build the schedule with t_min > 0")
 
 
 def _collect(prior: Tensor, diffusion: list[Tensor], boundary: list[Tensor]) -> BoundResult:
@@ -494,8 +504,7 @@ def elbo(
         :class:`BoundResult` with ``nll_bound`` = −ELBO ≥ −log p(x) (in expectation) and ``se``.
         Differentiable when grad mode is on and something requires grad.
     """
-    _check_batch(x)
-    _check_samples(n_samples)
+    _check_bound_inputs(schedule, x, n_samples)
     create_graph = _tracks_grad(score_fn, schedule, x)
     with torch.set_grad_enabled(create_graph):
         diffusion, boundary = [], []
@@ -557,8 +566,7 @@ def scoreflow_bound(
         :class:`BoundResult`; differentiable w.r.t. the score function's parameters when grad
         mode is on (this is the ScoreFlow training objective).
     """
-    _check_batch(x)
-    _check_samples(n_samples)
+    _check_bound_inputs(schedule, x, n_samples)
     offset = _dsm_offset(schedule, x)
     diffusion, boundary = [], []
     for _ in range(n_samples):
