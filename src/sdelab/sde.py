@@ -151,19 +151,21 @@ class Schedule(nn.Module):
 
     # ---- public API ----------------------------------------------------------------------
     def check_time(self, t: Tensor) -> None:
-        """Raise ``ValueError`` if any time lies outside [t_min, T]."""
+        """Raise ``ValueError`` if any time lies outside [t_min, T] (one host sync)."""
         if t.numel() == 0:
             return
         tol = _TIME_TOL * max(1.0, self.T)
-        lo, hi = float(t.min()), float(t.max())
-        if not (math.isfinite(lo) and math.isfinite(hi)):
+        bad = (t < self.t_min - tol) | (t > self.T + tol) | ~torch.isfinite(t)
+        if not bool(bad.any()):
+            return
+        if not bool(torch.isfinite(t).all()):
             raise ValueError("time contains NaN or inf: pass finite times in [t_min, T]")
-        if lo < self.t_min - tol or hi > self.T + tol:
-            raise ValueError(
-                f"time range [{lo:.6g}, {hi:.6g}] leaves the schedule's interval "
-                f"[t_min={self.t_min:.6g}, T={self.T:.6g}]: clamp t or build the schedule "
-                "with a wider t_min/T"
-            )
+        lo, hi = float(t.min()), float(t.max())
+        raise ValueError(
+            f"time range [{lo:.6g}, {hi:.6g}] leaves the schedule's interval "
+            f"[t_min={self.t_min:.6g}, T={self.T:.6g}]: clamp t or build the schedule "
+            "with a wider t_min/T"
+        )
 
     def forward(self, t: Tensor | float) -> ScheduleOutput:
         """All schedule quantities at times ``t`` (any shape), checked to lie in [t_min, T]."""
