@@ -378,6 +378,25 @@ def test_nfe_and_trajectory(sampler, options, nfe):
     assert bool(torch.isfinite(res.samples).all())
 
 
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_any_rank(sampler):
+    """Image-shaped samples (B, C, H, W): time broadcasts through one helper, norms are per
+    example over all dims. The oracle flattens internally, so D = 1·2·3 here."""
+    schedule, data = VPSchedule(), anisotropic_gaussian(6)
+    res = sample(
+        data.score_fn(schedule),
+        schedule,
+        (5, 1, 2, 3),
+        sampler=sampler,
+        steps=4,
+        generator=0,
+        denoise=True,
+        return_trajectory=True,
+    )
+    assert res.samples.shape == (5, 1, 2, 3) and res.trajectory.shape == (5, 5, 1, 2, 3)
+    assert bool(torch.isfinite(res.samples).all())
+
+
 def test_adaptive_ode_counts_and_saves_at_grid_times():
     schedule, data = VESchedule(), anisotropic_gaussian(2)
     res = sample(
