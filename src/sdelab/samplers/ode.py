@@ -26,8 +26,14 @@ import torch
 import torchdiffeq
 from torch import Tensor
 
-from sdelab.parametrization import score_fn_to_kind
-from sdelab.samplers.stochastic import Callback, Constraint, ScoreFn, _apply, times_like
+from sdelab.samplers.stochastic import (
+    Callback,
+    Constraint,
+    ScoreFn,
+    _apply,
+    score_at,
+    x0_from_score,
+)
 from sdelab.sde import Schedule
 
 __all__ = [
@@ -87,8 +93,7 @@ def _pf_velocity(score_fn: ScoreFn, schedule: Schedule) -> Velocity:
     """dx/dt = f x − ½ g² s of the probability-flow ODE at a scalar time t."""
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
-        t = times_like(t, x)
-        return schedule.probability_flow(x, t, score_fn(x, t))
+        return schedule.probability_flow(x, t, score_at(score_fn, x, t))
 
     return velocity
 
@@ -124,7 +129,7 @@ def sample_ode(
         tableau = TABLEAUX[method]
         for i in range(len(ts) - 1):
             x = rk_step(tableau, velocity, x, ts[i], ts[i + 1] - ts[i])
-            x = _apply(constraint, x, times_like(ts[i + 1], x))
+            x = _apply(constraint, x, ts[i + 1])
             if callback is not None:
                 callback(x, ts[i + 1])
         return x
@@ -136,7 +141,12 @@ def sample_ode(
     # step_t: land exactly on t_min; adaptive steps otherwise overshoot it and evaluate the
     # score outside [t_min, T] (torchdiffeq interpolates back to the output times).
     xs = torchdiffeq.odeint(
-        lambda t, y: velocity(y, t), x, ts, method=method, rtol=rtol, atol=atol,
+        lambda t, y: velocity(y, t),
+        x,
+        ts,
+        method=method,
+        rtol=rtol,
+        atol=atol,
         options={"step_t": ts[-1:]},
     )  # (len(ts), B, ...)
     if callback is not None:
@@ -159,12 +169,11 @@ def sample_dpm_solver(
     of the probability-flow ODE in log-SNR time with data prediction, for any schedule; the
     first step is first order (DDIM). NFE = steps. Best with ``grid="logsnr"`` or ``"edm"``.
     """
-    x0_fn = score_fn_to_kind(score_fn, schedule, "x0")
     vals = schedule(ts)
     alpha, sigma, ell = vals.alpha, vals.sigma, 0.5 * vals.log_snr  # ℓ = log(α/σ)
     x0_prev, h_prev = None, None
     for i in range(len(ts) - 1):
-        x0 = x0_fn(x, times_like(ts[i], x))
+        x0 = x0_from_score(score_at(score_fn, x, ts[i]), schedule, x, ts[i])
         h = ell[i + 1] - ell[i]
         if x0_prev is None:
             d = x0
@@ -172,7 +181,7 @@ def sample_dpm_solver(
             r = h_prev / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
         x = (sigma[i + 1] / sigma[i]) * x - (alpha[i + 1] * torch.expm1(-h)) * d
-        x = _apply(constraint, x, times_like(ts[i + 1], x))
+        x = _apply(constraint, x, ts[i + 1])
         x0_prev, h_prev = x0, h
         if callback is not None:
             callback(x, ts[i + 1])

@@ -10,7 +10,8 @@ with ``x`` drawn at ``ts[0] = T`` and ``ts`` decreasing to t_min. A step goes fr
 from ``schedule(t)``, ``schedule.reverse_sde`` or the exact forward chain
 ``schedule.transition(s, t)``: x_t = a x_s + G ε with a = α_t/α_s, G² = σ_t² − a² σ_s².
 
-Predictors ``(score_fn, schedule, x, t, s, *, generator) -> x_s`` (t, s of shape ``(B,)``):
+Predictors ``(score_fn, schedule, x, t, s, *, generator) -> x_s`` (t, s scalar grid times, or
+one per example of shape ``(B,)``):
 
 - ``euler_maruyama``: one Euler–Maruyama step of the reverse SDE (λ-family, λ = 0 by default).
 - ``reverse_diffusion``: Score-SDE's discretised reverse SDE x_s = x − f_i + G_i² s + G_i z, with
@@ -37,7 +38,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from sdelab.parametrization import convert
+from sdelab.parametrization import from_eps, to_eps
 from sdelab.sde import Schedule
 from sdelab.utils import append_dims, batch_time, randn_like
 
@@ -63,6 +64,30 @@ Constraint = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[Tensor, Tensor], None]
 
 
+# ---- helpers -------------------------------------------------------------------------------
+# Schedule coefficients are evaluated at the scalar grid time (one value, however big the
+# batch); only the score function receives one time per example.
+def times_like(t: Tensor | float, x: Tensor) -> Tensor:
+    """Time as a ``(B,)`` tensor for ``x``: :func:`batch_time`, but materialised, because the
+    forward-mode autograd behind a schedule's default derivatives rejects expanded tensors."""
+    return batch_time(t, x).contiguous()
+
+
+def score_at(score_fn: ScoreFn, x: Tensor, t: Tensor) -> Tensor:
+    """``score_fn(x, t)`` with ``t`` (scalar or ``(B,)``) given as one time per example."""
+    return score_fn(x, times_like(t, x))
+
+
+def x0_from_score(score: Tensor, schedule: Schedule, x: Tensor, t: Tensor) -> Tensor:
+    """Tweedie's x̂_0 = (x + σ_t² s)/α_t through the converter (``t`` scalar or ``(B,)``)."""
+    vals = schedule(t)
+    return from_eps(to_eps(score, "score", x, vals), "x0", x, vals)
+
+
+def _apply(constraint: Constraint | None, x: Tensor, t: Tensor) -> Tensor:
+    return x if constraint is None else constraint(x, times_like(t, x))
+
+
 # ---- predictors: one step from t to s < t --------------------------------------------------
 def euler_maruyama_predictor(
     score_fn: ScoreFn,
@@ -76,7 +101,7 @@ def euler_maruyama_predictor(
 ) -> Tensor:
     """Euler–Maruyama on the λ-family reverse SDE dx = [f x − (1 − λ/2) g² s] dt + √(1−λ) g dw̄."""
     h = append_dims(t - s, x.ndim)
-    drift, diffusion = schedule.reverse_sde(x, t, score_fn(x, t), lam)
+    drift, diffusion = schedule.reverse_sde(x, t, score_at(score_fn, x, t), lam)
     x_mean = x - drift * h  # dt = −h: time runs backwards
     if lam == 1.0:  # probability-flow ODE: no noise
         return x_mean
@@ -95,7 +120,7 @@ def reverse_diffusion_predictor(
     """Score-SDE's reverse-diffusion predictor on the exact forward chain between s and t."""
     a, G = (append_dims(v, x.ndim) for v in schedule.transition(s, t))
     f_i = (a - 1) * x  # forward chain x_t = x_s + f_i + G z, evaluated at x_t as in Score-SDE
-    x_mean = x - f_i + G**2 * score_fn(x, t)
+    x_mean = x - f_i + G**2 * score_at(score_fn, x, t)
     return x_mean + G * randn_like(x, generator)
 
 
@@ -118,7 +143,7 @@ def ancestral_predictor(
     a, G = (append_dims(v, n) for v in schedule.transition(s, t))
     alpha_s, sigma_s = (append_dims(v, n) for v in schedule.alpha_sigma(s))
     sigma_t = append_dims(schedule.alpha_sigma(t)[1], n)
-    x0 = convert(score_fn(x, t), source="score", target="x0", x=x, t=t, schedule=schedule)
+    x0 = x0_from_score(score_at(score_fn, x, t), schedule, x, t)
     x_mean = (a * sigma_s**2 * x + alpha_s * G**2 * x0) / sigma_t**2
     return x_mean + (sigma_s * G / sigma_t) * randn_like(x, generator)
 
@@ -161,7 +186,7 @@ def langevin_corrector(
     """One Langevin step x + ε s + √(2ε) z with ε = 2 α_i (snr·‖z‖/‖s‖)² (Song et al. 2021,
     Alg. 4). As in Score-SDE the norms are batch means: per-example ratios are heavy-tailed in
     low dimension (a tiny ‖s‖ gives a huge step), but a sample then depends on its batch."""
-    grad = score_fn(x, s)
+    grad = score_at(score_fn, x, s)
     z = randn_like(x, generator)
     step = 2 * _chain_alpha(schedule, s, t, x.ndim) * (snr * _mean_norm(z) / _mean_norm(grad)) ** 2
     return x + step * grad + (2 * step).sqrt() * z
@@ -179,7 +204,7 @@ def ald_corrector(
 ) -> Tensor:
     """One step of annealed Langevin dynamics (Song & Ermon 2019, Alg. 1): step ∝ σ_s²,
     ε = 2 α_i (snr·σ_s)² as Score-SDE's ``AnnealedLangevinDynamics``."""
-    grad = score_fn(x, s)
+    grad = score_at(score_fn, x, s)
     z = randn_like(x, generator)
     sigma = append_dims(schedule.alpha_sigma(s)[1], x.ndim)
     step = 2 * _chain_alpha(schedule, s, t, x.ndim) * (snr * sigma) ** 2
@@ -201,16 +226,6 @@ def _choose(table: dict, name, what: str):
     if name not in table:
         raise ValueError(f"unknown {what} {name!r}: choose one of {', '.join(table)}")
     return table[name]
-
-
-def times_like(t: Tensor | float, x: Tensor) -> Tensor:
-    """Time as a ``(B,)`` tensor for ``x``: :func:`batch_time`, but materialised, because the
-    forward-mode autograd behind a schedule's default derivatives rejects expanded tensors."""
-    return batch_time(t, x).contiguous()
-
-
-def _apply(constraint: Constraint | None, x: Tensor, t: Tensor) -> Tensor:
-    return x if constraint is None else constraint(x, t)
 
 
 # ---- samplers ------------------------------------------------------------------------------
@@ -245,13 +260,13 @@ def sample_pc(
     if n_corrector_steps < 0:
         raise ValueError(f"n_corrector_steps must be an integer >= 0, got {n_corrector_steps}")
     for i in range(len(ts) - 1):
-        t, s = times_like(ts[i], x), times_like(ts[i + 1], x)
+        t, s = ts[i], ts[i + 1]
         x = _apply(constraint, predict(score_fn, schedule, x, t, s, generator=generator), s)
         for _ in range(n_corrector_steps if correct is not None else 0):
             x = correct(score_fn, schedule, x, s, t, snr=snr, generator=generator)
             x = _apply(constraint, x, s)
         if callback is not None:
-            callback(x, ts[i + 1])
+            callback(x, s)
     return x
 
 
@@ -362,5 +377,5 @@ def sample_lambda(
 def denoise(score_fn: ScoreFn, schedule: Schedule, x: Tensor, t: Tensor | float) -> Tensor:
     """Tweedie's final denoising x̂_0 = (x + σ_t² ∇log p_t(x))/α_t (Song et al. 2021, App. G),
     through the converter. One score evaluation."""
-    t = times_like(t, x)
-    return convert(score_fn(x, t), source="score", target="x0", x=x, t=t, schedule=schedule)
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    return x0_from_score(score_at(score_fn, x, t), schedule, x, t)
