@@ -1,0 +1,66 @@
+"""Reverse-time samplers: Euler–Maruyama, reverse diffusion, ancestral, predictor–corrector
+with Langevin correctors, annealed Langevin dynamics, the λ-family, the probability-flow ODE
+(fixed-step Runge–Kutta and adaptive torchdiffeq solvers) and DPM-Solver++(2M).
+
+>>> from sdelab.samplers import sample, SampleResult, SAMPLERS
+>>> res = sample(score_fn, schedule, (B, D), sampler="pc", steps=500)   # doctest: +SKIP
+"""
+
+from sdelab.samplers.api import COMMON_OPTIONS, SAMPLERS, SampleResult, sample, sampler_options
+from sdelab.samplers.grids import GRIDS, time_grid
+from sdelab.samplers.ode import (
+    ADAPTIVE_METHODS,
+    ODE_METHODS,
+    TABLEAUX,
+    ButcherTableau,
+    rk_step,
+    sample_dpm_solver,
+    sample_ode,
+)
+from sdelab.samplers.stochastic import (
+    CORRECTORS,
+    PREDICTORS,
+    ald_corrector,
+    ancestral_predictor,
+    denoise,
+    euler_maruyama_predictor,
+    langevin_corrector,
+    reverse_diffusion_predictor,
+    sample_ancestral,
+    sample_annealed_langevin,
+    sample_euler_maruyama,
+    sample_lambda,
+    sample_pc,
+    sample_reverse_diffusion,
+)
+
+__all__ = [
+    "ADAPTIVE_METHODS",
+    "COMMON_OPTIONS",
+    "CORRECTORS",
+    "GRIDS",
+    "ODE_METHODS",
+    "PREDICTORS",
+    "SAMPLERS",
+    "TABLEAUX",
+    "ButcherTableau",
+    "SampleResult",
+    "ald_corrector",
+    "ancestral_predictor",
+    "denoise",
+    "euler_maruyama_predictor",
+    "langevin_corrector",
+    "reverse_diffusion_predictor",
+    "rk_step",
+    "sample",
+    "sample_ancestral",
+    "sample_annealed_langevin",
+    "sample_dpm_solver",
+    "sample_euler_maruyama",
+    "sample_lambda",
+    "sample_ode",
+    "sample_pc",
+    "sample_reverse_diffusion",
+    "sampler_options",
+    "time_grid",
+]

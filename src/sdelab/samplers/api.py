@@ -1,0 +1,201 @@
+"""The one entry point :func:`sample` and the sampler registry ``SAMPLERS``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sdelab.samplers.grids import time_grid
+from sdelab.samplers.ode import sample_dpm_solver, sample_ode
+from sdelab.samplers.stochastic import (
+    Constraint,
+    ScoreFn,
+    denoise,
+    sample_ancestral,
+    sample_annealed_langevin,
+    sample_euler_maruyama,
+    sample_lambda,
+    sample_pc,
+    sample_reverse_diffusion,
+)
+from sdelab.sde import Schedule
+from sdelab.utils import make_generator
+
+__all__ = ["SAMPLERS", "SampleResult", "sample", "sampler_options"]
+
+#: Samplers by name. Each is ``fn(score_fn, schedule, x_T, ts, *, generator, constraint,
+#: callback, **options) -> x_{t_min}``; its other keyword arguments are its options.
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "euler_maruyama": sample_euler_maruyama,
+    "reverse_diffusion": sample_reverse_diffusion,
+    "ancestral": sample_ancestral,
+    "pc": sample_pc,
+    "annealed_langevin": sample_annealed_langevin,
+    "lambda": sample_lambda,
+    "ode": sample_ode,
+    "dpm_solver": sample_dpm_solver,
+}
+
+_PLUMBING = ("generator", "constraint", "callback")  # passed by `sample`, not user options
+#: Options `sample` handles itself, valid with every sampler: name -> default.
+COMMON_OPTIONS: dict[str, object] = {"denoise": False, "rho": None}
+
+
+@dataclass
+class SampleResult:
+    """What :func:`sample` returns.
+
+    Attributes:
+        samples: ``(B, ...)`` the final samples (after the optional denoising step).
+        nfe: number of ``score_fn`` calls, each on the whole batch.
+        trajectory: ``None``, or ``(n_saved, B, ...)`` states at ``times`` (from x_T at T to
+            the state at t_min, before denoising) when ``return_trajectory=True``.
+        times: ``None`` or ``(n_saved,)`` the matching times.
+    """
+
+    samples: Tensor
+    nfe: int
+    trajectory: Tensor | None = None
+    times: Tensor | None = None
+
+
+class _CountingScore:
+    """Wraps a score function and counts its calls (the NFE)."""
+
+    def __init__(self, score_fn: ScoreFn) -> None:
+        self.score_fn = score_fn
+        self.calls = 0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        self.calls += 1
+        return self.score_fn(x, t)
+
+
+def sampler_options(name: str) -> dict[str, object]:
+    """The options of sampler ``name`` with their defaults (the common ones included)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
+    params = inspect.signature(SAMPLERS[name]).parameters.values()
+    own = {
+        p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _PLUMBING
+    }
+    return {**own, **COMMON_OPTIONS}
+
+
+def sample(
+    score_fn: ScoreFn,
+    schedule: Schedule,
+    shape: tuple[int, ...] | torch.Size | None,
+    *,
+    sampler: str = "euler_maruyama",
+    steps: int = 1000,
+    grid: str | Tensor = "uniform",
+    generator: torch.Generator | int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    x_init: Tensor | None = None,
+    return_trajectory: bool = False,
+    constraint: Constraint | None = None,
+    **options,
+) -> SampleResult:
+    """Draw samples by integrating a reverse-time process from T to t_min.
+
+    Args:
+        score_fn: ``score_fn(x, t) -> ∇_x log p_t(x)``, ``t`` of shape ``(B,)``; a plain
+            callable, the Gaussian oracle's ``score_fn(schedule)`` or a ``ScoreModel``.
+        schedule: the forward process (any :class:`~sdelab.sde.Schedule`).
+        shape: ``(B, ...)`` of the samples; may be ``None`` when ``x_init`` is given.
+        sampler: a name in ``SAMPLERS``:
+
+            - ``euler_maruyama``: reverse SDE, Euler–Maruyama (Song et al. 2021).
+            - ``reverse_diffusion``: Score-SDE's reverse-diffusion predictor.
+            - ``ancestral``: exact chain posterior, DDPM (Ho et al. 2020) / SMLD for VP / VE.
+            - ``pc``: predictor–corrector (Song et al. 2021), options ``predictor``
+              (``reverse_diffusion``, ``euler_maruyama``, ``ancestral``, ``none``),
+              ``corrector`` (``langevin``, ``ald``, ``none``), ``snr`` = 0.16,
+              ``n_corrector_steps`` = 1.
+            - ``annealed_langevin``: NCSN's ALD (Song & Ermon 2019), ``snr``,
+              ``n_corrector_steps``.
+            - ``lambda``: the λ-family reverse SDE (Huang et al. 2021), ``lam`` ∈ [0, 1].
+            - ``ode``: probability-flow ODE, ``method`` (``euler``, ``heun``, ``midpoint``,
+              ``rk4``, ``dopri5``, ``dopri8``, ``bosh3``, ``fehlberg2``, ``adaptive_heun``),
+              ``rtol``, ``atol`` for the adaptive ones.
+            - ``dpm_solver``: DPM-Solver++(2M) in log-SNR time (Lu et al. 2022).
+
+        steps: number of grid intervals N (for adaptive ODE solvers: output times only).
+        grid: ``"uniform"`` in t, ``"logsnr"``, ``"edm"`` (option ``rho`` = 7), or a
+            decreasing tensor of times; see :func:`~sdelab.samplers.time_grid`.
+        generator: a ``torch.Generator`` or an integer seed; the same seed gives the same
+            samples. ``None`` uses torch's global generator.
+        device, dtype: of the samples (default: ``x_init``'s, else CPU and torch's default).
+        x_init: ``(B, ...)`` state at T replacing the prior draw.
+        return_trajectory: also return the state at every grid time.
+        constraint: ``constraint(x, t) -> x`` applied after every step of a stepping sampler
+            (predictor and corrector steps alike), e.g. to clamp known pixels for inpainting.
+        **options: the sampler's options above, plus ``denoise`` (default ``False``: end with
+            Tweedie's denoising step x̂_0 = (x + σ² s)/α at t_min, one more NFE, as
+            Score-SDE) and ``rho`` for ``grid="edm"``. ``sampler_options(name)`` lists them.
+
+    Returns:
+        :class:`SampleResult` with ``samples``, ``nfe`` and optionally ``trajectory``/``times``.
+
+    Raises:
+        ValueError: unknown sampler, unknown option (the message lists the valid ones), an
+            option out of range, or ``x_init`` whose shape differs from ``shape``.
+
+    Example::
+
+        data = GaussianData(torch.zeros(2), torch.eye(2))
+        sde = VPSchedule()
+        res = sample(data.score_fn(sde), sde, (512, 2), sampler="dpm_solver", steps=20,
+                     grid="logsnr", generator=0)
+        res.samples.shape, res.nfe   # (512, 2), 20
+    """
+    valid = sampler_options(sampler)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for sampler {sampler!r}: "
+            f"valid are {', '.join(valid)}"
+        )
+    do_denoise = bool(options.pop("denoise", False))
+    rho = options.pop("rho", None)
+
+    if x_init is not None:
+        if shape is not None and tuple(x_init.shape) != tuple(shape):
+            raise ValueError(f"x_init has shape {tuple(x_init.shape)}, expected {tuple(shape)}")
+        device = x_init.device if device is None else device
+        dtype = x_init.dtype if dtype is None else dtype
+    elif shape is None:
+        raise ValueError("pass the sample shape (B, ...) or an x_init")
+    dtype = dtype or torch.get_default_dtype()
+    ts = time_grid(schedule, steps, grid, rho=rho, device=device, dtype=dtype)
+    gen = make_generator(generator, device or "cpu")
+    if x_init is not None:
+        x = x_init.detach().to(device=device, dtype=dtype).clone()
+    else:
+        x = schedule.prior_sample(shape, generator=gen, device=device, dtype=dtype)
+
+    counted = _CountingScore(score_fn)
+    saved: list[Tensor] = [x.clone()] if return_trajectory else []
+    callback = (lambda x_t, t: saved.append(x_t.clone())) if return_trajectory else None
+    with torch.no_grad():
+        x = SAMPLERS[sampler](
+            counted,
+            schedule,
+            x,
+            ts,
+            generator=gen,
+            constraint=constraint,
+            callback=callback,
+            **options,
+        )
+        if do_denoise:
+            x = denoise(counted, schedule, x, ts[-1])
+    if not return_trajectory:
+        return SampleResult(samples=x, nfe=counted.calls)
+    return SampleResult(samples=x, nfe=counted.calls, trajectory=torch.stack(saved), times=ts)
