@@ -7,6 +7,10 @@ import torch
 
 from sdelab.sde import SCHEDULES, FunctionSchedule, Schedule, make_schedule
 
+# One intra-op thread per test process: pytest-xdist already runs one worker per core, and
+# OpenMP barriers across oversubscribed cores slow small ops by 10-100x.
+torch.set_num_threads(1)
+
 
 class OUSchedule(Schedule):
     """A user-defined schedule given only by α and σ (Ornstein–Uhlenbeck on [1e-3, 5])."""

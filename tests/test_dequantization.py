@@ -15,15 +15,6 @@ from sdelab.sde import VESchedule, VPSchedule
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread avoids contention on shared cores. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def integer_data(levels: int, n: int = 64, d: int = 3, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, levels, (n, d), generator=torch.Generator().manual_seed(seed))
 

@@ -22,16 +22,6 @@ from sdelab.sde import SubVPSchedule, VESchedule, VPSchedule
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small-tensor ODE solves are bound by per-op overhead; a second thread only adds
-    contention on shared cores. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def rotation(d: int, seed: int) -> torch.Tensor:
     q, _ = torch.linalg.qr(
         torch.randn(d, d, dtype=D64, generator=torch.Generator().manual_seed(seed))

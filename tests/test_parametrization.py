@@ -81,3 +81,14 @@ def test_bad_kind_and_shapes(schedule):
         convert(out[:, :2], source="eps", target="x0", x=x, t=t, schedule=schedule)
     with pytest.raises(ValueError, match="one time per example"):
         convert(out, source="eps", target="x0", x=x, t=t[:2], schedule=schedule)
+
+
+def test_scalar_time_with_autograd_schedule():
+    """A scalar t is expanded per example; the jvp fallback must accept it (regression)."""
+    from conftest import OUSchedule
+
+    sched = OUSchedule()
+    x = torch.randn(5, 3, dtype=D64)
+    out = convert(x, source="eps", target="x0", x=x, t=0.5, schedule=sched)
+    a, s = sched.alpha_sigma(torch.tensor(0.5, dtype=D64))
+    torch.testing.assert_close(out, (x - s * x) / a)

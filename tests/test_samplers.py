@@ -29,16 +29,6 @@ D64 = torch.float64
 N_SAMPLES = 4000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: intra-op threads only add OpenMP barriers, which cost 10–100×
-    when the 2 cores are shared with other jobs. Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 Z = 4.5  # standard errors allowed for each statistic (fixed seeds: no flakiness)
 
 

@@ -14,17 +14,6 @@ from sdelab.nets.unet import UNet, _SelfAttention, fourier_features
 from sdelab.parametrization import ScoreModel
 from sdelab.sde import make_schedule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny convolutions gain nothing from threads, and OpenMP's spin-waiting makes them
-    10-100× slower on a shared, oversubscribed CPU (e.g. under ``pytest -n 2``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, num_groups=4)
 
 

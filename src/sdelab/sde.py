@@ -101,6 +101,7 @@ class Schedule(nn.Module):
     # ---- generic defaults (override with closed forms where they exist) -------------------
     def derivatives(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Return (α, σ, dα/dt, dσ/dt); default: forward-mode autograd of :meth:`alpha_sigma`."""
+        t = t.contiguous()  # jvp cannot take expanded (stride-0) tensors
         (alpha, sigma), (d_alpha, d_sigma) = torch.func.jvp(
             self.alpha_sigma, (t,), (torch.ones_like(t),)
         )
@@ -440,6 +441,7 @@ class LogSNRSchedule(Schedule):
         return alpha, sigma, 0.5 * alpha * sigma**2 * d_lam, -0.5 * sigma * alpha**2 * d_lam
 
     def d_log_snr(self, t):
+        t = t.contiguous()
         _, d_lam = torch.func.jvp(self.log_snr, (t,), (torch.ones_like(t),))
         return d_lam
 

@@ -29,7 +29,7 @@ def batch_time(t: Tensor | float, x: Tensor) -> Tensor:
     """
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     if t.ndim == 0:
-        return t.expand(x.shape[0])
+        return t.expand(x.shape[0]).contiguous()  # torch.func transforms need real storage
     if t.ndim != 1 or t.shape[0] != x.shape[0]:
         raise ValueError(
             f"time has shape {tuple(t.shape)} but the batch has {x.shape[0]} examples: "
