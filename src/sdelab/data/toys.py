@@ -43,7 +43,6 @@ from functools import cache
 
 import numpy as np
 import torch
-from scipy import integrate, special
 from torch import Tensor
 
 __all__ = [
@@ -173,6 +172,8 @@ def sample_toy(name: str, n: int, generator: torch.Generator) -> Tensor:
 
 # ---- densities (float64) ---------------------------------------------------------------------
 def _ring_logp(x: np.ndarray, radii: tuple[float, ...], std: float) -> np.ndarray:
+    from scipy import special  # imported on use: keeps `import sdelab` light
+
     rho = np.linalg.norm(x, axis=-1)[..., None]  # (..., 1)
     r = np.asarray(radii)
     s2 = std**2
@@ -245,21 +246,26 @@ class _KernelMixture:
 
 
 def _gauss_legendre(lo: float, hi: float, m: int) -> tuple[np.ndarray, np.ndarray]:
-    nodes, weights = np.polynomial.legendre.leggauss(m)
+    from scipy.special import roots_legendre  # O(m) asymptotics, unlike numpy's O(m³) leggauss
+
+    nodes, weights = roots_legendre(m)
     return lo + (hi - lo) * (nodes + 1) / 2, weights * (hi - lo) / 2
 
 
+@cache
 def _eight_mixture() -> _KernelMixture:
     return _KernelMixture(
         _eight_centers(), np.full(8, -math.log(8)), _log_gauss(0.5 / _EIGHT_SCALE)
     )
 
 
+@cache
 def _swissroll_mixture() -> _KernelMixture:
     t, w = _gauss_legendre(1.5 * math.pi, 4.5 * math.pi, 800)
     return _KernelMixture(_swissroll_curve(t), np.log(w / (3 * math.pi)), _log_gauss(0.2))
 
 
+@cache
 def _moons_mixture() -> _KernelMixture:
     theta, w = _gauss_legendre(0.0, math.pi, 240)
     outer, inner = _moons_curves(theta)
@@ -267,6 +273,7 @@ def _moons_mixture() -> _KernelMixture:
     return _KernelMixture(np.concatenate([outer, inner]), log_w, _log_gauss(0.2))
 
 
+@cache
 def _twospirals_mixture() -> _KernelMixture:
     m, w = _gauss_legendre(0.0, 3 * math.pi, 1000)
     log_q = np.log(w * 2 * m / (3 * math.pi) ** 2 / 2)  # density of m (∝ m), half per arm
@@ -328,6 +335,8 @@ def toy_log_prob(name: str, x: Tensor) -> Tensor:
 
 
 def _radial_entropy(radii: tuple[float, ...], std: float) -> float:
+    from scipy import integrate
+
     rho = np.linspace(0.0, max(radii) + 12 * std, 40_001)
     x = np.stack([rho, np.zeros_like(rho)], axis=1)
     logp = _ring_logp(x, radii, std)
