@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 from collections.abc import Callable
 
 import torch
@@ -123,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train a score model from a config",
-        description=_train.__doc__ + " Built-in configs: " + ", ".join(builtin_configs()) + ".",
+        description=textwrap.fill(
+            f"{_train.__doc__} Built-in configs: {', '.join(builtin_configs())}.", width=88
+        ),
         epilog=_TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
