@@ -33,6 +33,7 @@ from sdelab.train.loop import (
     EvalContext,
     TrainingError,
     build_run,
+    ema_decay_at,
     lr_at,
     restore,
     save,
@@ -104,6 +105,8 @@ def test_lr_warmup_and_ema():
     torch.testing.assert_close(a.weight, 0.9 * old + 0.1 * b.weight)
     update_ema(a, b, 0.0)
     assert torch.equal(a.weight, b.weight)
+    assert [ema_decay_at(0.999, s) for s in (1, 90)] == [2 / 11, 0.91]
+    assert ema_decay_at(0.999, 10**6) == 0.999 and ema_decay_at(0.0, 5) == 0.0
 
 
 # ---- training --------------------------------------------------------------------------------

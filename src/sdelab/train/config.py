@@ -210,10 +210,11 @@ _DEVICE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
 
 class TrainConfig(_Section):
     """The loop: ``steps`` (optimizer steps in total), ``batch_size``, ``ema_decay`` (0: EMA =
-    raw weights), ``seed``, and every how many steps to ``log_every`` (JSONL line),
-    ``ckpt_every`` (checkpoint; the last step is always saved), ``eval_every`` (0: never) and
-    how many checkpoints to ``keep_last``; ``device`` (cpu, cuda, cuda:N, mps, auto);
-    ``tensorboard`` (needs ``pip install 'sdelab[tensorboard]'``)."""
+    raw weights; warmed up as min(ema_decay, (1 + step)/(10 + step))), ``seed``, and every
+    how many steps to ``log_every`` (JSONL line), ``ckpt_every`` (checkpoint; the last step is
+    always saved), ``eval_every`` (0: never) and how many checkpoints to ``keep_last``;
+    ``device`` (cpu, cuda, cuda:N, mps, auto); ``tensorboard`` (needs
+    ``pip install 'sdelab[tensorboard]'``)."""
 
     steps: int = Field(10_000, ge=1)
     batch_size: int = Field(512, ge=1)

@@ -66,6 +66,7 @@ __all__ = [
     "TrainingError",
     "TrainingInterrupted",
     "build_run",
+    "ema_decay_at",
     "evaluate",
     "lr_at",
     "resolve_config",
@@ -242,6 +243,12 @@ def lr_at(optim: OptimConfig, step: int) -> float:
     return optim.lr * min(1.0, (step + 1) / optim.warmup_steps)
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """EMA decay after update number ``step`` (1-based): min(decay, (1 + step)/(10 + step)),
+    the usual warm-up, so a short run's EMA is not dominated by the random initial weights."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema ← decay·ema + (1 − decay)·model for parameters; buffers are copied."""
     with torch.no_grad():
@@ -281,8 +288,8 @@ def train_step(run: Run) -> StepStats:
     if not torch.isfinite(grad_norm):
         raise TrainingError(f"gradient norm is {float(grad_norm)} at step {run.step + 1}")
     run.optimizer.step()
-    update_ema(run.ema, run.model, cfg.train.ema_decay)
     run.step += 1
+    update_ema(run.ema, run.model, ema_decay_at(cfg.train.ema_decay, run.step))
     return StepStats(loss=float(loss.detach()), grad_norm=float(grad_norm), lr=lr)
 
 
