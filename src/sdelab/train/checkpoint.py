@@ -42,6 +42,7 @@ __all__ = [
     "load_run",
     "optimizer_state_from_flat",
     "optimizer_state_to_flat",
+    "prefixed",
     "save_checkpoint",
 ]
 

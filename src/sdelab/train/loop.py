@@ -423,7 +423,10 @@ def _merge_for_resume(saved: RunConfig, given: RunConfig, run_dir: Path) -> RunC
     """The saved config with the resumable keys taken from ``given``; any other difference is
     an error naming the keys."""
     a, b = _flat(saved.to_dict()), _flat(given.to_dict())
-    allowed = lambda k: any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)  # noqa: E731
+
+    def allowed(key: str) -> bool:
+        return any(key == r or key.startswith(r + ".") for r in RESUMABLE_KEYS)
+
     differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not allowed(k))
     if differ:
         shown = ", ".join(f"{k} (saved {a.get(k)!r}, given {b.get(k)!r})" for k in differ[:3])
