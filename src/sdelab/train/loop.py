@@ -280,7 +280,7 @@ def train_step(run: Run) -> StepStats:
         generator=run.loss_gen,
     ).loss.mean()
     if not torch.isfinite(loss):
-        raise TrainingError(f"loss is {float(loss)} at step {run.step + 1}")
+        raise TrainingError(f"loss is {float(loss.detach())} at step {run.step + 1}")
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
