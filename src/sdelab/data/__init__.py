@@ -1,1 +1,88 @@
-"""Datasets: 2-D toys, arrays, images."""
+"""Datasets: 2-D toys, the Gaussian oracle, N×D arrays (images live in :mod:`sdelab.data.images`).
+
+A dataset has ``name``, ``dim``, ``sample(n, generator) -> (n, D)`` (fresh training points),
+``test_set(n) -> (n, D)`` (fixed for its seed) and ``entropy() -> float | None`` (nats).
+:data:`DATASETS` maps names to factories ``factory(seed=..., **options)``; :func:`make_dataset`
+builds one and validates the options.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from sdelab.data.arrays import ArrayDataset, load_array
+from sdelab.data.toys import (
+    TOYS,
+    OracleDataset,
+    ToyDataset,
+    sample_toy,
+    toy_entropy,
+    toy_log_prob,
+)
+
+__all__ = [
+    "DATASETS",
+    "TOYS",
+    "ArrayDataset",
+    "Dataset",
+    "OracleDataset",
+    "ToyDataset",
+    "load_array",
+    "make_dataset",
+    "sample_toy",
+    "toy_entropy",
+    "toy_log_prob",
+]
+
+
+class Dataset(Protocol):
+    """What the training loop needs from a dataset."""
+
+    name: str
+    dim: int
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor: ...
+
+    def test_set(self, n: int) -> Tensor: ...
+
+    def entropy(self) -> float | None: ...
+
+
+#: Datasets by name: ``factory(seed=0, **options) -> Dataset``. The eight toys take no options;
+#: ``oracle`` takes ``mean``, ``cov``; ``array`` takes ``path`` and ``test_fraction``.
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    **{name: partial(ToyDataset, name) for name in TOYS},
+    "oracle": OracleDataset,
+    "array": ArrayDataset,
+}
+
+
+def dataset_options(name: str) -> list[str]:
+    """The option names dataset ``name`` accepts (besides ``seed``)."""
+    factory = DATASETS[name]
+    fn = factory.func if isinstance(factory, partial) else factory
+    skip = {"self", "seed", "name"}
+    return [p for p in inspect.signature(fn).parameters if p not in skip]
+
+
+def make_dataset(name: str, seed: int = 0, **options: Any) -> Dataset:
+    """Build dataset ``name`` (a key of :data:`DATASETS`) for run seed ``seed``.
+
+    Raises ``ValueError`` naming the valid choices for an unknown name or option.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    valid = dataset_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for dataset {name!r}: "
+            f"valid are {', '.join(valid) or 'none'}"
+        )
+    return DATASETS[name](seed=seed, **options)

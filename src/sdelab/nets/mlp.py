@@ -1,0 +1,97 @@
+"""A time-conditioned MLP for vector data (2-D toys, tabular), and ``build_model``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from sdelab.nets.embeddings import TIME_EMBEDDINGS
+from sdelab.parametrization import ScoreModel
+from sdelab.sde import Schedule
+
+if TYPE_CHECKING:
+    from sdelab.train.config import RunConfig
+
+__all__ = ["MLP", "build_model"]
+
+
+class MLP(nn.Module):
+    """``net(x, t)`` for x of shape ``(B, D)`` (or ``(B, ...)``, flattened) and t of shape ``(B,)``.
+
+    x is projected to ``width``; the time embedding (``sinusoidal`` or ``fourier`` from
+    :data:`~sdelab.nets.embeddings.TIME_EMBEDDINGS`) goes through a two-layer SiLU MLP and is
+    added before every hidden layer; the output has x's shape. What the output means (ε, score,
+    x0, v or drift) is decided by the :class:`~sdelab.parametrization.ScoreModel` around it.
+
+    Args:
+        dim: data dimension D.
+        width: hidden units per layer.
+        depth: number of hidden layers (≥ 1).
+        embedding: ``"sinusoidal"`` or ``"fourier"``.
+        embedding_dim: size of the time embedding (even).
+        embedding_scale: the embedding's input scale (``None``: its default — 1000 for
+            sinusoidal, 16 for Fourier).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        width: int = 128,
+        depth: int = 3,
+        embedding: str = "sinusoidal",
+        embedding_dim: int = 64,
+        embedding_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        if embedding not in TIME_EMBEDDINGS:
+            raise ValueError(
+                f"unknown time embedding {embedding!r}: choose one of {', '.join(TIME_EMBEDDINGS)}"
+            )
+        if dim < 1 or width < 1 or depth < 1:
+            raise ValueError(f"need dim, width, depth >= 1, got {dim}, {width}, {depth}")
+        kwargs = {} if embedding_scale is None else {"scale": embedding_scale}
+        self.time_embed = nn.Sequential(
+            TIME_EMBEDDINGS[embedding](embedding_dim, **kwargs),
+            nn.Linear(embedding_dim, width),
+            nn.SiLU(),
+            nn.Linear(width, width * depth),  # one additive time code per hidden layer
+        )
+        self.inp = nn.Linear(dim, width)
+        self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.out = nn.Linear(width, dim)
+        self.act = nn.SiLU()
+        self.depth = depth
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        flat = x.reshape(x.shape[0], -1)  # (B, D)
+        codes = self.time_embed(t).chunk(self.depth, dim=1)  # depth × (B, width)
+        h = self.inp(flat)
+        for layer, code in zip(self.hidden, codes):
+            h = layer(self.act(h + code))
+        return self.out(self.act(h)).reshape(x.shape)
+
+
+#: Network architectures by name (for configs).
+NETS: dict[str, type[nn.Module]] = {"mlp": MLP}
+
+
+def build_model(config: RunConfig, schedule: Schedule) -> ScoreModel:
+    """The :class:`~sdelab.parametrization.ScoreModel` a run config describes.
+
+    The network is ``config.model`` (its ``dim`` must be resolved, as in every saved config);
+    its output kind is ``config.loss.parametrization`` (eps, score, x0, v or drift). Calling
+    the returned model gives the score; ``model.predict(x, t, kind)`` any other kind.
+    """
+    m = config.model
+    if m.dim is None:
+        raise ValueError("model.dim is unset: resolve it from the dataset before building")
+    net = NETS[m.arch](
+        dim=m.dim,
+        width=m.width,
+        depth=m.depth,
+        embedding=m.embedding,
+        embedding_dim=m.embedding_dim,
+        embedding_scale=m.embedding_scale,
+    )
+    return ScoreModel(net, schedule, output=config.loss.parametrization)

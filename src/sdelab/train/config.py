@@ -1,0 +1,418 @@
+r"""Typed run configuration: pydantic models loaded from YAML, with dotted command-line overrides.
+
+A run config has seven sections; every key has a default, so a YAML file names only what it
+changes. Unknown keys and bad values are rejected with one line naming the key and the valid
+choices. ``sdelab train --dry-run`` prints the resolved config.
+
+.. code-block:: yaml
+
+    data:   {name: checkerboard, path: null, options: {}}      # name: a key of DATASETS
+    sde:    {name: vp, kwargs: {}}                               # make_schedule(name, **kwargs)
+    model:  {arch: mlp, width: 128, depth: 3, embedding: sinusoidal, embedding_dim: 64,
+             embedding_scale: null, dim: null}                   # dim: filled from the data
+    loss:   {parametrization: eps, weighting: score-matching, time_sampling: uniform,
+             low_discrepancy: false}
+    optim:  {name: adam, lr: 0.001, betas: [0.9, 0.999], eps: 1.0e-08, weight_decay: 0.0,
+             warmup_steps: 0, grad_clip: 1.0}
+    train:  {steps: 10000, batch_size: 512, ema_decay: 0.999, seed: 0, log_every: 10,
+             ckpt_every: 1000, keep_last: 3, eval_every: 0, device: cpu, tensorboard: false}
+    eval:   {n_test: 2000, sampler: null, steps: 500, options: {}}
+
+Built-in configs live in the package, ``src/sdelab/configs/<group>/<name>.yaml`` (installed as
+package data); :func:`resolve_config_path` finds them by ``group/name`` or by bare ``name``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sdelab.losses import TIME_SAMPLERS, WEIGHTINGS
+from sdelab.nets.embeddings import TIME_EMBEDDINGS
+from sdelab.parametrization import KINDS
+from sdelab.sde import SCHEDULES, make_schedule
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "SDEConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "builtin_configs",
+    "load_config",
+    "resolve_config_path",
+]
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message is one line naming the key and the fix."""
+
+
+def _choose(what: str, value: object, choices) -> ValueError:
+    return ValueError(f"unknown {what} {value!r}: choose one of {', '.join(choices)}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Training data. ``name``: a key of ``sdelab.data.DATASETS`` (the eight toys, ``oracle``,
+    ``array``); ``path``: the ``.npy``/``.csv`` file for ``array``; ``options``: extra
+    keyword arguments of the dataset (``oracle``: mean, cov; ``array``: test_fraction)."""
+
+    name: str = "checkerboard"
+    path: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from sdelab.data import DATASETS
+
+        if v not in DATASETS:
+            raise _choose("dataset", v, DATASETS)
+        return v
+
+    @model_validator(mode="after")
+    def _path_for_arrays(self) -> DataConfig:
+        from sdelab.data import dataset_options
+
+        if (self.name == "array") != (self.path is not None):
+            raise ValueError("set data.path (a .npy/.csv file) exactly when data.name is 'array'")
+        valid = [o for o in dataset_options(self.name) if o != "path"]
+        unknown = sorted(set(self.options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown data.options {', '.join(unknown)} for dataset {self.name!r}: "
+                f"valid are {', '.join(valid) or 'none'}"
+            )
+        return self
+
+
+class SDEConfig(_Section):
+    """The forward SDE: ``make_schedule(name, **kwargs)``; ``name`` is a key of SCHEDULES
+    (ve, vp, subvp, cosine, tutorial, vdm); ``kwargs`` e.g. {beta_min: 0.1, t_min: 1e-3}."""
+
+    name: str = "vp"
+    kwargs: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in SCHEDULES:
+            raise _choose("schedule", v, SCHEDULES)
+        return v
+
+    @model_validator(mode="after")
+    def _builds(self) -> SDEConfig:
+        valid = [p for p in inspect.signature(SCHEDULES[self.name]).parameters]
+        unknown = sorted(set(self.kwargs) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown sde.kwargs {', '.join(unknown)} for schedule {self.name!r}: "
+                f"valid are {', '.join(valid)}"
+            )
+        make_schedule(self.name, **self.kwargs)  # bad values raise a ValueError saying why
+        return self
+
+
+class ModelConfig(_Section):
+    """The network: ``arch`` (mlp); ``width`` and ``depth`` (hidden layers); ``embedding`` of
+    time (sinusoidal, fourier) with ``embedding_dim`` and ``embedding_scale`` (null: the
+    embedding's default); ``dim``: data dimension, null = taken from the dataset (every saved
+    config has it filled in)."""
+
+    arch: Literal["mlp"] = "mlp"
+    width: int = Field(128, ge=1)
+    depth: int = Field(3, ge=1)
+    embedding: str = "sinusoidal"
+    embedding_dim: int = Field(64, ge=2, multiple_of=2)
+    embedding_scale: float | None = Field(None, gt=0)
+    dim: int | None = Field(None, ge=1)
+
+    @field_validator("embedding")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in TIME_EMBEDDINGS:
+            raise _choose("time embedding", v, TIME_EMBEDDINGS)
+        return v
+
+
+class LossConfig(_Section):
+    """Denoising score matching (``sdelab.dsm_loss``): ``parametrization`` is what the network
+    predicts (eps, score, x0, v, drift); ``weighting`` (score-matching = σ², likelihood = g²);
+    ``time_sampling`` (uniform, importance ∝ g²/σ²); ``low_discrepancy`` (VDM's evenly spaced
+    times)."""
+
+    parametrization: str = "eps"
+    weighting: str = "score-matching"
+    time_sampling: str = "uniform"
+    low_discrepancy: bool = False
+
+    @field_validator("parametrization")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in KINDS:
+            raise _choose("parametrization", v, KINDS)
+        return v
+
+    @field_validator("weighting")
+    @classmethod
+    def _weighting(cls, v: str) -> str:
+        if v not in WEIGHTINGS:
+            raise _choose("weighting", v, WEIGHTINGS)
+        return v
+
+    @field_validator("time_sampling")
+    @classmethod
+    def _sampler(cls, v: str) -> str:
+        if v not in TIME_SAMPLERS:
+            raise _choose("time sampler", v, TIME_SAMPLERS)
+        return v
+
+
+class OptimConfig(_Section):
+    """Optimiser: ``name`` adam or adamw; ``lr``; ``betas``; ``eps``; ``weight_decay``;
+    ``warmup_steps`` of linear warm-up from lr/warmup_steps to lr; ``grad_clip``: max global
+    gradient norm (null: no clipping)."""
+
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"betas must lie in [0, 1), got {list(v)}")
+        return v
+
+
+_DEVICE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
+
+
+class TrainConfig(_Section):
+    """The loop: ``steps`` (optimizer steps in total), ``batch_size``, ``ema_decay`` (0: EMA =
+    raw weights; warmed up as min(ema_decay, (1 + step)/(10 + step))), ``seed``, and every
+    how many steps to ``log_every`` (JSONL line), ``ckpt_every`` (checkpoint; the last step is
+    always saved), ``eval_every`` (0: never) and how many checkpoints to ``keep_last``;
+    ``device`` (cpu, cuda, cuda:N, mps, auto); ``tensorboard`` (needs
+    ``pip install 'sdelab[tensorboard]'``)."""
+
+    steps: int = Field(10_000, ge=1)
+    batch_size: int = Field(512, ge=1)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    seed: int = Field(0, ge=0)
+    log_every: int = Field(10, ge=1)
+    ckpt_every: int = Field(1000, ge=1)
+    keep_last: int = Field(3, ge=1)
+    eval_every: int = Field(0, ge=0)
+    device: str = "cpu"
+    tensorboard: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE.match(v):
+            raise ValueError(f"unknown device {v!r}: choose one of cpu, cuda, cuda:N, mps, auto")
+        return v
+
+
+class EvalConfig(_Section):
+    """Periodic evaluation (every ``train.eval_every`` steps, by the hook the caller passes):
+    ``n_test`` held-out points, a ``sampler`` name and its number of ``steps``, and free-form
+    ``options`` for the hook."""
+
+    n_test: int = Field(2000, ge=1)
+    sampler: str | None = None
+    steps: int = Field(500, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunConfig(_Section):
+    """A whole run; see the module docstring for every key and its default."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    sde: SDEConfig = Field(default_factory=SDEConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    # ---- (de)serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return json.loads(self.model_dump_json())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
+        """Validate a nested dict; raise :class:`ConfigError` with a one-line message."""
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{source}: expected a mapping of sections, got {type(data).__name__}"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(f"{source}: {_format_errors(e)}") from None
+
+
+def _section_fields(loc: tuple) -> list[str] | None:
+    """Field names valid at the parent of ``loc`` (for 'unknown key' messages)."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return list(model.model_fields)
+
+
+def _format_errors(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "config"
+        if e["type"] == "extra_forbidden":
+            valid = _section_fields(loc)
+            hint = f": valid keys are {', '.join(valid)}" if valid else ""
+            parts.append(f"unknown key {key!r}{hint}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if e["type"] != "value_error" and "input" in e:
+            msg += f" (got {e['input']!r})"
+        parts.append(f"{key}: {msg}")
+    return "; ".join(parts)
+
+
+# ---- overrides -------------------------------------------------------------------------------
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def parse_scalar(text: str) -> Any:
+    """A command-line value as a YAML scalar (``3e-4`` is a float, ``null`` is None, ``[1, 2]`` a
+    list), with YAML 1.1's gap filled: exponent floats without a dot parse as numbers."""
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        return float(value)
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted ``KEY=VALUE`` overrides (``optim.lr=3e-4``, ``sde.kwargs.beta_max=10``) to a
+    nested dict, returning a new dict. Values are YAML scalars. Raises :class:`ConfigError`."""
+    out = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ConfigError(
+                f"bad override {item!r}: write KEY=VALUE with a dotted key, e.g. optim.lr=3e-4"
+            )
+        try:
+            value = parse_scalar(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"bad override {item!r}: {text!r} is not a YAML value") from None
+        *parents, leaf = key.split(".")
+        node = out
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                prefix = ".".join(parents[: i + 1])
+                raise ConfigError(f"bad override {item!r}: {prefix} is a value, not a section")
+            node = child
+        node[leaf] = value
+    return out
+
+
+# ---- files and built-ins ---------------------------------------------------------------------
+def _builtin_root():
+    return resources.files("sdelab") / "configs"
+
+
+def builtin_configs() -> list[str]:
+    """Names of the built-in configs, as ``group/name`` (e.g. ``toy/checkerboard``)."""
+    root = _builtin_root()
+    if not root.is_dir():
+        return []
+    names = []
+    for group in root.iterdir():
+        if group.is_dir():
+            names += [
+                f"{group.name}/{f.name[:-5]}" for f in group.iterdir() if f.name.endswith(".yaml")
+            ]
+    return sorted(names)
+
+
+def resolve_config_path(config: str | Path) -> Path | Any:
+    """A YAML path, or a built-in config by ``group/name`` or unique bare ``name``.
+
+    Raises ``FileNotFoundError`` listing the built-ins when neither matches.
+    """
+    path = Path(config)
+    if path.is_file():
+        return path
+    name = str(config).removesuffix(".yaml")
+    builtins = builtin_configs()
+    matches = [b for b in builtins if b == name or b.split("/", 1)[1] == name]
+    if len(matches) == 1:
+        group, stem = matches[0].split("/", 1)
+        return _builtin_root() / group / f"{stem}.yaml"
+    raise FileNotFoundError(
+        f"config {str(config)!r} is neither a YAML file nor a built-in config: "
+        f"choose one of {', '.join(builtins)}"
+    )
+
+
+def load_config(config: str | Path | dict[str, Any], overrides: list[str] = ()) -> RunConfig:
+    """Load a run config from a YAML path, a built-in name or a dict, then apply overrides.
+
+    Args:
+        config: YAML file path, built-in name (see :func:`builtin_configs`) or a nested dict.
+        overrides: dotted ``KEY=VALUE`` strings, e.g. ``["optim.lr=3e-4", "train.steps=500"]``.
+
+    Returns:
+        The validated :class:`RunConfig` (``model.dim`` may still be unset).
+
+    Raises:
+        FileNotFoundError: no such file or built-in.
+        ConfigError: bad YAML, unknown key or bad value (one line naming the key and choices).
+    """
+    if isinstance(config, dict):
+        data, source = config, "config"
+    else:
+        path = resolve_config_path(config)
+        source = str(config)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0] if str(e) else "parse error"
+            raise ConfigError(f"{source}: not valid YAML ({first})") from None
+    return RunConfig.from_dict(apply_overrides(data, list(overrides)), source)

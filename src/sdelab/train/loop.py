@@ -1,0 +1,572 @@
+r"""The training loop, as a few small functions.
+
+:func:`build_run` makes everything a run holds (:class:`Run`), :func:`train_step` does one
+optimizer step, :func:`update_ema` the moving average, :func:`evaluate` calls the optional
+evaluation hook, :class:`MetricsLog` writes JSONL (and TensorBoard), :func:`save` /
+:func:`restore` go through :mod:`sdelab.train.checkpoint`, and :func:`train` strings them
+together.
+
+Randomness: three independent streams derived from ``train.seed`` — model initialisation, data
+batches (a CPU generator) and loss times/noise (a generator on the training device); each
+evaluation gets its own generator seeded by (seed, step), so evaluating never changes
+training. With the generators' states in the checkpoint, a resumed run repeats an
+uninterrupted one exactly (bit for bit on CPU).
+
+Signals: SIGTERM and SIGINT finish the current step, save a checkpoint and raise
+:class:`TrainingInterrupted`. A non-finite loss or gradient stops the run before the bad update
+with :class:`TrainingError`, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sdelab.data import Dataset, make_dataset
+from sdelab.data.toys import derive_seed
+from sdelab.losses import dsm_loss
+from sdelab.nets.mlp import build_model
+from sdelab.parametrization import ScoreModel
+from sdelab.sde import Schedule, make_schedule
+from sdelab.train.checkpoint import (
+    CKPT_DIR,
+    atomic_write,
+    list_checkpoints,
+    load_checkpoint,
+    optimizer_state_from_flat,
+    optimizer_state_to_flat,
+    prefixed,
+    save_checkpoint,
+)
+from sdelab.train.config import ConfigError, OptimConfig, RunConfig
+
+__all__ = [
+    "CKPT_DIR",
+    "EVAL_FILE",
+    "METRICS_FILE",
+    "RESUMABLE_KEYS",
+    "EvalContext",
+    "EvalHook",
+    "MetricsLog",
+    "Run",
+    "StepStats",
+    "TrainResult",
+    "TrainingError",
+    "TrainingInterrupted",
+    "build_run",
+    "ema_decay_at",
+    "evaluate",
+    "lr_at",
+    "resolve_config",
+    "restore",
+    "save",
+    "train",
+    "train_step",
+    "update_ema",
+]
+
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"
+# Seed streams of train.seed (the data test set uses stream 1, array splits stream 2).
+_INIT_STREAM, _DATA_STREAM, _LOSS_STREAM, _EVAL_STREAM = 10, 11, 12, 13
+#: Keys that may differ between a run's saved config and the one given with ``--resume``.
+RESUMABLE_KEYS = (
+    "train.steps",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.keep_last",
+    "train.eval_every",
+    "train.device",
+    "train.tensorboard",
+    "eval",
+)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says what to change."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT: a checkpoint was saved at ``step``; resume with ``--resume``."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"stopped by {name} after step {step}; checkpoint saved to {checkpoint}; "
+            "continue with --resume"
+        )
+
+
+@dataclass
+class Run:
+    """Everything a training run holds; ``step`` counts completed optimizer steps."""
+
+    config: RunConfig
+    run_dir: Path
+    device: torch.device
+    dataset: Dataset
+    schedule: Schedule
+    model: ScoreModel  # the trained weights
+    ema: ScoreModel  # their exponential moving average
+    optimizer: torch.optim.Optimizer
+    data_gen: torch.Generator  # training batches (CPU)
+    loss_gen: torch.Generator  # times and noise of the loss (on device)
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one optimizer step reports."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What an evaluation hook receives.
+
+    ``model`` is the EMA :class:`ScoreModel` (eval mode; gradients enabled, so divergence
+    estimators work), ``raw_model`` the trained weights, ``test_data`` the run's fixed held-out
+    set ``(eval.n_test, D)`` on the device, ``generator`` a fresh generator seeded by
+    (seed, step) — use it for all randomness so evaluating never changes training.
+    """
+
+    step: int
+    model: ScoreModel
+    raw_model: ScoreModel
+    schedule: Schedule
+    test_data: Tensor
+    config: RunConfig
+    generator: torch.Generator
+    run_dir: Path
+
+
+#: ``hook(ctx) -> {"name": value}``: scalar metrics logged to eval.jsonl and TensorBoard.
+EvalHook = Callable[[EvalContext], Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train` returns."""
+
+    run_dir: Path
+    step: int
+    last_loss: float | None
+    checkpoint: Path | None
+
+
+# ---- building --------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; an unavailable device is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but CUDA is not available: use train.device=cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.device=mps but MPS is not available: use train.device=cpu")
+    return torch.device(name)
+
+
+def resolve_config(config: RunConfig, dataset: Dataset | None = None) -> RunConfig:
+    """Fill in what the data decides (``model.dim``), checking it against a set value."""
+    dataset = dataset or _make_dataset(config)
+    if config.model.dim not in (None, dataset.dim):
+        raise ConfigError(
+            f"model.dim={config.model.dim} but dataset {config.data.name!r} has dimension "
+            f"{dataset.dim}: remove model.dim or set it to {dataset.dim}"
+        )
+    return config.model_copy(update={"model": config.model.model_copy(update={"dim": dataset.dim})})
+
+
+def _make_dataset(config: RunConfig) -> Dataset:
+    options = dict(config.data.options)
+    if config.data.path is not None:
+        options["path"] = config.data.path
+    return make_dataset(config.data.name, seed=config.train.seed, **options)
+
+
+def _generator(seed: int, stream: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, stream))
+
+
+def build_run(config: RunConfig, run_dir: str | Path) -> Run:
+    """Dataset, schedule, model, EMA, optimizer and generators at step 0 for ``config``."""
+    device = resolve_device(config.train.device)
+    dataset = _make_dataset(config)
+    config = resolve_config(config, dataset)
+    schedule = make_schedule(config.sde.name, **config.sde.kwargs).to(device)
+    seed = config.train.seed
+    with torch.random.fork_rng(devices=[]):  # initialise from the run seed, leave global RNG be
+        torch.manual_seed(derive_seed(seed, _INIT_STREAM))
+        model = build_model(config, schedule).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    o = config.optim
+    opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(
+        model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+    )
+    return Run(
+        config=config,
+        run_dir=Path(run_dir),
+        device=device,
+        dataset=dataset,
+        schedule=schedule,
+        model=model,
+        ema=ema,
+        optimizer=optimizer,
+        data_gen=_generator(seed, _DATA_STREAM, torch.device("cpu")),
+        loss_gen=_generator(seed, _LOSS_STREAM, device),
+    )
+
+
+# ---- one step --------------------------------------------------------------------------------
+def lr_at(optim: OptimConfig, step: int) -> float:
+    """Learning rate of update number ``step + 1``: linear warm-up over ``warmup_steps``
+    (lr·1/W, lr·2/W, …, lr), then constant."""
+    if optim.warmup_steps == 0:
+        return optim.lr
+    return optim.lr * min(1.0, (step + 1) / optim.warmup_steps)
+
+
+def ema_decay_at(decay: float, step: int) -> float:
+    """EMA decay after update number ``step`` (1-based): min(decay, (1 + step)/(10 + step)),
+    the usual warm-up, so a short run's EMA is not dominated by the random initial weights."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema ← decay·ema + (1 − decay)·model for parameters; buffers are copied."""
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            if decay == 0:
+                e.copy_(p)
+            else:
+                e.lerp_(p, 1.0 - decay)
+        for e, b in zip(ema.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+def train_step(run: Run) -> StepStats:
+    """One optimizer step on a fresh batch; raises :class:`TrainingError` (without updating
+    the weights) if the loss or the gradient norm is not finite."""
+    cfg = run.config
+    x0 = run.dataset.sample(cfg.train.batch_size, run.data_gen).to(run.device)
+    lr = lr_at(cfg.optim, run.step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss = dsm_loss(
+        run.model.net,
+        run.schedule,
+        x0,
+        parametrization=cfg.loss.parametrization,
+        weighting=cfg.loss.weighting,
+        time_sampling=cfg.loss.time_sampling,
+        low_discrepancy=cfg.loss.low_discrepancy,
+        generator=run.loss_gen,
+    ).loss.mean()
+    if not torch.isfinite(loss):
+        raise TrainingError(f"loss is {float(loss.detach())} at step {run.step + 1}")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
+    if not torch.isfinite(grad_norm):
+        raise TrainingError(f"gradient norm is {float(grad_norm)} at step {run.step + 1}")
+    run.optimizer.step()
+    run.step += 1
+    update_ema(run.ema, run.model, ema_decay_at(cfg.train.ema_decay, run.step))
+    return StepStats(loss=float(loss.detach()), grad_norm=float(grad_norm), lr=lr)
+
+
+# ---- evaluation, logging ---------------------------------------------------------------------
+def evaluate(run: Run, hook: EvalHook) -> dict[str, float]:
+    """Call ``hook`` on the EMA model with the fixed test set; returns its metrics as floats."""
+    test = run.dataset.test_set(run.config.eval.n_test).to(run.device)
+    gen = torch.Generator(device=run.device).manual_seed(
+        derive_seed(run.config.train.seed, _EVAL_STREAM, run.step)
+    )
+    ctx = EvalContext(
+        step=run.step,
+        model=run.ema.eval(),
+        raw_model=run.model,
+        schedule=run.schedule,
+        test_data=test,
+        config=run.config,
+        generator=gen,
+        run_dir=run.run_dir,
+    )
+    try:
+        return {str(k): float(v) for k, v in hook(ctx).items()}
+    finally:
+        run.ema.train()
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl`` / ``eval.jsonl`` (flushed each
+    line) and mirrors scalars to TensorBoard when asked."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False) -> None:
+        self.run_dir = run_dir
+        self._files: dict[str, Any] = {}
+        self._tb = _summary_writer(run_dir / "tensorboard") if tensorboard else None
+
+    def write(self, name: str, record: dict[str, Any]) -> None:
+        if name not in self._files:
+            self._files[name] = open(self.run_dir / name, "a", encoding="utf-8")
+        f = self._files[name]
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        if self._tb is not None:
+            prefix = "eval/" if name == EVAL_FILE else "train/"
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self._tb.add_scalar(prefix + key, value, record["step"])
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _require_tensorboard():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "train.tensorboard=true needs the tensorboard package: "
+            "pip install 'sdelab[tensorboard]', or set train.tensorboard=false"
+        ) from None
+    return SummaryWriter
+
+
+def _summary_writer(log_dir: Path):
+    return _require_tensorboard()(log_dir=str(log_dir))
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Keep only records with ``step <= step`` (a resumed run rewrites what follows; a line
+    cut by a kill is dropped)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", math.inf) <= step:
+            kept.append(line + "\n")
+    atomic_write(path, "".join(kept))
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+def save(run: Run, metrics: Mapping[str, float] | None = None) -> Path:
+    """Checkpoint the run at its current step (see :mod:`sdelab.train.checkpoint`)."""
+    opt_tensors, opt_meta = optimizer_state_to_flat(run.optimizer)
+    tensors = {
+        **{f"model.{k}": v for k, v in run.model.state_dict().items()},
+        **{f"ema.{k}": v for k, v in run.ema.state_dict().items()},
+        **opt_tensors,
+        "rng.data": run.data_gen.get_state(),
+        "rng.loss": run.loss_gen.get_state(),
+    }
+    meta = {"optimizer": opt_meta, "metrics": dict(metrics or {})}
+    return save_checkpoint(
+        run.run_dir,
+        run.step,
+        tensors,
+        meta,
+        config=run.config,
+        keep_last=run.config.train.keep_last,
+    )
+
+
+def restore(run: Run, step: int | None = None) -> None:
+    """Load weights, EMA, optimizer state, generator states and step from a checkpoint."""
+    ckpt = load_checkpoint(run.run_dir, step)
+    t = ckpt.tensors
+    run.model.load_state_dict(prefixed(t, "model"))
+    run.ema.load_state_dict(prefixed(t, "ema"))
+    run.optimizer.load_state_dict(optimizer_state_from_flat(t, ckpt.meta["optimizer"]))
+    run.data_gen.set_state(t["rng.data"])
+    run.loss_gen.set_state(t["rng.loss"])
+    run.step = ckpt.step
+
+
+# ---- the run folder --------------------------------------------------------------------------
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, Mapping) and v else {key: v})
+    return out
+
+
+def _merge_for_resume(saved: RunConfig, given: RunConfig, run_dir: Path) -> RunConfig:
+    """The saved config with the resumable keys taken from ``given``; any other difference is
+    an error naming the keys."""
+    a, b = _flat(saved.to_dict()), _flat(given.to_dict())
+
+    def allowed(key: str) -> bool:
+        return any(key == r or key.startswith(r + ".") for r in RESUMABLE_KEYS)
+
+    differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not allowed(k))
+    if differ:
+        shown = ", ".join(f"{k} (saved {a.get(k)!r}, given {b.get(k)!r})" for k in differ[:3])
+        raise ConfigError(
+            f"cannot resume {run_dir} with a different config: {shown}; on resume only "
+            f"{', '.join(RESUMABLE_KEYS)} may change"
+        )
+    return saved.model_copy(update={"train": given.train, "eval": given.eval})
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} is a file: choose another --out")
+    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ConfigError(
+            f"run folder {run_dir} is not empty: pass --resume to continue it, "
+            "or choose a new --out"
+        )
+
+
+def _write_config(run_dir: Path, config: RunConfig) -> None:
+    atomic_write(run_dir / "config.yaml", config.to_yaml())
+    atomic_write(run_dir / "config.json", config.to_json() + "\n")
+
+
+# ---- signals ---------------------------------------------------------------------------------
+class _StopOnSignal:
+    """Context manager turning SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # signals need the main thread
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+# ---- the loop --------------------------------------------------------------------------------
+def train(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    eval_hook: EvalHook | None = None,
+) -> TrainResult:
+    """Train ``config`` in ``run_dir``, checkpointing as configured.
+
+    Args:
+        config: the run config (``model.dim`` is filled in from the data).
+        run_dir: the run folder; it must be empty or absent unless ``resume``.
+        resume: continue from the newest checkpoint in ``run_dir`` (from step 0 if there is
+            none). Only :data:`RESUMABLE_KEYS` may differ from the saved config.
+        eval_hook: ``hook(EvalContext) -> {name: value}``, called every ``train.eval_every``
+            steps and after the last one (when ``eval_every > 0``).
+
+    Writes ``config.yaml``, ``config.json``, ``metrics.jsonl`` (step, loss, grad_norm, lr,
+    steps_per_s, every ``log_every`` steps and at the end), ``eval.jsonl``,
+    ``checkpoints/`` and ``loss.png``.
+
+    Raises:
+        ConfigError: non-empty run folder without ``resume``, incompatible config, missing
+            TensorBoard or device.
+        TrainingError: non-finite loss or gradient (the last good checkpoint is kept).
+        TrainingInterrupted: SIGTERM/SIGINT, after saving a checkpoint.
+    """
+    run_dir = Path(run_dir)
+    _check_run_dir(run_dir, resume)
+    if config.train.tensorboard:
+        _require_tensorboard()  # fail before any work
+    config = resolve_config(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    has_ckpt = resume and bool(list_checkpoints(run_dir))
+    if has_ckpt:
+        config = _merge_for_resume(load_checkpoint(run_dir).config, config, run_dir)
+    run = build_run(config, run_dir)
+    if has_ckpt:
+        restore(run)
+    _write_config(run_dir, run.config)
+    for name in (METRICS_FILE, EVAL_FILE):
+        _truncate_jsonl(run_dir / name, run.step)
+    log = MetricsLog(run_dir, run.config.train.tensorboard)
+    try:
+        last_loss, ckpt = _loop(run, log, eval_hook)
+    finally:
+        log.close()
+    _plot(run_dir)
+    return TrainResult(run_dir=run_dir, step=run.step, last_loss=last_loss, checkpoint=ckpt)
+
+
+def _loop(
+    run: Run, log: MetricsLog, eval_hook: EvalHook | None
+) -> tuple[float | None, Path | None]:
+    tc = run.config.train
+    ckpts = list_checkpoints(run.run_dir)
+    ckpt: Path | None = ckpts[-1][1] if ckpts else None
+    stats: StepStats | None = None
+    bar = tqdm(total=tc.steps, initial=run.step, disable=None, dynamic_ncols=True, unit="step")
+    t_last, step_last = time.perf_counter(), run.step
+    with _StopOnSignal() as stop, bar:
+        while run.step < tc.steps:
+            try:
+                stats = train_step(run)
+            except TrainingError as e:
+                kept = f"the last good checkpoint {ckpt} is kept" if ckpt else "no checkpoint yet"
+                raise TrainingError(
+                    f"{e}: training stopped, {kept}; lower optim.lr or set optim.grad_clip, "
+                    "then --resume"
+                ) from None
+            bar.update(1)
+            last = run.step == tc.steps
+            if run.step % tc.log_every == 0 or last:
+                now = time.perf_counter()
+                rate = (run.step - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, run.step
+                log.write(METRICS_FILE, {"step": run.step, **vars(stats), "steps_per_s": rate})
+                bar.set_postfix(loss=f"{stats.loss:.4g}", refresh=False)
+            if eval_hook is not None and tc.eval_every and (run.step % tc.eval_every == 0 or last):
+                log.write(EVAL_FILE, {"step": run.step, **evaluate(run, eval_hook)})
+            stopping = stop.signum is not None and not last
+            if run.step % tc.ckpt_every == 0 or last or stopping:
+                ckpt = save(run, {"loss": stats.loss})
+            if stopping:
+                raise TrainingInterrupted(stop.signum, run.step, ckpt)
+    return (stats.loss if stats else None), ckpt
+
+
+def _plot(run_dir: Path) -> None:
+    from sdelab.plots import plot_loss
+
+    if (run_dir / METRICS_FILE).exists():
+        plot_loss(run_dir / METRICS_FILE, run_dir / "loss.png")
