@@ -13,15 +13,6 @@ from sdelab.data import DATASETS, TOYS, load_array, make_dataset, toy_entropy, t
 from sdelab.data.toys import sample_toy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Elementwise density work runs best on one thread, especially on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -52,15 +52,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks run fastest (and reproducibly) on one thread, also on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny(*overrides: str, name: str = "oracle"):
     return load_config(name, [*TINY, *overrides])
 
@@ -323,7 +314,7 @@ def losses(run_dir: Path) -> list[tuple[int, float, float]]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, one_thread) -> Path:
+def reference(tmp_path_factory) -> Path:
     """The uninterrupted run, in this process (one thread, as the subprocesses)."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     train(load_config("oracle", SUB_ARGS), run_dir)
