@@ -110,8 +110,3 @@ def test_missing_out_non_empty_folder_and_corrupt_checkpoint(tmp_path, capsys):
     assert code == 2
     line = one_line_error(err)
     assert "step_00000020.json is corrupt" in line and "delete" in line
-
-
-def test_demo_still_works(capsys):
-    code, out, _ = run_cli(capsys, "demo", "--n", "200")
-    assert code == 0 and "Gaussian oracle" in out

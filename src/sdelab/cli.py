@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import textwrap
 from collections.abc import Callable
-
-import torch
-
-from sdelab.losses import dsm_loss
-from sdelab.oracle import GaussianData
-from sdelab.sde import SCHEDULES, make_schedule
+from pathlib import Path
+from typing import Any
 
 
 class CLIError(Exception):
@@ -20,52 +15,117 @@ class CLIError(Exception):
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Oracle demo: for each schedule, the DSM loss of the exact score vs a perturbed one,
-    and the variance reduction of importance-sampled time for the likelihood weighting."""
-    torch.manual_seed(args.seed)
-    data = GaussianData(
-        torch.tensor([1.0, -0.5], dtype=torch.float64),
-        torch.tensor([[1.0, 0.7], [0.7, 0.8]], dtype=torch.float64),
+    """Train a 2-D toy model, then write samples, density and trajectory plots and print a
+    table of test NLL (probability-flow ODE) and bounds next to the data's true entropy."""
+    from sdelab.report import format_table, likelihood_table, plot_run
+    from sdelab.train.config import load_config
+    from sdelab.train.loop import train
+
+    out = Path(args.out)
+    run_dir = out / "run"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise CLIError(f"{run_dir} is not empty: pass another --out or delete it first")
+    overrides = [f"train.steps={args.steps}", "train.log_every=100", "train.ckpt_every=2500"]
+    config = load_config(args.toy, overrides)
+    print(f"1/3 training {args.toy} for {args.steps} steps -> {run_dir}")
+    train(config, run_dir)
+    print(f"2/3 plots -> {out / 'plots'}")
+    for path in plot_run(run_dir, out / "plots", seed=args.seed):
+        print(f"    {path}")
+    print(f"3/3 test likelihood on {args.n} held-out points")
+    table = format_table(likelihood_table(run_dir, n=args.n, seed=args.seed), args.n)
+    (out / "likelihood.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    return 0
+
+
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` sampler options, values parsed as YAML scalars (``snr=0.16``)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"bad option {item!r}: write KEY=VALUE, e.g. snr=0.16")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def _sample(args: argparse.Namespace) -> int:
+    """Draw samples from a trained run with any sampler; save them as .npy/.csv (+ a PNG)."""
+    from sdelab.plots import plot_samples
+    from sdelab.report import sample_run, save_samples
+    from sdelab.train.checkpoint import load_run
+    from sdelab.train.loop import make_run_dataset
+
+    out = Path(args.out)
+    if out.exists():
+        raise CLIError(f"{out} exists: choose another --out or delete it first")
+    res = sample_run(
+        args.run,
+        n=args.n,
+        sampler=args.sampler,
+        steps=args.steps,
+        seed=args.seed,
+        which=args.weights,
+        options=_parse_options(args.option),
     )
-    g = torch.Generator().manual_seed(args.seed)
-    x0 = data.sample(args.n, generator=g)
-    print(f"Gaussian oracle, D=2, n={args.n}: likelihood-weighted DSM loss (nats)")
-    print(
-        f"{'schedule':>9} {'oracle':>16} {'oracle+0.3':>16} {'var uniform':>12} "
-        f"{'var IS':>10} {'ratio':>7}"
-    )
-    for name in SCHEDULES:
-        sde = make_schedule(name)
-        score = data.score_fn(sde)
-        row = []
-        for fn in (score, lambda x, t, s=score: s(x, t) + 0.3):
-            out = dsm_loss(
-                fn,
-                sde,
-                x0,
-                parametrization="score",
-                weighting="likelihood",
-                time_sampling="importance",
-                generator=g,
-            ).loss
-            row.append(f"{float(out.mean()):7.3f} ± {float(out.std()) / math.sqrt(len(out)):.3f}")
-        uni = dsm_loss(
-            score, sde, x0, parametrization="score", weighting="likelihood", generator=g
-        ).loss
-        imp = dsm_loss(
-            score,
-            sde,
-            x0,
-            parametrization="score",
-            weighting="likelihood",
-            time_sampling="importance",
-            generator=g,
-        ).loss
-        ratio = float(uni.var() / imp.var())
-        print(
-            f"{name:>9} {row[0]:>16} {row[1]:>16} {float(uni.var()):12.3g} "
-            f"{float(imp.var()):10.3g} {ratio:7.1f}"
+    save_samples(res.samples, out)
+    msg = f"{args.n} samples ({args.sampler}, NFE {res.nfe}) -> {out}"
+    if res.samples.shape[1] == 2:
+        config, _, _ = load_run(args.run)
+        test = make_run_dataset(config).test_set(min(args.n, 5000))
+        png = plot_samples(
+            test,
+            res.samples,
+            out.with_suffix(".png"),
+            titles=("test data", f"samples ({args.sampler})"),
         )
+        msg += f", plot {png}"
+    print(msg)
+    return 0
+
+
+def _likelihood(args: argparse.Namespace) -> int:
+    """Test-set negative log-likelihood of a trained run (nats and bits/dim, mean ± SE)."""
+    from sdelab.report import run_likelihood, write_json
+
+    res = run_likelihood(
+        args.run,
+        method=args.method,
+        n=args.n,
+        batch_size=args.batch_size,
+        exact_trace=args.probes is None,
+        probes=args.probes or 1,
+        seed=args.seed,
+        which=args.weights,
+        rtol=args.rtol,
+        atol=args.rtol,
+    )
+    print(f"test NLL ({args.method}): {res}")
+    record = {
+        "method": args.method,
+        "n": args.n,
+        "nll_mean": res.nll_mean,
+        "nll_se": res.nll_se,
+        "bpd_mean": res.bpd_mean,
+        "bpd_se": res.bpd_se,
+        "divergence": "exact" if args.probes is None else f"hutchinson x{args.probes}",
+        "dequantization": res.dequantization,
+        "nfe": res.nfe,
+        "seed": args.seed,
+    }
+    write_json(Path(args.run) / f"likelihood_{args.method}.json", record)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    """Write a 2-D run's plots: loss, samples vs data, model density, λ=0/λ=1 trajectories."""
+    from sdelab.report import plot_run
+
+    for path in plot_run(args.run, args.out, seed=args.seed):
+        print(path)
     return 0
 
 
@@ -113,8 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Continuous-time score-based diffusion models with first-class likelihood.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run the built-in demo", description=_demo.__doc__)
-    p.add_argument("--n", type=int, default=20000, help="number of data points (default 20000)")
+    p = sub.add_parser(
+        "demo",
+        help="train a 2-D toy, plot it, print its likelihood table",
+        description=_demo.__doc__,
+    )
+    p.add_argument("--toy", default="checkerboard", help="built-in toy config (checkerboard)")
+    p.add_argument("--steps", type=int, default=10000, help="training steps (default 10000)")
+    p.add_argument("--n", type=int, default=2000, help="test points for the table (2000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.set_defaults(func=_demo)
@@ -140,10 +206,89 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_train)
+
+    from sdelab.samplers import SAMPLERS
+
+    p = sub.add_parser(
+        "sample",
+        help="draw samples from a trained run",
+        description=_sample.__doc__,
+        epilog="examples:\n  sdelab sample runs/checker --sampler ode --n 5000 --out s.npy\n"
+        "  sdelab sample runs/checker --sampler pc --option predictor=reverse_diffusion "
+        "--option snr=0.16 --n 2000 --out pc.npy",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run", metavar="RUN", help="run folder written by sdelab train")
+    p.add_argument(
+        "--sampler",
+        default="euler_maruyama",
+        choices=sorted(SAMPLERS),
+        help="sampler (default euler_maruyama)",
+    )
+    p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    p.add_argument("--steps", type=int, default=1000, help="time steps (default 1000)")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="sampler option, repeatable (snr=0.16, lam=0.5, method=rk4, ...)",
+    )
+    p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw weights")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", required=True, metavar="FILE", help="output .npy or .csv")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser(
+        "likelihood",
+        help="test-set NLL of a trained run",
+        description=_likelihood.__doc__,
+        epilog="examples:\n  sdelab likelihood runs/checker --method ode\n"
+        "  sdelab likelihood runs/checker --method ode --probes 4\n"
+        "  sdelab likelihood runs/checker --method elbo --n 5000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run", metavar="RUN", help="run folder written by sdelab train")
+    p.add_argument(
+        "--method",
+        default="ode",
+        choices=("ode", "elbo", "scoreflow"),
+        help="ode (exact likelihood), elbo or scoreflow (bounds)",
+    )
+    trace = p.add_mutually_exclusive_group()
+    trace.add_argument(
+        "--exact-trace",
+        action="store_true",
+        help="exact divergence (default; D backward passes per step)",
+    )
+    trace.add_argument(
+        "--probes",
+        type=int,
+        metavar="K",
+        help="Hutchinson divergence with K Rademacher probes instead",
+    )
+    p.add_argument("--n", type=int, default=2000, help="test points (default 2000)")
+    p.add_argument("--batch-size", type=int, default=1000, help="batch size (default 1000)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="ODE rtol = atol (default 1e-5)")
+    p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw weights")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=_likelihood)
+
+    p = sub.add_parser("plot", help="plot a trained 2-D run", description=_plot.__doc__)
+    p.add_argument("run", metavar="RUN", help="run folder written by sdelab train")
+    p.add_argument("--out", default=None, help="output folder (default RUN/plots)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=_plot)
     return parser
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"demo": _demo, "train": _train}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "demo": _demo,
+    "train": _train,
+    "sample": _sample,
+    "likelihood": _likelihood,
+    "plot": _plot,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, ValueError, FileNotFoundError) as e:
+    except (CLIError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"sdelab {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -10,7 +10,14 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_loss", "plot_samples", "read_jsonl"]
+__all__ = [
+    "density_grid",
+    "plot_density",
+    "plot_loss",
+    "plot_samples",
+    "plot_trajectories",
+    "read_jsonl",
+]
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -86,5 +93,133 @@ def plot_samples(
         ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
         ax.set_aspect("equal")
         ax.set_title(f"{title} (n={len(a)})")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def density_grid(
+    score_fn,
+    schedule,
+    *,
+    lim: tuple[float, float, float, float],
+    n: int = 100,
+    batch_size: int = 5000,
+    rtol: float = 1e-3,
+    atol: float = 1e-3,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """log p(x) of a 2-D model on an n×n grid via the exact-trace probability-flow ODE.
+
+    ``lim`` is (x_min, x_max, y_min, y_max). Returns (xs, ys, logp) with logp of shape (n, n).
+    """
+    from sdelab.likelihood import log_likelihood
+
+    xs = np.linspace(lim[0], lim[1], n)
+    ys = np.linspace(lim[2], lim[3], n)
+    grid = torch.tensor(np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2), dtype=torch.float32)
+    logp = []
+    for chunk in grid.split(batch_size):
+        with torch.no_grad():  # inference: no graph through the solve
+            res = log_likelihood(
+                score_fn, schedule, chunk, divergence="exact", rtol=rtol, atol=atol
+            )
+        logp.append(res.logp)
+    return xs, ys, torch.cat(logp).reshape(n, n).numpy()
+
+
+def plot_density(
+    score_fn,
+    schedule,
+    path: str | Path,
+    *,
+    data=None,
+    lim=None,
+    n: int = 100,
+    true_log_prob=None,
+) -> Path:
+    """Heat map of the model density exp(log p) on a grid (ODE likelihood), next to the data
+    (or the true density when ``true_log_prob(x) -> log p`` is given). Returns the path."""
+    if lim is None:
+        if data is None:
+            raise ValueError("plot_density needs lim=(x0, x1, y0, y1) or data to set the window")
+        a = data.detach().cpu().numpy() if torch.is_tensor(data) else np.asarray(data)
+        lo, hi = np.percentile(a[:, :2], [0.5, 99.5], axis=0)
+        pad = 0.1 * (hi - lo)
+        lim = (lo[0] - pad[0], hi[0] + pad[0], lo[1] - pad[1], hi[1] + pad[1])
+    xs, ys, logp = density_grid(score_fn, schedule, lim=lim, n=n)
+    panels = [("model density (ODE)", np.exp(logp))]
+    if true_log_prob is not None:
+        pts = torch.tensor(np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2), dtype=torch.float64)
+        panels.insert(0, ("true density", np.exp(true_log_prob(pts).numpy().reshape(n, n))))
+    fig = Figure(figsize=(4 * len(panels) + (4 if data is not None else 0), 4))
+    k = len(panels) + (data is not None)
+    for i, (title, dens) in enumerate(panels):
+        ax = fig.add_subplot(1, k, i + 1)
+        ax.imshow(dens, origin="lower", extent=lim, cmap="magma", aspect="equal")
+        ax.set_title(title)
+    if data is not None:
+        ax = fig.add_subplot(1, k, k)
+        a = data.detach().cpu().numpy() if torch.is_tensor(data) else np.asarray(data)
+        ax.scatter(a[:, 0], a[:, 1], s=1, alpha=0.4, linewidths=0)
+        ax.set_xlim(lim[0], lim[1])
+        ax.set_ylim(lim[2], lim[3])
+        ax.set_aspect("equal")
+        ax.set_title(f"test data (n={len(a)})")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_trajectories(
+    score_fn,
+    schedule,
+    path: str | Path,
+    *,
+    n: int = 2000,
+    steps: int = 500,
+    lams: tuple[float, ...] = (0.0, 1.0),
+    snapshots: int = 6,
+    seed: int = 0,
+) -> Path:
+    """Sample paths of the λ-family reverse processes from T to t_min (sdeflow-light's figure:
+    λ = 0 the reverse SDE, λ = 1 the probability-flow ODE). One row per λ, ``snapshots``
+    scatter plots at evenly spaced steps, the same prior draw for every λ, and the paths of a
+    few particles in the last panel. Returns the path."""
+    from sdelab.samplers import sample
+
+    x_init = schedule.prior_sample((n, 2), generator=torch.Generator().manual_seed(seed))
+    fig = Figure(figsize=(2.4 * (snapshots + 1), 2.5 * len(lams)))
+    for row, lam in enumerate(lams):
+        res = sample(
+            score_fn,
+            schedule,
+            None,
+            sampler="lambda",
+            lam=lam,
+            steps=steps,
+            x_init=x_init,
+            generator=seed + 1,
+            return_trajectory=True,
+        )
+        traj, times = res.trajectory.detach().cpu().numpy(), res.times.cpu().numpy()
+        idx = np.linspace(0, len(traj) - 1, snapshots).round().astype(int)
+        final = traj[-1]
+        lo, hi = np.percentile(final, [0.5, 99.5], axis=0)
+        pad = 0.15 * (hi - lo)
+        for j, i in enumerate(idx):
+            ax = fig.add_subplot(len(lams), snapshots + 1, row * (snapshots + 1) + j + 1)
+            ax.scatter(traj[i, :, 0], traj[i, :, 1], s=0.5, alpha=0.5, linewidths=0)
+            ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+            ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"λ={lam:g}, t={times[i]:.3f}", fontsize=8)
+        ax = fig.add_subplot(len(lams), snapshots + 1, row * (snapshots + 1) + snapshots + 1)
+        for p in range(min(25, n)):
+            ax.plot(traj[:, p, 0], traj[:, p, 1], lw=0.5, alpha=0.7)
+        ax.scatter(final[:25, 0], final[:25, 1], s=4, c="k")
+        ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+        ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"λ={lam:g}: 25 paths", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)

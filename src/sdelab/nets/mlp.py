@@ -65,7 +65,9 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         flat = x.reshape(x.shape[0], -1)  # (B, D)
-        codes = self.time_embed(t).chunk(self.depth, dim=1)  # depth × (B, width)
+        if t.numel() > 1 and bool((t == t[0]).all()):
+            t = t[:1]  # one time for the batch (samplers, ODEs): embed once, broadcast below
+        codes = self.time_embed(t).chunk(self.depth, dim=1)  # depth × (B or 1, width)
         h = self.inp(flat)
         for layer, code in zip(self.hidden, codes):
             h = layer(self.act(h + code))

@@ -264,7 +264,8 @@ def load_run(
 
     Returns:
         ``config`` (:class:`~sdelab.train.config.RunConfig`, from the checkpoint), ``model``
-        (a :class:`~sdelab.parametrization.ScoreModel` in eval mode; call it for the score,
+        (a :class:`~sdelab.parametrization.ScoreModel` in eval mode with frozen parameters —
+        call ``model.requires_grad_(True)`` to fine-tune; call it for the score,
         ``model.predict(x, t, kind)`` for eps/x0/v/drift) and ``schedule`` (its SDE).
 
     Raises:
@@ -283,4 +284,6 @@ def load_run(
     schedule = make_schedule(config.sde.name, **config.sde.kwargs)
     model = build_model(config, schedule)
     model.load_state_dict(prefixed(ckpt.tensors, "ema" if which == "ema" else "model"))
+    # for inference: frozen, so likelihood and samplers build no graph over the parameters
+    model.requires_grad_(False)
     return config, model.to(device).eval(), schedule

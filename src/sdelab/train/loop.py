@@ -184,7 +184,7 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_config(config: RunConfig, dataset: Dataset | None = None) -> RunConfig:
     """Fill in what the data decides (``model.dim``), checking it against a set value."""
-    dataset = dataset or _make_dataset(config)
+    dataset = dataset or make_run_dataset(config)
     if config.model.dim not in (None, dataset.dim):
         raise ConfigError(
             f"model.dim={config.model.dim} but dataset {config.data.name!r} has dimension "
@@ -193,7 +193,8 @@ def resolve_config(config: RunConfig, dataset: Dataset | None = None) -> RunConf
     return config.model_copy(update={"model": config.model.model_copy(update={"dim": dataset.dim})})
 
 
-def _make_dataset(config: RunConfig) -> Dataset:
+def make_run_dataset(config: RunConfig) -> Dataset:
+    """The dataset a run trains on (its test set is fixed by ``train.seed``)."""
     options = dict(config.data.options)
     if config.data.path is not None:
         options["path"] = config.data.path
@@ -207,7 +208,7 @@ def _generator(seed: int, stream: int, device: torch.device) -> torch.Generator:
 def build_run(config: RunConfig, run_dir: str | Path) -> Run:
     """Dataset, schedule, model, EMA, optimizer and generators at step 0 for ``config``."""
     device = resolve_device(config.train.device)
-    dataset = _make_dataset(config)
+    dataset = make_run_dataset(config)
     config = resolve_config(config, dataset)
     schedule = make_schedule(config.sde.name, **config.sde.kwargs).to(device)
     seed = config.train.seed
