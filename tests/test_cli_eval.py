@@ -169,3 +169,24 @@ def test_trained_oracle_nll_approaches_entropy(tmp_path):
     entropy = make_run_dataset(config).entropy()
     assert res.nll_mean - entropy < 0.05 + 3 * res.nll_se
     assert res.nll_mean - entropy > -3 * res.nll_se - 0.01
+
+
+def test_train_with_periodic_likelihood_eval(tmp_path, capsys):
+    from sdelab.plots import read_jsonl
+
+    run = tmp_path / "ev"
+    code, _, _ = run_cli(
+        capsys,
+        "train",
+        "8gaussians",
+        *TINY,
+        "train.steps=40",
+        "train.eval_every=20",
+        "eval.options={n_eval: 50}",
+        "--out",
+        str(run),
+    )
+    assert code == 0
+    rows = read_jsonl(run / "eval.jsonl")
+    assert [r["step"] for r in rows] == [20, 40]
+    assert all(math.isfinite(r["test_nll_ode"]) and math.isfinite(r["test_elbo_nll"]) for r in rows)

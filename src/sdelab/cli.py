@@ -141,7 +141,10 @@ def _train(args: argparse.Namespace) -> int:
     if not args.out:
         raise CLIError("--out DIR is required: the run folder to write")
     try:
-        result = train(config, args.out, resume=args.resume)
+        from sdelab.train.hooks import likelihood_hook
+
+        hook = likelihood_hook if config.train.eval_every else None
+        result = train(config, args.out, resume=args.resume, eval_hook=hook)
     except TrainingInterrupted as e:
         print(f"sdelab train: {e}", file=sys.stderr)
         return 128 + e.signum
