@@ -34,6 +34,7 @@ time-dependent classifier trained on noised data (:mod:`sdelab.nets.classifier`,
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -595,3 +596,125 @@ def load_classifier(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     net.load_state_dict(load_safetensors((folder / "classifier.safetensors").read_bytes()))
     net.requires_grad_(False)
     return net.eval(), meta
+
+
+# ---- run-level helpers behind the CLI ------------------------------------------------------
+def parse_known(items: list[str], dim: int) -> tuple[Tensor, Tensor]:
+    """``["0=1.5", ...]`` (coordinate=value) to an observation ``(dim,)`` and mask ``(dim,)``."""
+    y, mask = torch.zeros(dim), torch.zeros(dim)
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            i, v = int(key), float(value)
+        except ValueError:
+            raise ValueError(f"bad --known {item!r}: write COORD=VALUE, e.g. 0=1.5") from None
+        if not sep or not 0 <= i < dim:
+            raise ValueError(f"bad --known {item!r}: coordinate must be in 0..{dim - 1}")
+        y[i], mask[i] = v, 1.0
+    if not items or bool(mask.all()):
+        raise ValueError(f"--known must fix between 1 and {dim - 1} of the {dim} coordinates")
+    return y, mask
+
+
+def load_png(path: str | Path, dim: int, *, channels: int | None = None) -> Tensor:
+    """A PNG as a model-space image ``(C, H, W)`` in [−1, 1] for a run of data dimension ``dim``
+    (flattened images: C·H·W must equal ``dim``; C = ``channels`` or inferred as 1 or 3)."""
+    from PIL import Image
+
+    from sdelab.data.image_formats import read_image_file
+    from sdelab.data.images import levels_to_model
+
+    with Image.open(path) as img:
+        w, h = img.size
+    if channels is None:
+        channels = dim // (h * w) if dim in (h * w, 3 * h * w) else 0
+    if channels not in (1, 3) or channels * h * w != dim:
+        raise ValueError(
+            f"{path}: a {h}×{w} image does not fit a run of data dimension {dim} "
+            f"(need C·H·W = {dim} with C = {channels or '1 or 3'})"
+        )
+    levels = torch.from_numpy(read_image_file(path, channels=channels).astype(np.int64))
+    return levels_to_model(levels, 256, u=0.0)
+
+
+def load_mask_png(path: str | Path, image_shape: tuple[int, ...]) -> Tensor:
+    """A mask PNG (nonzero = known) as a 0/1 tensor broadcast to ``image_shape`` ``(C, H, W)``."""
+    from sdelab.data.image_formats import read_image_file
+
+    arr = read_image_file(path, channels=1)  # (1, H', W')
+    if arr.shape[1:] != tuple(image_shape[1:]):
+        raise ValueError(
+            f"mask has shape {arr.shape[1]}×{arr.shape[2]}, the image "
+            f"{image_shape[1]}×{image_shape[2]}"
+        )
+    return torch.from_numpy((arr > 0).astype(np.float32)).expand(*image_shape).contiguous()
+
+
+def save_png_grid(rows: list[Tensor], path: str | Path, *, pad: int = 1) -> Path:
+    """Write images in model space [−1, 1] as one PNG: a row of tiles per list entry, each
+    entry ``(N, C, H, W)``; shorter rows are padded with black."""
+    from PIL import Image
+
+    from sdelab.train.checkpoint import atomic_write
+
+    c, h, w = rows[0].shape[1:]
+    cols = max(len(r) for r in rows)
+    grid = np.zeros((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        tiles = ((row.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().byte()
+        for j, tile in enumerate(tiles.permute(0, 2, 3, 1).numpy()):
+            y0, x0 = pad + i * (h + pad), pad + j * (w + pad)
+            grid[y0 : y0 + h, x0 : x0 + w] = tile
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buf.getvalue())
+    return path
+
+
+def guided_sample_run(
+    run_dir: str | Path,
+    classifier_dir: str | Path,
+    label: int,
+    *,
+    scale: float = 1.0,
+    n: int = 1000,
+    sampler: str = "euler_maruyama",
+    steps: int = 1000,
+    seed: int = 0,
+    which: str = "ema",
+    options: dict[str, Any] | None = None,
+) -> SampleResult:
+    """Class-conditional samples of a trained run with a classifier from ``train_classifier``.
+
+    Raises ValueError for a class index out of range or a classifier trained for another
+    schedule or data dimension.
+    """
+    from sdelab.train.checkpoint import load_run
+
+    if n < 1:
+        raise ValueError(f"--n must be a positive number of samples, got {n}")
+    net, meta = load_classifier(classifier_dir)
+    if not 0 <= label < meta["num_classes"]:
+        raise ValueError(
+            f"class index {label} out of range: the classifier has {meta['num_classes']} classes"
+        )
+    config, model, schedule = load_run(run_dir, which)
+    if meta["dim"] != config.model.dim:
+        raise ValueError(
+            f"classifier for data dimension {meta['dim']}, run of dimension {config.model.dim}"
+        )
+    if meta["sde"] != {"name": config.sde.name, "kwargs": config.sde.kwargs}:
+        raise ValueError(f"classifier trained with sde {meta['sde']}, run uses {config.sde}")
+    score = guided_score_fn(model, net, label, scale, num_classes=meta["num_classes"])
+    return sample(
+        score,
+        schedule,
+        (n, config.model.dim),
+        sampler=sampler,
+        steps=steps,
+        generator=seed,
+        **(options or {}),
+    )
