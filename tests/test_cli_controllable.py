@@ -61,7 +61,7 @@ def _png(path, shape, mode="RGB"):
 
 def test_class_conditional_sample(toy_run, classifier, tmp_path, capsys):
     out = tmp_path / "c.npy"
-    code, text, err = run_cli(
+    code, _, err = run_cli(
         capsys,
         "sample",
         str(toy_run),
@@ -103,7 +103,7 @@ def test_class_out_of_range_is_one_line_exit_2(toy_run, classifier, tmp_path, ca
 
 def test_inpaint_known_coordinate(toy_run, tmp_path, capsys):
     out = tmp_path / "inp.npy"
-    code, text, err = run_cli(
+    code, _, err = run_cli(
         capsys,
         "inpaint",
         str(toy_run),

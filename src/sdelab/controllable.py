@@ -517,7 +517,8 @@ def train_classifier(
         raise ValueError(f"{out} is not empty: choose another --out or delete it first")
     schedule = make_schedule(config.sde.name, **config.sde.kwargs)
     torch.manual_seed(seed)
-    arch = {"dim": 2, "num_classes": num_classes, "width": width, "depth": depth}
+    dim = sample_fn(1, torch.Generator())[0].shape[1]
+    arch = {"dim": dim, "num_classes": num_classes, "width": width, "depth": depth}
     net = TimeClassifier(**arch)
     start = time.time()
     losses = fit_classifier(
