@@ -456,7 +456,29 @@ class LogSNRSchedule(Schedule):
         return 1.0
 
 
-class VPSchedule(LogSNRSchedule):
+class _LinearBeta:
+    """β(t) = β_min + (β_max − β_min) t and B(t) = ∫_0^t β, shared by VP and sub-VP."""
+
+    beta_min: float
+    beta_max: float
+
+    def _set_beta(self, beta_min: float, beta_max: float) -> None:
+        if not 0 < beta_min <= beta_max:
+            raise ValueError(f"need 0 < beta_min <= beta_max, got {beta_min}, {beta_max}")
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+
+    def beta(self, t: Tensor) -> Tensor:
+        return self.beta_min + (self.beta_max - self.beta_min) * t
+
+    def _B(self, t: Tensor) -> Tensor:
+        return _linear_beta_integral(t, self.beta_min, self.beta_max)
+
+    def extra_repr(self) -> str:
+        ends = f"beta_min={self.beta_min:g}, beta_max={self.beta_max:g}, "
+        return ends + super().extra_repr()  # type: ignore[misc]
+
+
+class VPSchedule(_LinearBeta, LogSNRSchedule):
     """Variance preserving (DDPM) with linear β(t) = β_min + (β_max − β_min) t:
     α_t = exp(−½ B(t)), σ_t² = 1 − exp(−B(t)), B = ∫β; f = −½β, g² = β; prior N(0, I).
 
@@ -467,20 +489,13 @@ class VPSchedule(LogSNRSchedule):
         self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-5, T: float = 1.0
     ) -> None:
         super().__init__(t_min, T)
-        if not 0 < beta_min <= beta_max:
-            raise ValueError(f"need 0 < beta_min <= beta_max, got {beta_min}, {beta_max}")
-        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
-
-    def beta(self, t: Tensor) -> Tensor:
-        return self.beta_min + (self.beta_max - self.beta_min) * t
+        self._set_beta(beta_min, beta_max)
 
     def log_snr(self, t):
-        B = _linear_beta_integral(t, self.beta_min, self.beta_max)
-        return -torch.log(torch.expm1(B))
+        return -torch.log(torch.expm1(self._B(t)))
 
     def d_log_snr(self, t):
-        B = _linear_beta_integral(t, self.beta_min, self.beta_max)
-        return -self.beta(t) / -torch.expm1(-B)
+        return -self.beta(t) / -torch.expm1(-self._B(t))
 
     def t_of_log_snr(self, log_snr):
         B = nn.functional.softplus(-log_snr)  # B = log(1 + e^{−λ})
@@ -496,26 +511,15 @@ class VPSchedule(LogSNRSchedule):
         """DDPM's n discrete β_i = linspace(β_min/n, β_max/n), as Score-SDE's ancestral sampler."""
         return torch.linspace(self.beta_min / n, self.beta_max / n, n)
 
-    def extra_repr(self):
-        return f"beta_min={self.beta_min:g}, beta_max={self.beta_max:g}, " + super().extra_repr()
 
-
-class SubVPSchedule(Schedule):
+class SubVPSchedule(_LinearBeta, Schedule):
     """Sub-VP: α_t = exp(−½B(t)) as VP, σ_t = 1 − exp(−B(t)); g² = β(1 − e^{−2B}); prior N(0, I)."""
 
     def __init__(
         self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-5, T: float = 1.0
     ) -> None:
         super().__init__(t_min, T)
-        if not 0 < beta_min <= beta_max:
-            raise ValueError(f"need 0 < beta_min <= beta_max, got {beta_min}, {beta_max}")
-        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
-
-    def beta(self, t: Tensor) -> Tensor:
-        return self.beta_min + (self.beta_max - self.beta_min) * t
-
-    def _B(self, t):
-        return _linear_beta_integral(t, self.beta_min, self.beta_max)
+        self._set_beta(beta_min, beta_max)
 
     def alpha_sigma(self, t):
         B = self._B(t)
@@ -549,9 +553,6 @@ class SubVPSchedule(Schedule):
     @property
     def prior_std(self) -> float:
         return 1.0
-
-    def extra_repr(self):
-        return f"beta_min={self.beta_min:g}, beta_max={self.beta_max:g}, " + super().extra_repr()
 
 
 class CosineSchedule(LogSNRSchedule):
