@@ -31,7 +31,14 @@ from sdelab.samplers import SampleResult, sample
 from sdelab.train.checkpoint import load_run
 from sdelab.train.loop import make_run_dataset
 
-__all__ = ["LikelihoodRow", "likelihood_table", "plot_run", "run_likelihood", "sample_run"]
+__all__ = [
+    "LikelihoodRow",
+    "evaluate_sharded",
+    "likelihood_table",
+    "plot_run",
+    "run_likelihood",
+    "sample_run",
+]
 
 #: Likelihood estimators by CLI name.
 METHODS = ("ode", "elbo", "scoreflow")
@@ -146,6 +153,41 @@ def run_likelihood(
             kwargs["divergence"] = "exact"
         else:
             kwargs.update(divergence="hutchinson", n_probes=probes)
+    return evaluate_sharded(
+        model,
+        schedule,
+        data,
+        estimator=method,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        progress=progress,
+        **kwargs,
+    )
+
+
+def evaluate_sharded(
+    score_fn,
+    schedule,
+    data: torch.Tensor,
+    *,
+    estimator: str = "ode",
+    batch_size: int = 1000,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    **kwargs,
+) -> EvaluationResult:
+    """:func:`~sdelab.likelihood.evaluate_likelihood` of continuous ``data`` ``(N, ...)``
+    split over the launched processes (one process: all of it, in order).
+
+    Batch i (rows ``i·batch_size …``) is evaluated by process i mod N alone with a generator
+    seeded by (seed, i); no collective runs until every process has finished its batches, so
+    batches needing very different numbers of adaptive steps cannot deadlock. Every process
+    returns the full result, per-example values in data order, equal to the single-process one.
+    ``kwargs`` go to the estimator (``rtol``, ``divergence``, ...).
+    """
+    info = distributed.get_info()
     batches = data.split(batch_size)
     mine = distributed.shard(len(batches), info)
     local = []
@@ -153,11 +195,11 @@ def run_likelihood(
     with torch.no_grad():  # inference: the estimators enable grad internally where needed
         for i in bar:
             res = evaluate_likelihood(
-                model,
+                score_fn,
                 schedule,
                 [batches[i].to(device)],
-                estimator=method,
-                generator=_chunk_generator(seed, _LIKELIHOOD_STREAM, i, device),
+                estimator=estimator,
+                generator=_chunk_generator(seed, _LIKELIHOOD_STREAM, i, torch.device(device)),
                 progress=False,
                 **kwargs,
             )
