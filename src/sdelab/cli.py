@@ -250,7 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(SAMPLERS),
         help="sampler (default euler_maruyama)",
     )
-    p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    p.add_argument(
+        "--n",
+        "--num-samples",  # under torchrun, whose own options swallow the abbreviation --n
+        dest="n",
+        type=int,
+        default=1000,
+        help="number of samples (default 1000)",
+    )
     p.add_argument("--steps", type=int, default=1000, help="time steps (default 1000)")
     p.add_argument(
         "--batch-size",
@@ -298,7 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="Hutchinson divergence with K Rademacher probes instead",
     )
-    p.add_argument("--n", type=int, default=2000, help="test points (default 2000)")
+    p.add_argument(
+        "--n",
+        "--num-examples",  # under torchrun, whose own options swallow the abbreviation --n
+        dest="n",
+        type=int,
+        default=2000,
+        help="test points (default 2000)",
+    )
     p.add_argument("--batch-size", type=int, default=1000, help="batch size (default 1000)")
     p.add_argument("--rtol", type=float, default=1e-5, help="ODE rtol = atol (default 1e-5)")
     p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw weights")
