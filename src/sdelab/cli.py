@@ -59,6 +59,7 @@ def _sample(args: argparse.Namespace) -> int:
     from sdelab.train.checkpoint import load_run
     from sdelab.train.loop import make_run_dataset
 
+    info = _join_launched_group()
     out = Path(args.out)
     if out.exists():
         raise CLIError(f"{out} exists: choose another --out or delete it first")
@@ -79,7 +80,11 @@ def _sample(args: argparse.Namespace) -> int:
             **kwargs,
         )
     else:
-        res = sample_run(args.run, which=args.weights, options=options, **kwargs)
+        res = sample_run(
+            args.run, which=args.weights, options=options, batch_size=args.batch_size, **kwargs
+        )
+    if not info.is_main:
+        return 0
     save_samples(res.samples, out)
     msg = f"{args.n} samples ({args.sampler}, NFE {res.nfe}) -> {out}"
     if res.samples.shape[1] == 2:
@@ -230,6 +235,7 @@ def _likelihood(args: argparse.Namespace) -> int:
     """Test-set negative log-likelihood of a trained run (nats and bits/dim, mean ± SE)."""
     from sdelab.report import run_likelihood, write_json
 
+    info = _join_launched_group()
     res = run_likelihood(
         args.run,
         method=args.method,
@@ -242,6 +248,8 @@ def _likelihood(args: argparse.Namespace) -> int:
         rtol=args.rtol,
         atol=args.rtol,
     )
+    if not info.is_main:
+        return 0
     print(f"test NLL ({args.method}): {res}")
     record = {
         "method": args.method,
@@ -254,9 +262,20 @@ def _likelihood(args: argparse.Namespace) -> int:
         "dequantization": res.dequantization,
         "nfe": res.nfe,
         "seed": args.seed,
+        "batch_size": args.batch_size,
+        "processes": info.world_size,
     }
     write_json(Path(args.run) / f"likelihood_{args.method}.json", record)
     return 0
+
+
+def _join_launched_group():
+    """Join the process group when started by torchrun / accelerate launch (else rank 0 of 1)."""
+    import torch
+
+    from sdelab import distributed
+
+    return distributed.init("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -289,6 +308,10 @@ def _train(args: argparse.Namespace) -> int:
         return 128 + e.signum
     except TrainingError as e:
         raise CLIError(str(e)) from None
+    from sdelab.distributed import get_info
+
+    if not get_info().is_main:
+        return 0
     loss = "n/a" if result.last_loss is None else f"{result.last_loss:.4g}"
     print(f"trained to step {result.step} (last loss {loss}); run folder {result.run_dir}")
     return 0
@@ -367,8 +390,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(SAMPLERS),
         help="sampler (default euler_maruyama)",
     )
-    p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    p.add_argument(
+        "--n",
+        "--num-samples",  # under torchrun, whose own options swallow the abbreviation --n
+        dest="n",
+        type=int,
+        default=1000,
+        help="number of samples (default 1000)",
+    )
     p.add_argument("--steps", type=int, default=1000, help="time steps (default 1000)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="samples per chunk, the unit split over processes (default: all at once)",
+    )
     p.add_argument(
         "--option",
         action="append",
@@ -416,7 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="Hutchinson divergence with K Rademacher probes instead",
     )
-    p.add_argument("--n", type=int, default=2000, help="test points (default 2000)")
+    p.add_argument(
+        "--n",
+        "--num-examples",  # under torchrun, whose own options swallow the abbreviation --n
+        dest="n",
+        type=int,
+        default=2000,
+        help="test points (default 2000)",
+    )
     p.add_argument("--batch-size", type=int, default=1000, help="batch size (default 1000)")
     p.add_argument("--rtol", type=float, default=1e-5, help="ODE rtol = atol (default 1e-5)")
     p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw weights")
@@ -485,6 +528,17 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"sdelab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _leave_group()
+
+
+def _leave_group() -> None:
+    """Tear down a process group joined by a command (torchrun warns otherwise)."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -2,28 +2,62 @@
 
 Each takes a run folder written by ``sdelab train`` and loads it with
 :func:`sdelab.train.checkpoint.load_run` (no pickles; the config comes from the checkpoint).
+
+:func:`sample_run` and :func:`run_likelihood` scale out: launched by ``torchrun`` /
+``accelerate launch`` (:mod:`sdelab.distributed`), each process takes every N-th chunk of
+samples or batch of test points, solves it alone — no collective inside a sampler or ODE
+solver, so unequal adaptive step counts cannot hang — and the results are gathered in order
+afterwards. Chunk i is seeded by (seed, i) and solved with the same batch as in one process,
+so the numbers do not depend on the number of processes.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from sdelab import distributed
+from sdelab.data.toys import derive_seed
+from sdelab.dequantization import nats_to_bpd
 from sdelab.likelihood import EvaluationResult, evaluate_likelihood
 from sdelab.samplers import SampleResult, sample
 from sdelab.train.checkpoint import load_run
 from sdelab.train.loop import make_run_dataset
 
-__all__ = ["LikelihoodRow", "likelihood_table", "plot_run", "run_likelihood", "sample_run"]
+__all__ = [
+    "LikelihoodRow",
+    "evaluate_sharded",
+    "likelihood_table",
+    "plot_run",
+    "run_likelihood",
+    "sample_run",
+]
 
 #: Likelihood estimators by CLI name.
 METHODS = ("ode", "elbo", "scoreflow")
+# Seed streams: sample chunk i > 0 and likelihood batch i use derive_seed(seed, stream, i).
+_SAMPLE_STREAM, _LIKELIHOOD_STREAM = 20, 21
+
+
+def _eval_device(info: distributed.DistInfo) -> torch.device:
+    """CPU with one process (as always); ``cuda:LOCAL_RANK`` for each of many when CUDA is
+    available."""
+    if info.enabled and torch.cuda.is_available():
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def _chunk_generator(seed: int, stream: int, i: int, device: torch.device) -> torch.Generator:
+    # chunk 0 uses the seed itself, so a single chunk draws what one call to sample() did
+    value = seed if i == 0 else derive_seed(seed, stream, i)
+    return torch.Generator(device=device).manual_seed(value)
 
 
 def sample_run(
@@ -36,22 +70,46 @@ def sample_run(
     which: str = "ema",
     options: dict[str, Any] | None = None,
     return_trajectory: bool = False,
+    batch_size: int | None = None,
 ) -> SampleResult:
-    """Draw ``n`` samples from a trained run with any sampler in ``sdelab.samplers.SAMPLERS``."""
+    """Draw ``n`` samples from a trained run with any sampler in ``sdelab.samplers.SAMPLERS``.
+
+    The samples are drawn in chunks of ``batch_size`` (default: all ``n`` at once); chunk i
+    is seeded by (seed, i) and, under a launcher, drawn by process i mod N — the result is the
+    same for any number of processes. ``nfe`` is the largest NFE of any chunk (the work per
+    sample). ``return_trajectory`` needs a single chunk in a single process.
+    """
     if n < 1:
         raise ValueError(f"--n must be a positive number of samples, got {n}")
-    config, model, schedule = load_run(run_dir, which)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    info = distributed.get_info()
+    size = n if batch_size is None else min(batch_size, n)
+    n_chunks = math.ceil(n / size)
+    if return_trajectory and (n_chunks > 1 or info.enabled):
+        raise ValueError("return_trajectory needs one chunk (batch_size >= n) and one process")
+    device = _eval_device(info)
+    config, model, schedule = load_run(run_dir, which, device=device)
+    local = []
     with torch.no_grad():
-        return sample(
-            model,
-            schedule,
-            (n, config.model.dim),
-            sampler=sampler,
-            steps=steps,
-            generator=seed,
-            return_trajectory=return_trajectory,
-            **(options or {}),
-        )
+        for i in distributed.shard(n_chunks, info):
+            b = min(size, n - i * size)
+            res = sample(
+                model,
+                schedule,
+                (b, config.model.dim),
+                sampler=sampler,
+                steps=steps,
+                generator=_chunk_generator(seed, _SAMPLE_STREAM, i, device),
+                device=device,
+                return_trajectory=return_trajectory,
+                **(options or {}),
+            )
+            if return_trajectory:
+                return res
+            local.append((i, (res.samples.cpu(), res.nfe)))
+    parts = distributed.gather_indexed(local, info)
+    return SampleResult(samples=torch.cat([s for s, _ in parts]), nfe=max(nfe for _, nfe in parts))
 
 
 def run_likelihood(
@@ -73,10 +131,20 @@ def run_likelihood(
     ``method="ode"``: exact log-likelihood through the probability-flow ODE, with the exact
     trace or ``probes`` Hutchinson probes. ``"elbo"``: sdeflow-light's bound. ``"scoreflow"``:
     the likelihood-weighted DSM bound. Uses the first ``n`` points of the run's fixed test set.
+
+    Batch i of ``batch_size`` points gets its own generator seeded by (seed, i) (the ODE's
+    adaptive steps and Hutchinson probes depend on the batch), and under a launcher it is
+    solved by process i mod N alone; the per-example results are gathered in order at the end,
+    so they equal the single-process ones for the same ``batch_size`` and ``seed``. Use at
+    least as many batches as processes to keep every process busy.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    config, model, schedule = load_run(run_dir, which)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    info = distributed.get_info()
+    device = _eval_device(info)
+    config, model, schedule = load_run(run_dir, which, device=device)
     data = make_run_dataset(config).test_set(n)
     kwargs: dict[str, Any] = {}
     if method == "ode":
@@ -85,16 +153,85 @@ def run_likelihood(
             kwargs["divergence"] = "exact"
         else:
             kwargs.update(divergence="hutchinson", n_probes=probes)
+    return evaluate_sharded(
+        model,
+        schedule,
+        data,
+        estimator=method,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        progress=progress,
+        **kwargs,
+    )
+
+
+def evaluate_sharded(
+    score_fn,
+    schedule,
+    data: torch.Tensor,
+    *,
+    estimator: str = "ode",
+    batch_size: int = 1000,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    **kwargs,
+) -> EvaluationResult:
+    """:func:`~sdelab.likelihood.evaluate_likelihood` of continuous ``data`` ``(N, ...)``
+    split over the launched processes (one process: all of it, in order).
+
+    Batch i (rows ``i·batch_size …``) is evaluated by process i mod N alone with a generator
+    seeded by (seed, i); no collective runs until every process has finished its batches, so
+    batches needing very different numbers of adaptive steps cannot deadlock. Every process
+    returns the full result, per-example values in data order, equal to the single-process one.
+    ``kwargs`` go to the estimator (``rtol``, ``divergence``, ...).
+    """
+    info = distributed.get_info()
+    batches = data.split(batch_size)
+    mine = distributed.shard(len(batches), info)
+    local = []
+    bar = tqdm(mine, disable=not (progress and info.is_main), desc="likelihood", unit="batch")
     with torch.no_grad():  # inference: the estimators enable grad internally where needed
-        return evaluate_likelihood(
-            model,
-            schedule,
-            data.split(batch_size),
-            estimator=method,
-            generator=torch.Generator().manual_seed(seed),
-            progress=progress,
-            **kwargs,
-        )
+        for i in bar:
+            res = evaluate_likelihood(
+                score_fn,
+                schedule,
+                [batches[i].to(device)],
+                estimator=estimator,
+                generator=_chunk_generator(seed, _LIKELIHOOD_STREAM, i, torch.device(device)),
+                progress=False,
+                **kwargs,
+            )
+            local.append((i, res))
+    parts = distributed.gather_indexed([(i, _to_cpu(r)) for i, r in local], info)
+    return _concat(parts, dim=data[0].numel())
+
+
+def _to_cpu(res: EvaluationResult) -> EvaluationResult:
+    return replace(res, nll=res.nll.cpu(), bpd=res.bpd.cpu())
+
+
+def _concat(parts: list[EvaluationResult], dim: int) -> EvaluationResult:
+    """One result from per-batch ones (in order): per-example values, mean ± SE, total NFE."""
+    nll = torch.cat([p.nll for p in parts])
+    bpd = nats_to_bpd(nll, dim)
+    n = nll.numel()
+
+    def se(v: torch.Tensor) -> float:
+        return float(v.std() / math.sqrt(n)) if n > 1 else float("nan")
+
+    return EvaluationResult(
+        nll=nll,
+        bpd=bpd,
+        nll_mean=float(nll.mean()),
+        nll_se=se(nll),
+        bpd_mean=float(bpd.mean()),
+        bpd_se=se(bpd),
+        estimator=parts[0].estimator,
+        dequantization=parts[0].dequantization,
+        nfe=sum(p.nfe for p in parts),
+    )
 
 
 @dataclass(frozen=True)

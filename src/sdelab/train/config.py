@@ -15,7 +15,8 @@ choices. ``sdelab train --dry-run`` prints the resolved config.
     optim:  {name: adam, lr: 0.001, betas: [0.9, 0.999], eps: 1.0e-08, weight_decay: 0.0,
              warmup_steps: 0, grad_clip: 1.0}
     train:  {steps: 10000, batch_size: 512, ema_decay: 0.999, seed: 0, log_every: 10,
-             ckpt_every: 1000, keep_last: 3, eval_every: 0, device: cpu, tensorboard: false}
+             ckpt_every: 1000, keep_last: 3, eval_every: 0, device: cpu, tensorboard: false,
+             mixed_precision: "no", grad_accum: 1}
     eval:   {n_test: 2000, sampler: null, steps: 500, options: {}}
 
 Built-in configs live in the package, ``src/sdelab/configs/<group>/<name>.yaml`` (installed as
@@ -214,7 +215,10 @@ class TrainConfig(_Section):
     how many steps to ``log_every`` (JSONL line), ``ckpt_every`` (checkpoint; the last step is
     always saved), ``eval_every`` (0: never) and how many checkpoints to ``keep_last``;
     ``device`` (cpu, cuda, cuda:N, mps, auto); ``tensorboard`` (needs
-    ``pip install 'sdelab[tensorboard]'``)."""
+    ``pip install 'sdelab[tensorboard]'``); ``mixed_precision`` (no, bf16, fp16: autocast of the
+    loss; fp16 needs CUDA and uses a gradient scaler); ``grad_accum`` (micro-batches per
+    optimizer step: ``batch_size`` is the global batch, split over processes, then into
+    ``grad_accum`` micro-batches, so it must be divisible by processes × grad_accum)."""
 
     steps: int = Field(10_000, ge=1)
     batch_size: int = Field(512, ge=1)
@@ -226,6 +230,8 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0)
     device: str = "cpu"
     tensorboard: bool = False
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    grad_accum: int = Field(1, ge=1)
 
     @field_validator("device")
     @classmethod
@@ -233,6 +239,26 @@ class TrainConfig(_Section):
         if not _DEVICE.match(v):
             raise ValueError(f"unknown device {v!r}: choose one of cpu, cuda, cuda:N, mps, auto")
         return v
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_precision(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as False
+        return "no" if v is False or v is None else v
+
+    @model_validator(mode="after")
+    def _batches(self) -> TrainConfig:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} is not divisible by "
+                f"train.grad_accum={self.grad_accum}: each micro-batch must be the same size"
+            )
+        if self.mixed_precision == "fp16" and self.device in ("cpu", "mps"):
+            raise ValueError(
+                f"train.mixed_precision=fp16 needs CUDA, but train.device={self.device}: "
+                "on CPU use bf16 or no"
+            )
+        return self
 
 
 class EvalConfig(_Section):

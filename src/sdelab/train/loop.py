@@ -15,10 +15,20 @@ uninterrupted one exactly (bit for bit on CPU).
 Signals: SIGTERM and SIGINT finish the current step, save a checkpoint and raise
 :class:`TrainingInterrupted`. A non-finite loss or gradient stops the run before the bad update
 with :class:`TrainingError`, keeping the last good checkpoint.
+
+Many processes (``torchrun`` / ``accelerate launch``, see :mod:`sdelab.distributed`): every
+rank draws the same global batch, times and noise from the same generators and keeps its
+slice (rows ``rank·B/N …``), split further into ``train.grad_accum`` micro-batches; gradients
+are averaged by ``DistributedDataParallel``. So N processes take the same optimizer steps as
+one (up to float rounding), every rank's generator state is the same, and a checkpoint of an
+N-process run resumes in any number of processes. EMA, logs, evaluation and checkpoints happen
+on rank 0 only; a signal seen by any rank stops all of them after the same step. With one
+process, full precision and ``grad_accum=1`` the step is exactly the single-process one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -26,7 +36,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +44,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sdelab import distributed
 from sdelab.data import Dataset, make_dataset
 from sdelab.data.toys import derive_seed
-from sdelab.losses import dsm_loss
+from sdelab.distributed import DistInfo
+from sdelab.losses import TimeSample, dsm_loss, sample_time
 from sdelab.nets.mlp import build_model
 from sdelab.parametrization import ScoreModel
 from sdelab.sde import Schedule, make_schedule
@@ -51,6 +63,7 @@ from sdelab.train.checkpoint import (
     save_checkpoint,
 )
 from sdelab.train.config import ConfigError, OptimConfig, RunConfig
+from sdelab.utils import randn_like
 
 __all__ = [
     "CKPT_DIR",
@@ -66,6 +79,7 @@ __all__ = [
     "TrainingError",
     "TrainingInterrupted",
     "build_run",
+    "check_world",
     "ema_decay_at",
     "evaluate",
     "lr_at",
@@ -90,6 +104,8 @@ RESUMABLE_KEYS = (
     "train.eval_every",
     "train.device",
     "train.tensorboard",
+    "train.mixed_precision",
+    "train.grad_accum",
     "eval",
 )
 
@@ -125,6 +141,9 @@ class Run:
     data_gen: torch.Generator  # training batches (CPU)
     loss_gen: torch.Generator  # times and noise of the loss (on device)
     step: int = 0
+    dist: DistInfo = field(default_factory=DistInfo)  # this process's rank of how many
+    ddp: torch.nn.Module | None = None  # DistributedDataParallel(model.net) with > 1 process
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
 
 
 @dataclass(frozen=True)
@@ -205,9 +224,34 @@ def _generator(seed: int, stream: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed(seed, stream))
 
 
-def build_run(config: RunConfig, run_dir: str | Path) -> Run:
-    """Dataset, schedule, model, EMA, optimizer and generators at step 0 for ``config``."""
+def check_world(config: RunConfig, info: DistInfo) -> None:
+    """The global batch must split evenly over processes and micro-batches."""
+    tc = config.train
+    parts = info.world_size * tc.grad_accum
+    if tc.batch_size % parts:
+        raise ConfigError(
+            f"train.batch_size={tc.batch_size} does not split over {info.world_size} "
+            f"process(es) x train.grad_accum={tc.grad_accum}: use a multiple of {parts}"
+        )
+
+
+def build_run(config: RunConfig, run_dir: str | Path, info: DistInfo | None = None) -> Run:
+    """Dataset, schedule, model, EMA, optimizer and generators at step 0 for ``config``.
+
+    ``info``: this process's place in a process group (:func:`sdelab.distributed.init`); with
+    more than one process the network is wrapped in ``DistributedDataParallel`` and a CUDA
+    device becomes ``cuda:LOCAL_RANK``.
+    """
+    info = info or DistInfo()
+    check_world(config, info)
     device = resolve_device(config.train.device)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    precision = config.train.mixed_precision
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            f"train.mixed_precision=fp16 needs CUDA, but the run is on {device}: use bf16 or no"
+        )
     dataset = make_run_dataset(config)
     config = resolve_config(config, dataset)
     schedule = make_schedule(config.sde.name, **config.sde.kwargs).to(device)
@@ -221,6 +265,12 @@ def build_run(config: RunConfig, run_dir: str | Path) -> Run:
     optimizer = opt_cls(
         model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
     )
+    ddp = None
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = DistributedDataParallel(model.net, device_ids=ids)
     return Run(
         config=config,
         run_dir=Path(run_dir),
@@ -232,6 +282,9 @@ def build_run(config: RunConfig, run_dir: str | Path) -> Run:
         optimizer=optimizer,
         data_gen=_generator(seed, _DATA_STREAM, torch.device("cpu")),
         loss_gen=_generator(seed, _LOSS_STREAM, device),
+        dist=info,
+        ddp=ddp,
+        scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
     )
 
 
@@ -270,28 +323,105 @@ def train_step(run: Run) -> StepStats:
     lr = lr_at(cfg.optim, run.step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    loss = dsm_loss(
-        run.model.net,
-        run.schedule,
-        x0,
-        parametrization=cfg.loss.parametrization,
-        weighting=cfg.loss.weighting,
-        time_sampling=cfg.loss.time_sampling,
-        low_discrepancy=cfg.loss.low_discrepancy,
-        generator=run.loss_gen,
-    ).loss.mean()
-    if not torch.isfinite(loss):
-        raise TrainingError(f"loss is {float(loss.detach())} at step {run.step + 1}")
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if _is_plain(run):  # one process, full precision, one micro-batch: the original step
+        loss = dsm_loss(
+            run.model.net,
+            run.schedule,
+            x0,
+            parametrization=cfg.loss.parametrization,
+            weighting=cfg.loss.weighting,
+            time_sampling=cfg.loss.time_sampling,
+            low_discrepancy=cfg.loss.low_discrepancy,
+            generator=run.loss_gen,
+        ).loss.mean()
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss is {float(loss.detach())} at step {run.step + 1}")
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+        loss = _sharded_backward(run, x0)  # the global batch mean, the same on every rank
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss is {float(loss)} at step {run.step + 1}")
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
-    if not torch.isfinite(grad_norm):
-        raise TrainingError(f"gradient norm is {float(grad_norm)} at step {run.step + 1}")
-    run.optimizer.step()
+    if run.scaler is not None:  # fp16: an overflowing step is skipped and the scale lowered
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        if not torch.isfinite(grad_norm):
+            raise TrainingError(f"gradient norm is {float(grad_norm)} at step {run.step + 1}")
+        run.optimizer.step()
     run.step += 1
-    update_ema(run.ema, run.model, ema_decay_at(cfg.train.ema_decay, run.step))
+    if run.dist.is_main:  # the other ranks never read their EMA
+        update_ema(run.ema, run.model, ema_decay_at(cfg.train.ema_decay, run.step))
     return StepStats(loss=float(loss.detach()), grad_norm=float(grad_norm), lr=lr)
+
+
+def _is_plain(run: Run) -> bool:
+    tc = run.config.train
+    return not run.dist.enabled and tc.grad_accum == 1 and tc.mixed_precision == "no"
+
+
+def _autocast(run: Run):
+    precision = run.config.train.mixed_precision
+    if precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=run.device.type, dtype=dtype)
+
+
+def _sharded_backward(run: Run, x0: Tensor) -> Tensor:
+    """Backward of this rank's share of the global batch ``x0`` ``(B, ...)``, in
+    ``grad_accum`` micro-batches; returns the global mean loss (all-reduced).
+
+    Times and noise are drawn for the whole global batch, in the order :func:`dsm_loss` draws
+    them, so the rows of rank r are those a single process gives the same examples.
+    """
+    cfg, info = run.config, run.dist
+    b, k = x0.shape[0], cfg.train.grad_accum
+    time = sample_time(
+        run.schedule,
+        b,
+        method=cfg.loss.time_sampling,
+        low_discrepancy=cfg.loss.low_discrepancy,
+        generator=run.loss_gen,
+        device=x0.device,
+        dtype=x0.dtype,
+    )
+    noise = randn_like(x0, run.loss_gen)
+    per_rank = b // info.world_size
+    micro = per_rank // k
+    net = run.ddp if run.ddp is not None else run.model.net
+    total = torch.zeros((), device=x0.device)
+    for j in range(k):
+        lo = info.rank * per_rank + j * micro
+        rows = slice(lo, lo + micro)
+        # gradients are all-reduced once, in the last micro-batch's backward
+        sync = run.ddp.no_sync() if run.ddp is not None and j < k - 1 else contextlib.nullcontext()
+        with sync:
+            with _autocast(run):
+                loss = dsm_loss(
+                    net,
+                    run.schedule,
+                    x0[rows],
+                    parametrization=cfg.loss.parametrization,
+                    weighting=cfg.loss.weighting,
+                    time=TimeSample(time.t[rows], time.weight[rows]),
+                    noise=noise[rows],
+                ).loss.float()  # (micro,)
+            shard_mean = loss.sum() / per_rank  # DDP averages these over ranks: the global mean
+            if run.scaler is not None:
+                shard_mean = run.scaler.scale(shard_mean)
+            shard_mean.backward()
+        total += loss.detach().sum()
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(total)
+    return total / b
 
 
 # ---- evaluation, logging ---------------------------------------------------------------------
@@ -321,12 +451,15 @@ class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl`` / ``eval.jsonl`` (flushed each
     line) and mirrors scalars to TensorBoard when asked."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = False, enabled: bool = True) -> None:
         self.run_dir = run_dir
+        self.enabled = enabled  # False on ranks other than 0: writes nothing
         self._files: dict[str, Any] = {}
-        self._tb = _summary_writer(run_dir / "tensorboard") if tensorboard else None
+        self._tb = _summary_writer(run_dir / "tensorboard") if tensorboard and enabled else None
 
     def write(self, name: str, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         if name not in self._files:
             self._files[name] = open(self.run_dir / name, "a", encoding="utf-8")
         f = self._files[name]
@@ -506,26 +639,31 @@ def train(
         TrainingInterrupted: SIGTERM/SIGINT, after saving a checkpoint.
     """
     run_dir = Path(run_dir)
+    info = distributed.init(resolve_device(config.train.device))
     _check_run_dir(run_dir, resume)
+    distributed.barrier(info)  # every rank has checked the folder before rank 0 writes to it
     if config.train.tensorboard:
         _require_tensorboard()  # fail before any work
     config = resolve_config(config)
+    check_world(config, info)
     run_dir.mkdir(parents=True, exist_ok=True)
     has_ckpt = resume and bool(list_checkpoints(run_dir))
     if has_ckpt:
         config = _merge_for_resume(load_checkpoint(run_dir).config, config, run_dir)
-    run = build_run(config, run_dir)
+    run = build_run(config, run_dir, info)
     if has_ckpt:
         restore(run)
-    _write_config(run_dir, run.config)
-    for name in (METRICS_FILE, EVAL_FILE):
-        _truncate_jsonl(run_dir / name, run.step)
-    log = MetricsLog(run_dir, run.config.train.tensorboard)
+    if info.is_main:
+        _write_config(run_dir, run.config)
+        for name in (METRICS_FILE, EVAL_FILE):
+            _truncate_jsonl(run_dir / name, run.step)
+    log = MetricsLog(run_dir, run.config.train.tensorboard, enabled=info.is_main)
     try:
         last_loss, ckpt = _loop(run, log, eval_hook)
     finally:
         log.close()
-    _plot(run_dir)
+    if info.is_main:
+        _plot(run_dir)
     return TrainResult(run_dir=run_dir, step=run.step, last_loss=last_loss, checkpoint=ckpt)
 
 
@@ -536,7 +674,14 @@ def _loop(
     ckpts = list_checkpoints(run.run_dir)
     ckpt: Path | None = ckpts[-1][1] if ckpts else None
     stats: StepStats | None = None
-    bar = tqdm(total=tc.steps, initial=run.step, disable=None, dynamic_ncols=True, unit="step")
+    info = run.dist
+    bar = tqdm(
+        total=tc.steps,
+        initial=run.step,
+        disable=None if info.is_main else True,
+        dynamic_ncols=True,
+        unit="step",
+    )
     t_last, step_last = time.perf_counter(), run.step
     with _StopOnSignal() as stop, bar:
         while run.step < tc.steps:
@@ -556,14 +701,24 @@ def _loop(
                 t_last, step_last = now, run.step
                 log.write(METRICS_FILE, {"step": run.step, **vars(stats), "steps_per_s": rate})
                 bar.set_postfix(loss=f"{stats.loss:.4g}", refresh=False)
-            if eval_hook is not None and tc.eval_every and (run.step % tc.eval_every == 0 or last):
+            due = tc.eval_every and (run.step % tc.eval_every == 0 or last)
+            if eval_hook is not None and due and info.is_main:
                 log.write(EVAL_FILE, {"step": run.step, **evaluate(run, eval_hook)})
-            stopping = stop.signum is not None and not last
+            # every rank stops after the same step, whichever rank saw the signal
+            signalled = distributed.any_rank(stop.signum is not None, info)
+            stopping = signalled and not last
             if run.step % tc.ckpt_every == 0 or last or stopping:
-                ckpt = save(run, {"loss": stats.loss})
+                ckpt = _save_main(run, {"loss": stats.loss})
             if stopping:
-                raise TrainingInterrupted(stop.signum, run.step, ckpt)
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, run.step, ckpt)
     return (stats.loss if stats else None), ckpt
+
+
+def _save_main(run: Run, metrics: Mapping[str, float]) -> Path:
+    """Rank 0 saves; the others wait for it (a rank exiting early must not cut the save)."""
+    path = save(run, metrics) if run.dist.is_main else None
+    distributed.barrier(run.dist)
+    return path or run.run_dir / CKPT_DIR / f"step_{run.step:08d}.json"
 
 
 def _plot(run_dir: Path) -> None:
