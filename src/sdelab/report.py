@@ -20,7 +20,14 @@ from sdelab.samplers import SampleResult, sample
 from sdelab.train.checkpoint import load_run
 from sdelab.train.loop import make_run_dataset
 
-__all__ = ["LikelihoodRow", "likelihood_table", "plot_run", "run_likelihood", "sample_run"]
+__all__ = [
+    "LikelihoodRow",
+    "image_levels",
+    "likelihood_table",
+    "plot_run",
+    "run_likelihood",
+    "sample_run",
+]
 
 #: Likelihood estimators by CLI name.
 METHODS = ("ode", "elbo", "scoreflow")
@@ -41,11 +48,12 @@ def sample_run(
     if n < 1:
         raise ValueError(f"--n must be a positive number of samples, got {n}")
     config, model, schedule = load_run(run_dir, which)
+    shape = config.model.image_shape or [config.model.dim]  # U-Net runs sample (n, C, H, W)
     with torch.no_grad():
         return sample(
             model,
             schedule,
-            (n, config.model.dim),
+            (n, *shape),
             sampler=sampler,
             steps=steps,
             generator=seed,
@@ -73,11 +81,18 @@ def run_likelihood(
     ``method="ode"``: exact log-likelihood through the probability-flow ODE, with the exact
     trace or ``probes`` Hutchinson probes. ``"elbo"``: sdeflow-light's bound. ``"scoreflow"``:
     the likelihood-weighted DSM bound. Uses the first ``n`` points of the run's fixed test set.
+    For image runs the test set is integer levels, uniformly dequantized by
+    :func:`evaluate_likelihood` (``levels``, ``scale``, ``shift`` from the dataset), so bits/dim
+    is a bound on the discrete data's −log₂ P(k) per dimension.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     config, model, schedule = load_run(run_dir, which)
-    data = make_run_dataset(config).test_set(n)
+    dataset = make_run_dataset(config)
+    data = dataset.test_set(n)
+    # Image data: the test set is integer levels; evaluate_likelihood dequantizes them
+    # uniformly, maps y = scale·(k + u)/L + shift and accounts for both in bits/dim.
+    discrete = image_levels(dataset)
     kwargs: dict[str, Any] = {}
     if method == "ode":
         kwargs = dict(rtol=rtol, atol=atol)
@@ -93,8 +108,22 @@ def run_likelihood(
             estimator=method,
             generator=torch.Generator().manual_seed(seed),
             progress=progress,
+            **discrete,
             **kwargs,
         )
+
+
+def image_levels(dataset: Any) -> dict[str, Any]:
+    """``levels``/``scale``/``shift``/``dequantization`` for :func:`evaluate_likelihood` when
+    ``dataset`` serves integer levels (image data), else ``{}``."""
+    if getattr(dataset, "num_levels", None) is None:
+        return {}
+    return dict(
+        levels=dataset.num_levels,
+        scale=dataset.scale,
+        shift=dataset.shift,
+        dequantization="uniform",
+    )
 
 
 @dataclass(frozen=True)
