@@ -228,3 +228,14 @@ def test_sample_writes_grid(digits_run, tmp_path, capsys):
     img = Image.open(out)
     assert img.size == (3 * 9 + 1, 3 * 9 + 1) and img.mode == "L"
     assert main([*args, "--out", str(out)]) == 2  # refuses to overwrite
+
+
+def test_eval_hook_on_images(tmp_path):
+    from sdelab.train.hooks import likelihood_hook
+    from sdelab.train.loop import train
+
+    over = [*TINY, "train.steps=4", "train.eval_every=4", "eval.n_test=4"]
+    over += ["eval.options.rtol=1e-3", "eval.options.atol=1e-3"]
+    train(load_config("images/digits", over), tmp_path / "run", eval_hook=likelihood_hook)
+    rec = json.loads((tmp_path / "run" / "eval.jsonl").read_text().splitlines()[-1])
+    assert rec["step"] == 4 and 0 < rec["test_bpd_ode"] < 20 and 0 < rec["test_bpd_elbo"] < 20
