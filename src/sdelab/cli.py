@@ -85,6 +85,11 @@ def _sample(args: argparse.Namespace) -> int:
         )
     if not info.is_main:
         return 0
+    config, _, _ = load_run(args.run)
+    dataset = make_run_dataset(config)
+    if getattr(dataset, "image_shape", None) is not None:  # image run: .npy + PNG grid
+        print(_save_image_samples(res, dataset, out, args))
+        return 0
     save_samples(res.samples, out)
     msg = f"{args.n} samples ({args.sampler}, NFE {res.nfe}) -> {out}"
     if res.samples.shape[1] == 2:
@@ -99,6 +104,24 @@ def _sample(args: argparse.Namespace) -> int:
         msg += f", plot {png}"
     print(msg)
     return 0
+
+
+def _save_image_samples(res, dataset, out: Path, args: argparse.Namespace) -> str:
+    """Image runs: model-space samples (N, C, H, W) to ``out.npy`` and their pixel levels
+    (``model_to_levels``) as a PNG grid to ``out.png``, whichever of the two ``--out`` names."""
+    from sdelab.data.image_data import save_level_grid
+    from sdelab.data.images import model_to_levels
+    from sdelab.report import save_samples
+
+    npy, png = out.with_suffix(".npy"), out.with_suffix(".png")
+    for path in (npy, png):
+        if path.exists():
+            raise CLIError(f"{path} exists: choose another --out or delete it first")
+    samples = res.samples.reshape(len(res.samples), *dataset.image_shape)
+    save_samples(samples, npy)
+    levels = model_to_levels(samples, dataset.num_levels, data_range=dataset.data_range)
+    save_level_grid(levels, dataset.num_levels, png)
+    return f"{args.n} samples ({args.sampler}, NFE {res.nfe}) -> {npy}, grid {png}"
 
 
 def _conditional_run(args: argparse.Namespace, colorize: bool) -> int:
@@ -234,8 +257,16 @@ def _add_conditional_parser(sub, name: str, func, epilog: str, image_only: bool)
 def _likelihood(args: argparse.Namespace) -> int:
     """Test-set negative log-likelihood of a trained run (nats and bits/dim, mean ± SE)."""
     from sdelab.report import run_likelihood, write_json
+    from sdelab.train.checkpoint import load_checkpoint
 
     info = _join_launched_group()
+    if args.probes is not None and args.probes < 1:
+        raise CLIError(f"--probes must be a positive number of probes, got {args.probes}")
+    if args.probes is None and not args.exact_trace:  # images: Hutchinson (1 probe) by default
+        from sdelab.data.image_data import IMAGE_DATA_NAMES
+
+        if load_checkpoint(args.run).config.data.name in IMAGE_DATA_NAMES:
+            args.probes = 1
     res = run_likelihood(
         args.run,
         method=args.method,
@@ -298,6 +329,11 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise CLIError("--out DIR is required: the run folder to write")
+    from sdelab.train.loop import make_run_dataset
+
+    load = getattr(make_run_dataset(config), "load", None)
+    if load is not None:  # image data are read lazily: missing files fail here, not mid-run
+        load()
     try:
         from sdelab.train.hooks import likelihood_hook
 
@@ -380,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=_sample.__doc__,
         epilog="examples:\n  sdelab sample runs/checker --sampler ode --n 5000 --out s.npy\n"
         "  sdelab sample runs/checker --sampler pc --option predictor=reverse_diffusion "
-        "--option snr=0.16 --n 2000 --out pc.npy",
+        "--option snr=0.16 --n 2000 --out pc.npy\n"
+        "  sdelab sample runs/digits --sampler ode --n 64 --out grid.png   # + grid.npy",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run", metavar="RUN", help="run folder written by sdelab train")
@@ -421,7 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance", type=float, default=1.0, help="classifier guidance scale (default 1)"
     )
     p.add_argument("--classifier", metavar="DIR", help="folder from sdelab train-classifier")
-    p.add_argument("--out", required=True, metavar="FILE", help="output .npy or .csv")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="output .npy or .csv; image runs write FILE.npy and a PNG grid FILE.png",
+    )
     p.set_defaults(func=_sample)
 
     p = sub.add_parser(
@@ -430,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=_likelihood.__doc__,
         epilog="examples:\n  sdelab likelihood runs/checker --method ode\n"
         "  sdelab likelihood runs/checker --method ode --probes 4\n"
-        "  sdelab likelihood runs/checker --method elbo --n 5000",
+        "  sdelab likelihood runs/checker --method elbo --n 5000\n"
+        "  sdelab likelihood runs/digits --probes 4   # images: uniform dequantization, bits/dim",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run", metavar="RUN", help="run folder written by sdelab train")
@@ -444,13 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument(
         "--exact-trace",
         action="store_true",
-        help="exact divergence (default; D backward passes per step)",
+        help="exact divergence (default for vector runs; D backward passes per step)",
     )
     trace.add_argument(
         "--probes",
         type=int,
         metavar="K",
-        help="Hutchinson divergence with K Rademacher probes instead",
+        help="Hutchinson divergence with K Rademacher probes instead (default for image runs, "
+        "K = 1)",
     )
     p.add_argument(
         "--n",

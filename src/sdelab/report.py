@@ -34,6 +34,7 @@ from sdelab.train.loop import make_run_dataset
 __all__ = [
     "LikelihoodRow",
     "evaluate_sharded",
+    "image_levels",
     "likelihood_table",
     "plot_run",
     "run_likelihood",
@@ -90,6 +91,7 @@ def sample_run(
         raise ValueError("return_trajectory needs one chunk (batch_size >= n) and one process")
     device = _eval_device(info)
     config, model, schedule = load_run(run_dir, which, device=device)
+    shape = config.model.image_shape or [config.model.dim]  # U-Net runs sample (n, C, H, W)
     local = []
     with torch.no_grad():
         for i in distributed.shard(n_chunks, info):
@@ -97,7 +99,7 @@ def sample_run(
             res = sample(
                 model,
                 schedule,
-                (b, config.model.dim),
+                (b, *shape),
                 sampler=sampler,
                 steps=steps,
                 generator=_chunk_generator(seed, _SAMPLE_STREAM, i, device),
@@ -137,6 +139,10 @@ def run_likelihood(
     solved by process i mod N alone; the per-example results are gathered in order at the end,
     so they equal the single-process ones for the same ``batch_size`` and ``seed``. Use at
     least as many batches as processes to keep every process busy.
+
+    For image runs the test set is integer levels, uniformly dequantized by
+    :func:`evaluate_likelihood` (``levels``, ``scale``, ``shift`` from the dataset), so bits/dim
+    is a bound on the discrete data's −log₂ P(k) per dimension.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -145,7 +151,11 @@ def run_likelihood(
     info = distributed.get_info()
     device = _eval_device(info)
     config, model, schedule = load_run(run_dir, which, device=device)
-    data = make_run_dataset(config).test_set(n)
+    dataset = make_run_dataset(config)
+    data = dataset.test_set(n)
+    # Image data: the test set is integer levels; evaluate_likelihood dequantizes them
+    # uniformly, maps y = scale·(k + u)/L + shift and accounts for both in bits/dim.
+    discrete = image_levels(dataset)
     kwargs: dict[str, Any] = {}
     if method == "ode":
         kwargs = dict(rtol=rtol, atol=atol)
@@ -162,6 +172,7 @@ def run_likelihood(
         seed=seed,
         device=device,
         progress=progress,
+        **discrete,
         **kwargs,
     )
 
@@ -178,7 +189,8 @@ def evaluate_sharded(
     progress: bool = False,
     **kwargs,
 ) -> EvaluationResult:
-    """:func:`~sdelab.likelihood.evaluate_likelihood` of continuous ``data`` ``(N, ...)``
+    """:func:`~sdelab.likelihood.evaluate_likelihood` of ``data`` ``(N, ...)`` (integer levels with
+    ``levels``/``scale``/``shift`` in ``kwargs``)
     split over the launched processes (one process: all of it, in order).
 
     Batch i (rows ``i·batch_size …``) is evaluated by process i mod N alone with a generator
@@ -231,6 +243,19 @@ def _concat(parts: list[EvaluationResult], dim: int) -> EvaluationResult:
         estimator=parts[0].estimator,
         dequantization=parts[0].dequantization,
         nfe=sum(p.nfe for p in parts),
+    )
+
+
+def image_levels(dataset: Any) -> dict[str, Any]:
+    """``levels``/``scale``/``shift``/``dequantization`` for :func:`evaluate_likelihood` when
+    ``dataset`` serves integer levels (image data), else ``{}``."""
+    if getattr(dataset, "num_levels", None) is None:
+        return {}
+    return dict(
+        levels=dataset.num_levels,
+        scale=dataset.scale,
+        shift=dataset.shift,
+        dequantization="uniform",
     )
 
 

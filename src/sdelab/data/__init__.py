@@ -1,4 +1,5 @@
-"""Datasets: 2-D toys, the Gaussian oracle, N×D arrays (images live in :mod:`sdelab.data.images`).
+"""Datasets: 2-D toys, the Gaussian oracle, N×D arrays and images (loaders in
+:mod:`sdelab.data.images`, the training adapter :class:`~sdelab.data.image_data.ImageData`).
 
 A dataset has ``name``, ``dim``, ``sample(n, generator) -> (n, D)`` (fresh training points),
 ``test_set(n) -> (n, D)`` (fixed for its seed) and ``entropy() -> float | None`` (nats).
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from sdelab.data.arrays import ArrayDataset, load_array
+from sdelab.data.image_data import IMAGE_DATA_NAMES, ImageData
 from sdelab.data.toys import (
     TOYS,
     OracleDataset,
@@ -31,6 +33,7 @@ __all__ = [
     "TOYS",
     "ArrayDataset",
     "Dataset",
+    "ImageData",
     "OracleDataset",
     "ToyDataset",
     "load_array",
@@ -55,11 +58,14 @@ class Dataset(Protocol):
 
 
 #: Datasets by name: ``factory(seed=0, **options) -> Dataset``. The eight toys take no options;
-#: ``oracle`` takes ``mean``, ``cov``; ``array`` takes ``path`` and ``test_fraction``.
+#: ``oracle`` takes ``mean``, ``cov``; ``array`` takes ``path`` and ``test_fraction``; the image
+#: datasets (digits, fashion_mnist, mnist, cifar10, folder) take ``root``, ``size``,
+#: ``channels``, ``data_range``, ``hflip``, ``test_split`` (:class:`ImageData`).
 DATASETS: dict[str, Callable[..., Dataset]] = {
     **{name: partial(ToyDataset, name) for name in TOYS},
     "oracle": OracleDataset,
     "array": ArrayDataset,
+    **{name: partial(ImageData, name) for name in IMAGE_DATA_NAMES},
 }
 
 

@@ -10,6 +10,9 @@ choices. ``sdelab train --dry-run`` prints the resolved config.
     sde:    {name: vp, kwargs: {}}                               # make_schedule(name, **kwargs)
     model:  {arch: mlp, width: 128, depth: 3, embedding: sinusoidal, embedding_dim: 64,
              embedding_scale: null, dim: null}                   # dim: filled from the data
+            # arch: unet adds base_channels: 32, channel_mults: [1, 2, 2], num_res_blocks: 1,
+            # attn_resolutions: [], mid_attention: true, attn_heads: 1, dropout: 0.0,
+            # fourier_features: [], num_groups: 8, image_shape: null (filled from the data)
     loss:   {parametrization: eps, weighting: score-matching, time_sampling: uniform,
              low_discrepancy: false}
     optim:  {name: adam, lr: 0.001, betas: [0.9, 0.999], eps: 1.0e-08, weight_decay: 0.0,
@@ -131,18 +134,40 @@ class SDEConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The network: ``arch`` (mlp); ``width`` and ``depth`` (hidden layers); ``embedding`` of
-    time (sinusoidal, fourier) with ``embedding_dim`` and ``embedding_scale`` (null: the
-    embedding's default); ``dim``: data dimension, null = taken from the dataset (every saved
-    config has it filled in)."""
+    """The network: ``arch`` (mlp, unet); ``width`` and ``depth`` (MLP hidden layers);
+    ``embedding`` of time (sinusoidal, fourier) with ``embedding_dim`` (MLP only; the U-Net
+    embeds into ``base_channels``) and ``embedding_scale`` (null: the embedding's default);
+    ``dim``: data dimension, null = taken from the dataset (every saved config has it filled
+    in). U-Net only (``sdelab.nets.unet.UNet``): ``base_channels``, ``channel_mults``,
+    ``num_res_blocks``, ``attn_resolutions`` (feature-map sizes with self-attention),
+    ``mid_attention``, ``attn_heads``, ``dropout``, ``fourier_features`` (VDM input-feature
+    exponents), ``num_groups``, and ``image_shape`` [C, H, W] (null = from the image data;
+    filled in when the config is loaded, so a checkpoint rebuilds the U-Net alone)."""
 
-    arch: Literal["mlp"] = "mlp"
+    arch: Literal["mlp", "unet"] = "mlp"
     width: int = Field(128, ge=1)
     depth: int = Field(3, ge=1)
     embedding: str = "sinusoidal"
     embedding_dim: int = Field(64, ge=2, multiple_of=2)
     embedding_scale: float | None = Field(None, gt=0)
     dim: int | None = Field(None, ge=1)
+    base_channels: int = Field(32, ge=1)
+    channel_mults: list[int] = Field(default_factory=lambda: [1, 2, 2], min_length=1)
+    num_res_blocks: int = Field(1, ge=1)
+    attn_resolutions: list[int] = Field(default_factory=list)
+    mid_attention: bool = True
+    attn_heads: int = Field(1, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    fourier_features: list[int] = Field(default_factory=list)
+    num_groups: int = Field(8, ge=1)
+    image_shape: list[int] | None = Field(None, min_length=3, max_length=3)
+
+    @field_validator("channel_mults", "image_shape")
+    @classmethod
+    def _positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(m < 1 for m in v):
+            raise ValueError(f"must be positive integers, got {v}")
+        return v
 
     @field_validator("embedding")
     @classmethod
@@ -282,6 +307,37 @@ class RunConfig(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _unet_on_images(self) -> RunConfig:
+        """``model.arch: unet`` needs image data; fill and check ``model.image_shape`` and
+        build the U-Net on the meta device so bad sizes/levels fail here, in one line."""
+        if self.model.arch != "unet":
+            return self
+        from sdelab.data.image_data import IMAGE_DATA_NAMES, image_shape_for
+
+        if self.data.name not in IMAGE_DATA_NAMES:
+            raise ValueError(
+                f"model.arch=unet needs image data: data.name is {self.data.name!r}, choose "
+                f"one of {', '.join(IMAGE_DATA_NAMES)} (or model.arch=mlp)"
+            )
+        shape = image_shape_for(self.data.name, self.data.options)
+        given = self.model.image_shape
+        if given is not None and shape is not None and list(shape) != list(given):
+            raise ValueError(
+                f"model.image_shape={list(given)} but the data are {list(shape)} (C, H, W): "
+                "remove model.image_shape"
+            )
+        if given is None and shape is None:
+            raise ValueError(
+                "model.arch=unet on a folder needs data.options.size (or model.image_shape)"
+            )
+        if given is None:
+            self.model.image_shape = list(shape)
+        from sdelab.nets.unet import build_unet
+
+        build_unet(self.model, device="meta")  # raises ValueError naming the bad option
+        return self
 
     # ---- (de)serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -17,11 +17,14 @@ def likelihood_hook(ctx: EvalContext) -> Mapping[str, float]:
 
     Uses the first ``eval.options.n_eval`` (default 1000) held-out points. The ODE uses the
     exact trace for D ≤ 16 and Hutchinson (one Rademacher probe) above; tolerances
-    ``eval.options.rtol`` / ``atol`` (default 1e-4). Returns nats per example (means).
+    ``eval.options.rtol`` / ``atol`` (default 1e-4). Returns nats per example (means); for
+    image data (integer test levels) bits/dim with uniform dequantization instead.
     """
     opts = ctx.config.eval.options
     x = ctx.test_data[: int(opts.get("n_eval", 1000))]
     tol = float(opts.get("rtol", 1e-4)), float(opts.get("atol", 1e-4))
+    if not x.is_floating_point():  # image data: integer levels, bits/dim (uniform deq.)
+        return _image_hook(ctx, x, tol)
     divergence = "exact" if x[0].numel() <= 16 else "hutchinson"
     ode = log_likelihood(
         ctx.model,
@@ -39,3 +42,26 @@ def likelihood_hook(ctx: EvalContext) -> Mapping[str, float]:
             "test_elbo_nll": float(bound.nll_bound.mean()),
             "ode_nfe": float(ode.nfe),
         }
+
+
+def _image_hook(ctx: EvalContext, k: torch.Tensor, tol: tuple[float, float]) -> dict[str, float]:
+    """Test bits/dim of integer levels: ODE (one Hutchinson probe) and the ELBO, uniformly
+    dequantized with the dataset's levels and map to model space."""
+    from sdelab.likelihood import evaluate_likelihood
+    from sdelab.report import image_levels
+    from sdelab.train.loop import make_run_dataset
+
+    deq = image_levels(make_run_dataset(ctx.config))
+    common = dict(generator=ctx.generator, progress=False, **deq)
+    ode = evaluate_likelihood(
+        ctx.model,
+        ctx.schedule,
+        [k],
+        estimator="ode",
+        divergence="hutchinson",
+        rtol=tol[0],
+        atol=tol[1],
+        **common,
+    )
+    bound = evaluate_likelihood(ctx.model, ctx.schedule, [k], estimator="elbo", **common)
+    return {"test_bpd_ode": ode.bpd_mean, "test_bpd_elbo": bound.bpd_mean, "ode_nfe": ode.nfe}

@@ -1,0 +1,249 @@
+r"""Image datasets for the training loop: the :class:`~sdelab.data.Dataset` protocol over
+:mod:`sdelab.data.images`.
+
+:class:`ImageData` is what ``data: {name: digits | fashion_mnist | mnist | cifar10 | folder}``
+builds. It keeps the integer levels k ∈ {0, …, L−1} and hands out
+
+- ``sample(n, generator)``: a training minibatch drawn uniformly with replacement, optionally
+  flipped left–right, **uniformly dequantized** and mapped to model space,
+
+      x = (k + u) / L,  u ~ U[0, 1)^D,        y = a·x + b,   (a, b) = DATA_RANGES[data_range]
+
+  as a float tensor ``(n, C, H, W)``;
+- ``test_set(n)``: the first ``n`` test images as **integer levels** ``(n, C, H, W)``
+  (``int64``), not model-space values. The likelihood code does the dequantization and the
+  accounting: ``evaluate_likelihood(model, schedule, batches, levels=data.num_levels,
+  scale=data.scale, shift=data.shift)`` draws u, maps to y and reports
+
+      bpd = (E_u[−log p_y(y)] − D log a + D log L) / (D log 2)
+
+  (DESIGN.md, "Bits per dimension"), so every bpd says which dequantization it used and the
+  map to model space is written in one place.
+
+The files are read lazily (on the first ``sample``/``test_set``/``labels``) and cached per
+process, so building the dataset to resolve a config (``--dry-run``) needs no data files: the
+image shape of ``digits``/``mnist``/``fashion_mnist``/``cifar10`` is known in advance
+(:func:`image_shape_for`). :meth:`ImageData.load` reads (and checks) the training files now.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sdelab.data.images import DATA_RANGES, IMAGE_DATASETS, ImageDataset, load_digits
+
+__all__ = [
+    "IMAGE_DATA_NAMES",
+    "NATIVE_SHAPES",
+    "ImageData",
+    "image_shape_for",
+    "save_level_grid",
+]
+
+#: Native (C, H, W) and number of levels of the built-in image datasets (``folder``: unknown).
+NATIVE_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "digits": ((1, 8, 8), 17),
+    "mnist": ((1, 28, 28), 256),
+    "fashion_mnist": ((1, 28, 28), 256),
+    "cifar10": ((3, 32, 32), 256),
+}
+#: Dataset names (keys of ``sdelab.data.DATASETS``) served by :class:`ImageData`.
+IMAGE_DATA_NAMES: tuple[str, ...] = ("digits", "fashion_mnist", "mnist", "cifar10", "folder")
+_LOADER = {"fashion_mnist": "fashion-mnist"}
+_SPLITS = ("train", "test")
+
+
+def image_shape_for(name: str, options: dict | None = None) -> tuple[int, int, int] | None:
+    """(C, H, W) of image dataset ``name`` with ``options`` (size, channels), without I/O.
+
+    ``None`` for a ``folder`` without ``size`` (its images decide). Raises ``ValueError`` for
+    a name that is not an image dataset.
+    """
+    options = options or {}
+    size, channels = options.get("size"), options.get("channels")
+    if name == "folder":
+        c = 3 if channels is None else int(channels)
+        return None if size is None else (c, int(size), int(size))
+    if name not in NATIVE_SHAPES:
+        raise ValueError(
+            f"{name!r} is not an image dataset: choose one of {', '.join(IMAGE_DATA_NAMES)}"
+        )
+    (c, h, w), _ = NATIVE_SHAPES[name]
+    if channels is not None:
+        c = int(channels)
+    if size is not None:
+        h = w = int(size)
+    return (c, h, w)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(
+    name: str, root: str | None, split: str, size: int | None, channels: int | None
+) -> ImageDataset:
+    if name == "mnist" and root is None:
+        raise FileNotFoundError(
+            "mnist: no data.options.root given; expected train-images-idx3-ubyte, "
+            "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
+            "(each optionally .gz) in it (sdelab downloads nothing)"
+        )
+    if name == "digits":  # a fixed split (seed 0) so test bits/dim compare across run seeds
+        return load_digits(root, split, size=size, channels=channels, seed=0)
+    return IMAGE_DATASETS[_LOADER.get(name, name)](root, split, size=size, channels=channels)
+
+
+class ImageData:
+    """An image dataset as the training loop sees it (see the module docstring).
+
+    Args:
+        name: ``digits``, ``fashion_mnist``, ``mnist``, ``cifar10`` or ``folder``.
+        seed: the run seed (unused: minibatches come from the loop's generator; the digits
+            split is fixed).
+        root: folder with the files (``digits`` needs none; ``fashion_mnist`` defaults to
+            Debian's ``/usr/share/datasets/fashion-mnist``).
+        size: resize the shorter side and centre-crop to ``size × size`` (``None``: native).
+        channels: 1 or 3 (``None``: native; RGB for folders).
+        data_range: ``"[-1,1]"`` (a = 2, b = −1) or ``"[0,1]"`` (a = 1, b = 0).
+        hflip: flip training images left–right with probability ½ (volume-preserving).
+        test_split: ``"test"`` (default) or ``"train"``: the split ``test_set`` reads.
+
+    Attributes:
+        dim: D = C·H·W. image_shape: (C, H, W). num_levels: L. scale, shift: a and b.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        seed: int = 0,
+        *,
+        root: str | None = None,
+        size: int | None = None,
+        channels: int | None = None,
+        data_range: str = "[-1,1]",
+        hflip: bool = False,
+        test_split: str = "test",
+    ) -> None:
+        if name not in IMAGE_DATA_NAMES:
+            raise ValueError(
+                f"unknown image dataset {name!r}: choose one of {', '.join(IMAGE_DATA_NAMES)}"
+            )
+        if data_range not in DATA_RANGES:
+            raise ValueError(
+                f"unknown data_range {data_range!r}: choose one of {', '.join(DATA_RANGES)}"
+            )
+        if test_split not in _SPLITS:
+            raise ValueError(f"unknown test_split {test_split!r}: choose one of train, test")
+        if size is not None and int(size) < 1:
+            raise ValueError(f"size must be a positive number of pixels, got {size}")
+        if channels is not None and channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.name = name
+        self.seed = seed
+        self.root = None if root is None else str(Path(root).expanduser())
+        self.size = None if size is None else int(size)
+        self.channels = channels
+        self.data_range = data_range
+        self.hflip = bool(hflip)
+        self.test_split = test_split
+        self.scale, self.shift = DATA_RANGES[data_range]
+        shape = image_shape_for(name, {"size": size, "channels": channels})
+        if shape is None:  # a folder without size: its images decide
+            shape = self.load().image_shape
+        self.image_shape: tuple[int, int, int] = tuple(shape)  # type: ignore[assignment]
+        self.num_levels = NATIVE_SHAPES[name][1] if name in NATIVE_SHAPES else 256
+        self.dim = math.prod(self.image_shape)
+
+    # ---- data ---------------------------------------------------------------------------------
+    def _split(self, split: str) -> ImageDataset:
+        data = _load(self.name, self.root, split, self.size, self.channels)
+        if hasattr(self, "image_shape") and data.image_shape != self.image_shape:
+            raise ValueError(
+                f"{self.name}/{split}: images are {data.image_shape}, expected {self.image_shape}"
+            )
+        return data
+
+    def load(self, split: str = "train") -> ImageDataset:
+        """Read ``split`` now (cached); raises ``FileNotFoundError`` naming missing files."""
+        return self._split(split)
+
+    @property
+    def labels(self) -> Tensor | None:
+        """Training labels ``(N,)`` (``int64``), or ``None``."""
+        return self._split("train").labels
+
+    @property
+    def test_labels(self) -> Tensor | None:
+        """Labels of :meth:`test_set`'s images, in order, or ``None``."""
+        return self._split(self.test_split).labels
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        return self._split("train").classes
+
+    def to_model(self, levels: Tensor, u: Tensor | float = 0.5) -> Tensor:
+        """y = a·(k + u)/L + b (``u = ½``: bin centres)."""
+        x = (levels.to(torch.get_default_dtype()) + u) / self.num_levels
+        return self.scale * x + self.shift
+
+    def to_levels(self, y: Tensor) -> Tensor:
+        """Model space back to levels k = ⌊L·(y − b)/a⌋, clamped to 0…L−1 (``int64``)."""
+        x = (y - self.shift) / self.scale
+        return torch.floor(x * self.num_levels).clamp(0, self.num_levels - 1).to(torch.int64)
+
+    def sample_levels(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` training images as levels, drawn with replacement (and flipped if ``hflip``)."""
+        levels = self._split("train").levels
+        idx = torch.randint(len(levels), (n,), generator=generator)
+        k = levels[idx].to(torch.int64)
+        if self.hflip:
+            flip = torch.rand(n, generator=generator) < 0.5
+            k = torch.where(flip[:, None, None, None], k.flip(-1), k)
+        return k
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """A training minibatch in model space, uniformly dequantized: ``(n, C, H, W)``."""
+        k = self.sample_levels(n, generator)
+        u = torch.rand(k.shape, generator=generator, dtype=torch.get_default_dtype())
+        return self.to_model(k, u)
+
+    def test_set(self, n: int) -> Tensor:
+        """The first ``n`` images of the test split as integer levels ``(n, C, H, W)``
+        (``int64``); pass ``levels=num_levels, scale=scale, shift=shift`` to
+        :func:`~sdelab.likelihood.evaluate_likelihood`."""
+        return self._split(self.test_split).levels[:n].to(torch.int64)
+
+    def entropy(self) -> float | None:
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageData({self.name!r}, shape={self.image_shape}, levels={self.num_levels}, "
+            f"range={self.data_range})"
+        )
+
+
+def save_level_grid(
+    levels: Tensor, num_levels: int, path: str | Path, *, ncol: int | None = None, pad: int = 1
+) -> Path:
+    """Write integer levels ``(N, C, H, W)`` as one PNG grid (``ncol`` tiles a row, default
+    ⌈√N⌉), scaling level k to round(255·k/(L − 1)); overwrites ``path``."""
+    from PIL import Image
+
+    n, c, h, w = levels.shape
+    ncol = ncol or max(1, math.ceil(math.sqrt(n)))
+    nrow = math.ceil(n / ncol)
+    pix = (levels.to(torch.float64) * 255.0 / (num_levels - 1)).round().clamp(0, 255)
+    tiles = pix.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    grid = np.zeros((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        y0, x0 = pad + (i // ncol) * (h + pad), pad + (i % ncol) * (w + pad)
+        grid[y0 : y0 + h, x0 : x0 + w] = tile
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path, format="PNG")
+    return path
