@@ -77,6 +77,7 @@ def _sample(args: argparse.Namespace) -> int:
             scale=args.guidance,
             which=args.weights,
             options=options,
+            batch_size=args.batch_size,
             **kwargs,
         )
     else:

@@ -687,13 +687,15 @@ def guided_sample_run(
     seed: int = 0,
     which: str = "ema",
     options: dict[str, Any] | None = None,
+    batch_size: int | None = None,
 ) -> SampleResult:
-    """Class-conditional samples of a trained run with a classifier from ``train_classifier``.
+    """Class-conditional samples of a trained run with a classifier from ``train_classifier``,
+    drawn by :func:`sdelab.report.sample_run` (same chunking, device and processes).
 
     Raises ValueError for a class index out of range or a classifier trained for another
     schedule or data dimension.
     """
-    from sdelab.train.checkpoint import load_run
+    from sdelab.report import sample_run
 
     if n < 1:
         raise ValueError(f"--n must be a positive number of samples, got {n}")
@@ -702,20 +704,24 @@ def guided_sample_run(
         raise ValueError(
             f"class index {label} out of range: the classifier has {meta['num_classes']} classes"
         )
-    config, model, schedule = load_run(run_dir, which)
-    if meta["dim"] != config.model.dim:
-        raise ValueError(
-            f"classifier for data dimension {meta['dim']}, run of dimension {config.model.dim}"
-        )
-    if meta["sde"] != {"name": config.sde.name, "kwargs": config.sde.kwargs}:
-        raise ValueError(f"classifier trained with sde {meta['sde']}, run uses {config.sde}")
-    score = guided_score_fn(model, net, label, scale, num_classes=meta["num_classes"])
-    return sample(
-        score,
-        schedule,
-        (n, config.model.dim),
+
+    def guide(config, model, schedule):
+        if meta["dim"] != config.model.dim:
+            raise ValueError(
+                f"classifier for data dimension {meta['dim']}, run of dimension {config.model.dim}"
+            )
+        if meta["sde"] != {"name": config.sde.name, "kwargs": config.sde.kwargs}:
+            raise ValueError(f"classifier trained with sde {meta['sde']}, run uses {config.sde}")
+        return guided_score_fn(model, net, label, scale, num_classes=meta["num_classes"])
+
+    return sample_run(
+        run_dir,
+        n=n,
         sampler=sampler,
         steps=steps,
-        generator=seed,
-        **(options or {}),
+        seed=seed,
+        which=which,
+        options=options,
+        batch_size=batch_size,
+        guide=guide,
     )

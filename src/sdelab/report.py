@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,13 @@ def sample_run(
     options: dict[str, Any] | None = None,
     return_trajectory: bool = False,
     batch_size: int | None = None,
+    guide: Callable[[Any, Any, Any], Callable] | None = None,
 ) -> SampleResult:
     """Draw ``n`` samples from a trained run with any sampler in ``sdelab.samplers.SAMPLERS``.
+
+    ``guide(config, model, schedule) -> score_fn`` (optional) replaces the run's score by
+    another built from it, e.g. classifier guidance (:func:`sdelab.controllable.guided_sample_run`);
+    it may raise ``ValueError`` when the run does not fit.
 
     The samples are drawn in chunks of ``batch_size`` (default: all ``n`` at once); chunk i
     is seeded by (seed, i) and, under a launcher, drawn by process i mod N — the result is the
@@ -92,12 +98,13 @@ def sample_run(
     device = _eval_device(info)
     config, model, schedule = load_run(run_dir, which, device=device)
     shape = config.model.image_shape or [config.model.dim]  # U-Net runs sample (n, C, H, W)
+    score_fn = model if guide is None else guide(config, model, schedule)
     local = []
     with torch.no_grad():
         for i in distributed.shard(n_chunks, info):
             b = min(size, n - i * size)
             res = sample(
-                model,
+                score_fn,
                 schedule,
                 (b, *shape),
                 sampler=sampler,
