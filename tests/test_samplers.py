@@ -200,7 +200,9 @@ def _slope(steps, errors) -> float:
         ("ode", {"method": "heun"}, [10, 20, 40, 80], 2),
         ("ode", {"method": "midpoint"}, [10, 20, 40, 80], 2),
         ("ode", {"method": "rk4"}, [5, 10, 20, 40], 4),
+        ("dpm_solver", {"grid": "logsnr", "order": 1}, [40, 80, 160, 320], 1),
         ("dpm_solver", {"grid": "logsnr"}, [20, 40, 80, 160], 2),
+        ("dpm_solver", {"grid": "logsnr", "order": 3}, [20, 40, 80, 160], 3),
     ],
 )
 def test_fixed_step_solvers_show_their_order(order_problem, sampler, options, steps, order):
@@ -539,6 +541,7 @@ def test_every_sampler_has_one_signature():
         ({"sampler": "lambda", "lam": 1.5}, r"lam must lie in \[0, 1\]"),
         ({"sampler": "ode", "method": "rk45"}, "unknown ODE method 'rk45'.*dopri5"),
         ({"sampler": "ode", "rtol": 0.0}, "rtol and atol must be > 0"),
+        ({"sampler": "dpm_solver", "order": 4}, "order must be 1, 2 or 3, got 4"),
         ({"grid": "cosine"}, "unknown grid 'cosine': choose one of uniform, logsnr, edm"),
         ({"rho": 7.0}, "rho is an option of grid='edm' only"),
         ({"steps": 0}, "steps must be an integer >= 1"),

@@ -161,28 +161,60 @@ def sample_dpm_solver(
     x: Tensor,
     ts: Tensor,
     *,
+    order: int = 2,
     generator: torch.Generator | None = None,
     constraint: Constraint | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): second-order multistep exponential integrator
-    of the probability-flow ODE in log-SNR time with data prediction, for any schedule; the
-    first step is first order (DDIM). NFE = steps. Best with ``grid="logsnr"`` or ``"edm"``.
+    """DPM-Solver++ (Lu et al. 2022): multistep exponential integrator of the probability-flow
+    ODE in log-SNR time with data prediction x̂_0, for any schedule. NFE = steps.
+
+    With ℓ = log(α/σ) and h = ℓ_s − ℓ_t, the exact step is
+    x_s = (σ_s/σ_t) x_t + α_s ∫ e^{−(ℓ_s−ℓ)} x̂_0(ℓ) dℓ; ``order=2`` (2M) extrapolates x̂_0 from
+    the last two evaluations, ``order=3`` (3M) from the last three (a quadratic in ℓ, with the
+    φ-functions φ₁ = e^{−h} − 1, φ₂ = φ₁/h + 1, φ₃ = φ₂/h − ½ of the DPM-Solver++(3M)
+    update). ``order=1`` is DDIM. 2M starts with one DDIM step (its O(h²) local error keeps
+    global order 2). A multistep method of order 3 needs a start that accurate too, so 3M
+    starts with one midpoint step in ℓ (DPM-Solver-2, one extra evaluation at ℓ_0 + h/2 whose
+    x̂_0 joins the history): NFE = steps for orders 1 and 2, steps + 1 for order 3. Best with
+    ``grid="logsnr"`` or ``"edm"``.
     """
+    if isinstance(order, bool) or order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     vals = schedule(ts)
     alpha, sigma, ell = vals.alpha, vals.sigma, 0.5 * vals.log_snr  # ℓ = log(α/σ)
-    x0_prev, h_prev = None, None
+    hist: list[tuple[Tensor, Tensor]] = []  # (x̂_0, ℓ) of the last evaluations, newest last
     for i in range(len(ts) - 1):
         x0 = x0_from_score(score_at(score_fn, x, ts[i]), schedule, x, ts[i])
-        h = ell[i + 1] - ell[i]
-        if x0_prev is None:
-            d = x0
-        else:
-            r = h_prev / h
-            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        x = (sigma[i + 1] / sigma[i]) * x - (alpha[i + 1] * torch.expm1(-h)) * d
-        x = _apply(constraint, x, ts[i + 1])
-        x0_prev, h_prev = x0, h
+        h, ell_i = ell[i + 1] - ell[i], ell[i]
+        phi1 = torch.expm1(-h)
+        k = min(order, len(hist) + 1)
+        x_next = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * phi1 * x0
+        if order == 3 and i == 0:  # midpoint start: local error O(h³)
+            ell_m = ell[0] + 0.5 * h
+            t_m = schedule.t_of_log_snr(2 * ell_m).to(ts.dtype)
+            v_m = schedule(t_m)
+            x_m = (v_m.sigma / sigma[0]) * x - v_m.alpha * torch.expm1(-0.5 * h) * x0
+            x_m = _apply(constraint, x_m, t_m)
+            x0_m = x0_from_score(score_at(score_fn, x_m, t_m), schedule, x_m, t_m)
+            x_next = (sigma[1] / sigma[0]) * x - alpha[1] * phi1 * x0_m
+            hist = [(x0, ell[0])]
+            x0 = x0_m
+            ell_i = ell_m
+        elif k == 2:
+            r0 = (ell_i - hist[-1][1]) / h
+            x_next = x_next - (0.5 * alpha[i + 1] * phi1 / r0) * (x0 - hist[-1][0])
+        elif k == 3:
+            (x0_2, ell_2), (x0_1, ell_1) = hist[-2], hist[-1]
+            r0, r1 = (ell_i - ell_1) / h, (ell_1 - ell_2) / h
+            d1_0, d1_1 = (x0 - x0_1) / r0, (x0_1 - x0_2) / r1
+            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)  # h x̂_0' + O(h³)
+            d2 = 2 * (d1_0 - d1_1) / (r0 + r1)  # h² x̂_0'' + O(h³)
+            phi2 = phi1 / h + 1
+            phi3 = phi2 / h - 0.5
+            x_next = x_next + alpha[i + 1] * (phi2 * d1 - phi3 * d2)
+        x = _apply(constraint, x_next, ts[i + 1])
+        hist = [*hist[-1:], (x0, ell_i)]
         if callback is not None:
             callback(x, ts[i + 1])
     return x
