@@ -237,3 +237,44 @@ def test_vdm_on_images_needs_the_centred_range():
         load_config("images/vdm_digits", ["data.options.data_range=[0,1]"])
     ok = load_config("images/vdm_digits", ["sde.name=vdm", "loss.time_sampling=importance"])
     assert ok.loss.objective == "vdm"  # importance-sampled t is fine with a fixed schedule
+
+
+@pytest.mark.slow  # two torchrun launches (~25 s here)
+def test_two_processes_take_the_one_process_vdm_step(tmp_path):
+    """DDP (2 gloo processes x 2 micro-batches) == 1 process: the network's gradients are
+    averaged by DDP, the schedule's (outside the DDP module) by the loop's all-reduce."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    over = [*TOY, "train.steps=3", "train.ckpt_every=3", "optim.grad_clip=null"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        "-m",
+        "sdelab.cli",
+        "train",
+        "toy/vdm_moons",
+        *over,
+        "train.grad_accum=2",
+        "--out",
+        str(tmp_path / "two"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    train(load_config("toy/vdm_moons", over), tmp_path / "one")
+    a, b = (load_checkpoint(tmp_path / d).tensors for d in ("one", "two"))
+    assert any(k.startswith("model.schedule.") for k in a)
+    for k in a:
+        if k.startswith(("model.", "ema.")):
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
