@@ -7,6 +7,7 @@ import torch
 
 from sdelab.oracle import GaussianData
 from sdelab.parametrization import KINDS, ScoreModel, convert, score_fn_to_kind
+from sdelab.sde import MonotoneNetSchedule
 
 D64 = torch.float64
 
@@ -67,8 +68,22 @@ def test_score_model_wraps_any_kind(schedule):
     )
     score = data.score_fn(schedule)
     x, _, t = _point(schedule, (8, 2))
+
+    def at_net_time(fn):
+        """The ScoreModel feeds its net ``schedule.net_time(t)`` (normalised γ for the learned
+        γ-network, t otherwise): map it back to t through the log-SNR."""
+        if not isinstance(schedule, MonotoneNetSchedule):
+            return fn
+        g_min, g_max = schedule.ends
+
+        def net(x, tau):
+            return fn(x, schedule.t_of_log_snr(-(g_min + (g_max - g_min) * tau)).to(tau.dtype))
+
+        return net
+
     for kind in KINDS:
-        model = ScoreModel(score_fn_to_kind(score, schedule, kind), schedule, output=kind)
+        net = at_net_time(score_fn_to_kind(score, schedule, kind))
+        model = ScoreModel(net, schedule, output=kind)
         torch.testing.assert_close(model(x, t), score(x, t), rtol=1e-8, atol=1e-8)
         torch.testing.assert_close(model.eps(x, t), -schedule(t).sigma[:, None] * score(x, t))
 

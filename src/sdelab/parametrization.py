@@ -119,7 +119,7 @@ class ScoreModel(nn.Module):
     def predict(self, x: Tensor, t: Tensor | float, kind: str = "score") -> Tensor:
         """The network's prediction at (x, t), converted to ``kind``."""
         t = batch_time(t, x)
-        out = self.net(x, t)
+        out = self.net(x, self.schedule.net_time(t))
         if kind == self.output:
             return out
         return convert(out, source=self.output, target=kind, x=x, t=t, schedule=self.schedule)

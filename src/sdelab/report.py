@@ -34,18 +34,20 @@ from sdelab.train.loop import make_run_dataset
 
 __all__ = [
     "LikelihoodRow",
+    "VLBEvaluation",
     "evaluate_sharded",
     "image_levels",
     "likelihood_table",
     "plot_run",
     "run_likelihood",
+    "run_vlb",
     "sample_run",
 ]
 
 #: Likelihood estimators by CLI name.
 METHODS = ("ode", "elbo", "scoreflow")
 # Seed streams: sample chunk i > 0 and likelihood batch i use derive_seed(seed, stream, i).
-_SAMPLE_STREAM, _LIKELIHOOD_STREAM = 20, 21
+_SAMPLE_STREAM, _LIKELIHOOD_STREAM, _VLB_STREAM = 20, 21, 22
 
 
 def _eval_device(info: distributed.DistInfo) -> torch.device:
@@ -182,6 +184,121 @@ def run_likelihood(
         **discrete,
         **kwargs,
     )
+
+
+@dataclass(frozen=True)
+class VLBEvaluation:
+    """The VDM bound of a test set: per-example terms ``(N,)`` in nats, and their means ± SE.
+
+    ``terms`` maps ``diffusion``, ``prior``, ``reconstruction`` and ``total`` to per-example
+    nats; ``steps`` is T (``None``: continuous time); ``levels`` the number of data levels
+    (``None``: continuous data, Gaussian decoder); ``dims`` D (bits/dim = nats / (D log 2)).
+    """
+
+    terms: dict[str, torch.Tensor]
+    dims: int
+    steps: int | None
+    levels: int | None
+
+    def mean_se(self, name: str, unit: str = "nats") -> tuple[float, float]:
+        """Mean and standard error of term ``name`` in ``nats`` or ``bpd``."""
+        v = self.terms[name].double()
+        if unit == "bpd":
+            v = v / (self.dims * math.log(2))
+        elif unit != "nats":
+            raise ValueError(f"unknown unit {unit!r}: choose nats or bpd")
+        n = v.numel()
+        return float(v.mean()), float(v.std() / math.sqrt(n)) if n > 1 else float("nan")
+
+    def table(self) -> str:
+        """A markdown table of the terms, nats and bits/dim (mean ± SE)."""
+        steps = "continuous time" if self.steps is None else f"T = {self.steps} steps"
+        data = f"{self.levels} levels" if self.levels else "continuous data"
+        lines = [
+            f"| VLB term ({steps}, {data}, n = {self.terms['total'].numel()}) | nats | bits/dim |",
+            "|---|---|---|",
+        ]
+        for name in ("diffusion", "prior", "reconstruction", "total"):
+            (a, sa), (b, sb) = self.mean_se(name), self.mean_se(name, "bpd")
+            lines.append(f"| {name} | {a:.4f} ± {sa:.4f} | {b:.4f} ± {sb:.4f} |")
+        return "\n".join(lines)
+
+
+def run_vlb(
+    run_dir: str | Path,
+    *,
+    steps: int | None = None,
+    n: int = 2000,
+    batch_size: int = 1000,
+    seed: int = 0,
+    which: str = "ema",
+    progress: bool = True,
+) -> VLBEvaluation:
+    """The VDM variational bound (:func:`sdelab.vdm.vdm_vlb`) of a run's test set, per example.
+
+    ``steps``: T for the T-step diffusion loss, ``None`` or 0 for continuous time (the loss VDM
+    trains on, estimated with one antithetic time per example). Image runs are bounded on
+    their integer levels with VDM's discretized decoder (a bound on −log₂ P(k), no
+    dequantization; the data must be in [-1, 1]); continuous data (toys) with the Gaussian
+    decoder N(x; z_0/α_0, σ_0²/α_0²), a bound on −log p(x). The schedule is the run's (learned
+    parameters from the checkpoint, averaged with the EMA weights when ``which="ema"``); the
+    run must use a VDM schedule (``vdm``, ``vdm-learned-ends``, ``vdm-learned``).
+
+    Batch i gets a generator seeded by (seed, i) and, under a launcher, is evaluated by process
+    i mod N; the results are gathered in order, the same for any number of processes.
+
+    Raises:
+        ValueError: a schedule that is not VP on [0, 1], image data outside [-1, 1], bad sizes.
+    """
+    from sdelab.vdm import _check_vp, vdm_vlb
+
+    if steps is not None and steps < 0:
+        raise ValueError(f"--steps must be 0 (continuous time) or a positive T, got {steps}")
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"--n and --batch-size must be positive, got {n}, {batch_size}")
+    steps = steps or None
+    info = distributed.get_info()
+    device = _eval_device(info)
+    config, model, schedule = load_run(run_dir, which, device=device)
+    try:
+        _check_vp(schedule)
+    except ValueError:
+        raise ValueError(
+            f"the VLB needs a VDM schedule on [0, 1], but {run_dir} uses sde.name="
+            f"{config.sde.name}: use --method ode/elbo/scoreflow, or train with sde.name=vdm"
+        ) from None
+    dataset = make_run_dataset(config)
+    levels = getattr(dataset, "num_levels", None)
+    if levels is not None and (dataset.scale, dataset.shift) != (2.0, -1.0):
+        raise ValueError(
+            f"the VLB's decoder puts levels at bin centres in [-1, 1], but {run_dir} trained on "
+            f"data_range={dataset.data_range}: retrain with data.options.data_range=[-1,1]"
+        )
+    batches = dataset.test_set(n).split(batch_size)
+    local = []
+    mine = distributed.shard(len(batches), info)
+    bar = tqdm(mine, disable=not (progress and info.is_main), desc="vlb", unit="batch")
+    with torch.no_grad():
+        for i in bar:
+            vlb = vdm_vlb(
+                model.eps,
+                schedule,
+                batches[i].to(device),
+                levels=levels,
+                n_steps=steps,
+                low_discrepancy=True,
+                generator=_chunk_generator(seed, _VLB_STREAM, i, device),
+            )
+            terms = dict(
+                diffusion=vlb.diffusion,
+                prior=vlb.prior,
+                reconstruction=vlb.reconstruction,
+                total=vlb.total,
+            )
+            local.append((i, {k: v.cpu() for k, v in terms.items()}))
+    parts = distributed.gather_indexed(local, info)
+    cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return VLBEvaluation(terms=cat, dims=batches[0][0].numel(), steps=steps, levels=levels)
 
 
 def evaluate_sharded(

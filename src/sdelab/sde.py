@@ -98,6 +98,25 @@ class Schedule(nn.Module):
         """Return (α_t, σ_t), elementwise in ``t``."""
         raise NotImplementedError  # abstract: every schedule defines its α and σ
 
+    # ---- learned schedules ---------------------------------------------------------------
+    def net_time(self, t: Tensor) -> Tensor:
+        """The time input of the network at ``t`` (default: ``t`` itself).
+
+        A learned schedule whose shape changes with its parameters overrides this with its
+        normalised γ, as VDM conditions its network on γ_t, so that ε̂ is a function of the
+        log-SNR and the continuous VLB depends on the shape only through the end points.
+        """
+        return t
+
+    def shape_parameters(self) -> list[nn.Parameter]:
+        """Parameters that change γ's shape but not its end points (default: none).
+
+        VDM trains these by minimising the variance of the diffusion loss
+        (:func:`sdelab.vdm.variance_gradient_step`); every other parameter of a schedule
+        (e.g. learned end points) gets the gradient of the VLB itself.
+        """
+        return []
+
     # ---- generic defaults (override with closed forms where they exist) -------------------
     def derivatives(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Return (α, σ, dα/dt, dσ/dt); default: forward-mode autograd of :meth:`alpha_sigma`."""
@@ -665,6 +684,11 @@ class MonotoneNetSchedule(LogSNRSchedule):
         super().__init__(0.0, 1.0)
         if not gamma_min < gamma_max:
             raise ValueError(f"need gamma_min < gamma_max, got {gamma_min}, {gamma_max}")
+        if hidden != int(hidden) or hidden < 1 or seed != int(seed):
+            raise ValueError(
+                f"hidden must be a positive integer and seed an integer, got {hidden}, {seed}"
+            )
+        hidden, seed = int(hidden), int(seed)  # config kwargs arrive as floats
         g = torch.Generator().manual_seed(seed)
         # fixed end points stay Python floats, so they are exact in any dtype
         self.ends: nn.Parameter | tuple[float, float] = (float(gamma_min), float(gamma_max))
@@ -701,6 +725,18 @@ class MonotoneNetSchedule(LogSNRSchedule):
 
     def d_log_snr(self, t):
         return -self.gamma(t)[1]
+
+    def net_time(self, t: Tensor) -> Tensor:
+        """Normalised γ, (γ̃(t) − γ̃(0)) / (γ̃(1) − γ̃(0)) ∈ [0, 1] (independent of the end
+        points): VDM's network input, so ε̂ depends on t only through the log-SNR."""
+        t = torch.as_tensor(t)
+        ends01 = torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device)
+        raw_t, _ = self._raw(t)
+        raw_ends, _ = self._raw(ends01)
+        return (raw_t - raw_ends[0]) / (raw_ends[1] - raw_ends[0])
+
+    def shape_parameters(self) -> list[nn.Parameter]:
+        return [self.w1, self.b1, self.w2, self.b2, self.w3]
 
     def log_snr_and_derivative(self, t):
         gamma, d_gamma = self.gamma(t)

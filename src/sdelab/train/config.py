@@ -13,8 +13,8 @@ choices. ``sdelab train --dry-run`` prints the resolved config.
             # arch: unet adds base_channels: 32, channel_mults: [1, 2, 2], num_res_blocks: 1,
             # attn_resolutions: [], mid_attention: true, attn_heads: 1, dropout: 0.0,
             # fourier_features: [], num_groups: 8, image_shape: null (filled from the data)
-    loss:   {parametrization: eps, weighting: score-matching, time_sampling: uniform,
-             low_discrepancy: false}
+    loss:   {objective: dsm, parametrization: eps, weighting: score-matching,
+             time_sampling: uniform, low_discrepancy: false, vlb_steps: 0}
     optim:  {name: adam, lr: 0.001, betas: [0.9, 0.999], eps: 1.0e-08, weight_decay: 0.0,
              warmup_steps: 0, grad_clip: 1.0}
     train:  {steps: 10000, batch_size: 512, ema_decay: 0.999, seed: 0, log_every: 10,
@@ -58,6 +58,11 @@ __all__ = [
     "load_config",
     "resolve_config_path",
 ]
+
+
+#: Schedules the VDM objective accepts, and those of them with parameters.
+VDM_SCHEDULES = ("vdm", "vdm-learned-ends", "vdm-learned")
+LEARNED_SCHEDULES = ("vdm-learned-ends", "vdm-learned")
 
 
 class ConfigError(ValueError):
@@ -178,15 +183,22 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    """Denoising score matching (``sdelab.dsm_loss``): ``parametrization`` is what the network
-    predicts (eps, score, x0, v, drift); ``weighting`` (score-matching = σ², likelihood = g²);
-    ``time_sampling`` (uniform, importance ∝ g²/σ²); ``low_discrepancy`` (VDM's evenly spaced
-    times)."""
+    """The training objective. ``objective``: ``dsm`` (denoising score matching,
+    ``sdelab.dsm_loss``) or ``vdm`` (the whole VDM variational bound, ``sdelab.vdm.vdm_vlb``:
+    diffusion + prior + reconstruction, in bits/dim; image data use the discretized decoder over
+    their levels, continuous data the Gaussian decoder; a learned schedule's shape gets VDM's
+    variance-minimising gradient). ``parametrization`` is what the network predicts (eps,
+    score, x0, v, drift); ``weighting`` (score-matching = σ², likelihood = g²; ``vdm`` needs
+    likelihood); ``time_sampling`` (uniform, importance ∝ g²/σ²); ``low_discrepancy`` (VDM's
+    evenly spaced, antithetic times); ``vlb_steps`` (``vdm`` only: 0 = continuous-time
+    diffusion loss, T > 0 = the T-step loss)."""
 
+    objective: Literal["dsm", "vdm"] = "dsm"
     parametrization: str = "eps"
     weighting: str = "score-matching"
     time_sampling: str = "uniform"
     low_discrepancy: bool = False
+    vlb_steps: int = Field(0, ge=0)
 
     @field_validator("parametrization")
     @classmethod
@@ -307,6 +319,51 @@ class RunConfig(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _vdm_objective(self) -> RunConfig:
+        """``loss.objective: vdm`` needs a VDM schedule, likelihood weighting and, on image
+        data, the [-1, 1] range of its decoder; a learned schedule needs the VDM objective."""
+        loss, sde = self.loss, self.sde
+        learned = sde.name in LEARNED_SCHEDULES
+        if loss.objective == "dsm":
+            if learned:
+                raise ValueError(
+                    f"sde.name={sde.name} has parameters only the VDM bound trains: set "
+                    "loss.objective=vdm (or use the fixed sde.name=vdm)"
+                )
+            if loss.vlb_steps:
+                raise ValueError("loss.vlb_steps needs loss.objective=vdm: remove it or set both")
+            return self
+        if sde.name not in VDM_SCHEDULES:
+            raise ValueError(
+                f"loss.objective=vdm needs a variance-preserving schedule on [0, 1] with finite "
+                f"end points: set sde.name to one of {', '.join(VDM_SCHEDULES)} "
+                f"(got {sde.name!r})"
+            )
+        if loss.weighting != "likelihood":
+            raise ValueError(
+                "loss.objective=vdm is the likelihood-weighted bound: set loss.weighting=likelihood"
+            )
+        if loss.time_sampling != "uniform" and (learned or loss.vlb_steps):
+            why = (
+                "a learned schedule's shape is trained by the variance of the uniform-t loss"
+                if learned
+                else "the T-step loss draws its step uniformly"
+            )
+            raise ValueError(
+                f"loss.time_sampling={loss.time_sampling} with loss.objective=vdm: {why}; "
+                "set loss.time_sampling=uniform"
+            )
+        from sdelab.data.image_data import IMAGE_DATA_NAMES
+
+        data_range = self.data.options.get("data_range", "[-1,1]")
+        if self.data.name in IMAGE_DATA_NAMES and data_range != "[-1,1]":
+            raise ValueError(
+                f"loss.objective=vdm decodes image levels at bin centres in [-1, 1], but "
+                f"data.options.data_range={data_range}: set data.options.data_range=[-1,1]"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unet_on_images(self) -> RunConfig:

@@ -64,6 +64,7 @@ from sdelab.train.checkpoint import (
 )
 from sdelab.train.config import ConfigError, OptimConfig, RunConfig
 from sdelab.utils import randn_like
+from sdelab.vdm import variance_gradient_step, vdm_vlb, vlb_times
 
 __all__ = [
     "CKPT_DIR",
@@ -263,7 +264,7 @@ def build_run(config: RunConfig, run_dir: str | Path, info: DistInfo | None = No
     o = config.optim
     opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     optimizer = opt_cls(
-        model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+        _param_groups(model), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
     )
     ddp = None
     if info.enabled:
@@ -286,6 +287,17 @@ def build_run(config: RunConfig, run_dir: str | Path, info: DistInfo | None = No
         ddp=ddp,
         scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
     )
+
+
+def _param_groups(model: ScoreModel) -> list[dict[str, Any]]:
+    """The network's parameters, then a learned schedule's (if any) without weight decay: decay
+    would pull γ's end points towards 0, which is no regularisation of the model."""
+    schedule = list(model.schedule.parameters())
+    if not schedule:
+        return [{"params": list(model.parameters())}]
+    ids = {id(p) for p in schedule}
+    net = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": net}, {"params": schedule, "weight_decay": 0.0}]
 
 
 # ---- one step --------------------------------------------------------------------------------
@@ -319,11 +331,17 @@ def train_step(run: Run) -> StepStats:
     """One optimizer step on a fresh batch; raises :class:`TrainingError` (without updating
     the weights) if the loss or the gradient norm is not finite."""
     cfg = run.config
-    x0 = run.dataset.sample(cfg.train.batch_size, run.data_gen).to(run.device)
+    vdm = cfg.loss.objective == "vdm"
+    x0 = _train_batch(run, vdm).to(run.device)
     lr = lr_at(cfg.optim, run.step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    if _is_plain(run):  # one process, full precision, one micro-batch: the original step
+    if vdm:  # the VDM bound: one path for plain, micro-batched and many-process steps
+        run.optimizer.zero_grad(set_to_none=True)
+        loss = _vdm_backward(run, x0)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss is {float(loss)} at step {run.step + 1}")
+    elif _is_plain(run):  # one process, full precision, one micro-batch: the original step
         loss = dsm_loss(
             run.model.net,
             run.schedule,
@@ -358,6 +376,97 @@ def train_step(run: Run) -> StepStats:
     if run.dist.is_main:  # the other ranks never read their EMA
         update_ema(run.ema, run.model, ema_decay_at(cfg.train.ema_decay, run.step))
     return StepStats(loss=float(loss.detach()), grad_norm=float(grad_norm), lr=lr)
+
+
+def _train_batch(run: Run, vdm: bool) -> Tensor:
+    """A training batch: for the VDM bound on image data the integer levels (its decoder is
+    discrete, no dequantization), otherwise the dataset's model-space sample."""
+    b = run.config.train.batch_size
+    if vdm and getattr(run.dataset, "num_levels", None) is not None:
+        return run.dataset.sample_levels(b, run.data_gen)
+    return run.dataset.sample(b, run.data_gen)
+
+
+def _vdm_backward(run: Run, x0: Tensor) -> Tensor:
+    """Backward of the VDM bound (in bits/dim) on this rank's share of the global batch
+    ``x0`` (integer levels for image data), in ``grad_accum`` micro-batches; returns the
+    global mean (all-reduced).
+
+    The network and any learned end points get ∇ mean(VLB); a learned schedule's shape
+    parameters get ∇ mean(L_diffusion²), VDM's variance-minimising gradient
+    (:func:`sdelab.vdm.variance_gradient_step`). Times and both noises are drawn for the whole
+    global batch in the order :func:`sdelab.vdm.vdm_vlb` draws them, so every split of the
+    batch takes the same step. The schedule is not part of the DDP-wrapped network: its
+    gradients are averaged over processes here.
+    """
+    cfg, info = run.config, run.dist
+    levels = getattr(run.dataset, "num_levels", None)
+    n_steps = cfg.loss.vlb_steps or None
+    b, k = x0.shape[0], cfg.train.grad_accum
+    like = x0 if x0.is_floating_point() else x0.to(torch.get_default_dtype())
+    t = vlb_times(
+        run.schedule,
+        b,
+        n_steps=n_steps,
+        time_sampling=cfg.loss.time_sampling,
+        low_discrepancy=cfg.loss.low_discrepancy,
+        generator=run.loss_gen,
+        device=x0.device,
+        dtype=like.dtype,
+    )
+    noise = randn_like(like, run.loss_gen)
+    z0_noise = randn_like(like, run.loss_gen)
+    shape = run.schedule.shape_parameters()
+    ids = {id(p) for p in shape}
+    others = [p for p in run.model.parameters() if id(p) not in ids]
+    per_rank = b // info.world_size
+    micro = per_rank // k
+    net = run.ddp if run.ddp is not None else run.model.net
+    schedule = run.schedule
+
+    def eps_fn(z: Tensor, time: Tensor) -> Tensor:
+        return net(z, schedule.net_time(time))
+
+    total = torch.zeros((), device=x0.device)
+    for j in range(k):
+        lo = info.rank * per_rank + j * micro
+        rows = slice(lo, lo + micro)
+        sync = run.ddp.no_sync() if run.ddp is not None and j < k - 1 else contextlib.nullcontext()
+        with sync:
+            with _autocast(run):
+                vlb = vdm_vlb(
+                    eps_fn,
+                    schedule,
+                    x0[rows],
+                    levels=levels,
+                    n_steps=n_steps,
+                    parametrization=cfg.loss.parametrization,
+                    t=t[rows],
+                    noise=noise[rows],
+                    z0_noise=z0_noise[rows],
+                )
+            to_bpd = 1.0 / (vlb.dims * math.log(2))
+            bpd = vlb.total.float() * to_bpd
+            variance_gradient_step(
+                vlb.diffusion.float() * to_bpd,
+                others,
+                shape,
+                total=bpd,
+                denominator=per_rank,  # DDP averages over ranks: the global mean
+                scale=run.scaler.scale if run.scaler is not None else None,
+            )
+        total += bpd.detach().sum()
+    if info.enabled:
+        import torch.distributed as dist
+
+        for p in schedule.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= info.world_size
+        dist.all_reduce(total)
+    return total / b
 
 
 def _is_plain(run: Run) -> bool:
@@ -435,7 +544,7 @@ def evaluate(run: Run, hook: EvalHook) -> dict[str, float]:
         step=run.step,
         model=run.ema.eval(),
         raw_model=run.model,
-        schedule=run.schedule,
+        schedule=run.ema.schedule,  # a learned schedule is averaged with the weights
         test_data=test,
         config=run.config,
         generator=gen,
