@@ -31,6 +31,12 @@ a density we can evaluate:
 - pinwheel: a mixture of warped Gaussians with no tractable density; ``toy_entropy`` returns
   ``None`` and ``toy_log_prob`` raises.
 
+Labels (:data:`LABELED_TOYS`, ``ToyDataset.sample_labeled``): the natural class of each point,
+drawn with it — checkerboard the black square (8), circles and rings the ring (2, 4),
+8gaussians the component (8), 2spirals the arm (2), moons the moon (2), pinwheel the arm (5);
+swissroll has none. ``sample`` and ``sample_labeled`` draw the same points from the same
+generator state.
+
 Accuracy: the quadratures resolve their integrands to far below 10⁻³ nats, which the tests
 check against Monte-Carlo estimates −E log p(x) on fresh samples.
 """
