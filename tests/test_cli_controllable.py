@@ -127,7 +127,7 @@ def test_inpaint_known_coordinate(toy_run, tmp_path, capsys):
 
 
 def test_train_classifier_rejects_unlabeled_data(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "train-classifier", "checkerboard", "--out", str(tmp_path / "c"))
+    code, _, err = run_cli(capsys, "train-classifier", "swissroll", "--out", str(tmp_path / "c"))
     assert code == 2 and "no class labels" in err
 
 

@@ -282,4 +282,4 @@ def test_conv_classifier_shapes():
 
 def test_unlabeled_dataset_is_a_value_error():
     with pytest.raises(ValueError, match="no class labels"):
-        sample_labeled("checkerboard", 4, torch.Generator())
+        sample_labeled("swissroll", 4, torch.Generator())

@@ -10,7 +10,7 @@ import torch
 from scipy import stats
 
 from sdelab.data import DATASETS, TOYS, load_array, make_dataset, toy_entropy, toy_log_prob
-from sdelab.data.toys import sample_toy
+from sdelab.data.toys import LABELED_TOYS, ToyDataset, _eight_centers, sample_toy
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -187,3 +187,47 @@ def test_array_bad_extension_and_csv(tmp_path):
     (tmp_path / "b.csv").write_text("1,2\n3,oops\n")
     with pytest.raises(ValueError, match="cannot read .* as numbers"):
         load_array(tmp_path / "b.csv")
+
+
+# ---- labels --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [n for n, (_, k) in LABELED_TOYS.items() if k])
+def test_labeled_points_are_the_training_points(name):
+    """sample_labeled draws the same points as sample (the data stream of a run does not
+    depend on labels), with every class present and no other."""
+    ds = ToyDataset(name)
+    x, labels = ds.sample_labeled(3000, torch.Generator().manual_seed(4))
+    assert torch.equal(x, ds.sample(3000, torch.Generator().manual_seed(4)))
+    assert labels.dtype == torch.int64 and labels.shape == (3000,)
+    assert set(labels.tolist()) == set(range(ds.num_classes))
+
+
+def test_labels_follow_the_geometry():
+    """Checkerboard: the label is the square (exact). 8gaussians: the nearest centre
+    (neighbours are 6.1 stds apart, so the rule errs with probability ≈ 2Φ(−3.06) ≈ 0.2 %:
+    ≥ 99 % agree). Circles/rings: the nearest radius (gaps ≥ 4.7 noise stds: ≥ 99 % agree).
+    Moons: the outer moon lies above the inner one on average. 2spirals: the two arms are
+    mirror images (label 1 = the point reflected through 0)."""
+    g = torch.Generator().manual_seed(0)
+    x, lab = ToyDataset("checkerboard").sample_labeled(5000, g)
+    col = torch.floor(x[:, 0] / 2).long() + 2  # 2×2 squares: columns 0…3 left to right
+    upper = (x[:, 1] >= 0).long()  # each column has one black square above 0, one below
+    assert torch.equal(lab, 2 * col + upper)
+    x, lab = ToyDataset("8gaussians").sample_labeled(5000, g)
+    centers = torch.tensor(_eight_centers(), dtype=torch.float32)
+    assert (torch.cdist(x, centers).argmin(1) == lab).float().mean() >= 0.99
+    for name, radii in (("circles", (3.0, 1.5)), ("rings", (3.0, 2.25, 1.5, 0.75))):
+        x, lab = ToyDataset(name).sample_labeled(5000, g)
+        near = (x.norm(dim=1, keepdim=True) - torch.tensor(radii)).abs().argmin(1)
+        assert (near == lab).float().mean() >= 0.99, name
+    x, lab = ToyDataset("moons").sample_labeled(5000, g)
+    assert x[lab == 0, 1].mean() > x[lab == 1, 1].mean() + 1
+    x, lab = ToyDataset("2spirals").sample_labeled(20000, g)
+    a, b = x[lab == 0], -x[lab == 1]  # arm 1 reflected onto arm 0: the same distribution
+    torch.testing.assert_close(a.mean(0), b.mean(0), atol=0.06, rtol=0)
+
+
+def test_unlabeled_toy_is_a_value_error():
+    ds = ToyDataset("swissroll")
+    assert ds.num_classes == 0
+    with pytest.raises(ValueError, match="no class labels"):
+        ds.sample_labeled(4, torch.Generator())

@@ -138,6 +138,17 @@ def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
     _assert_same_weights(full, two, "model.")
 
 
+@pytest.mark.slow
+def test_two_processes_train_a_conditional_net_like_one(tmp_path):
+    """With labels and label dropout (the mask drawn over the global batch from the loss
+    generator), 2 processes x 2 micro-batches still take the steps of 1 process."""
+    over = [*TINY, "model.num_classes=8", "model.label_dropout=0.3", "train.steps=4"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    _run(_train_cli([*over, "train.grad_accum=2"], two), tmp_path)  # checkerboard: 8 squares
+    train(load_config("checkerboard", over), one)
+    _assert_same_weights(one, two, "model.")
+
+
 # ---- evaluation ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:

@@ -68,8 +68,8 @@ def _sample(args: argparse.Namespace) -> int:
     if args.class_ is not None or args.classifier is not None:
         from sdelab.controllable import guided_sample_run
 
-        if args.class_ is None or args.classifier is None:
-            raise CLIError("class-conditional sampling needs both --class K and --classifier DIR")
+        if args.class_ is None:
+            raise CLIError("--classifier needs --class K (the class to sample)")
         res = guided_sample_run(
             args.run,
             args.classifier,
@@ -200,7 +200,9 @@ def _colorize(args: argparse.Namespace) -> int:
 
 def _train_classifier(args: argparse.Namespace) -> int:
     """Train a noise-conditional classifier p_t(y | x_t) for a run (or a config) with the same
-    data and schedule, for `sdelab sample --class K --classifier DIR`."""
+    data and schedule, for `sdelab sample --class K --classifier DIR`: an MLP for vector data,
+    a small conv net for images (--width = its base channels); --clean trains at t = t_min only
+    (a classifier of clean data, to score samples)."""
     from sdelab.controllable import train_classifier
 
     path = train_classifier(
@@ -213,6 +215,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
         depth=args.depth,
         seed=args.seed,
         log_every=args.log_every,
+        clean=args.clean,
     )
     import json
 
@@ -462,7 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  sdelab sample runs/checker --sampler ode --n 5000 --out s.npy\n"
         "  sdelab sample runs/checker --sampler pc --option predictor=reverse_diffusion "
         "--option snr=0.16 --n 2000 --out pc.npy\n"
-        "  sdelab sample runs/digits --sampler ode --n 64 --out grid.png   # + grid.npy",
+        "  sdelab sample runs/digits --sampler ode --n 64 --out grid.png   # + grid.npy\n"
+        "  sdelab sample runs/moons-cond --class 1 --guidance 2 --out m1.npy   # CFG\n"
+        "  sdelab sample runs/8g --class 3 --classifier runs/8g-clf --out c3.npy",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run", metavar="RUN", help="run folder written by sdelab train")
@@ -500,9 +505,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--class", dest="class_", type=int, metavar="K", help="class-conditional: class index"
     )
     p.add_argument(
-        "--guidance", type=float, default=1.0, help="classifier guidance scale (default 1)"
+        "--guidance",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="guidance scale with --class: 0 unconditional, 1 conditional (default), >1 "
+        "sharper; classifier-free on a run with model.num_classes, else classifier guidance",
     )
-    p.add_argument("--classifier", metavar="DIR", help="folder from sdelab train-classifier")
+    p.add_argument(
+        "--classifier",
+        metavar="DIR",
+        help="folder from sdelab train-classifier: classifier guidance (needed for "
+        "unconditional runs)",
+    )
     p.add_argument(
         "--out",
         required=True,
@@ -588,8 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train-classifier",
         help="train a noise-conditional classifier for guidance",
         description=_train_classifier.__doc__,
-        epilog="example:\n  sdelab train-classifier runs/8g --steps 2000 --out runs/8g-clf\n"
-        "  sdelab sample runs/8g --class 3 --guidance 1 --classifier runs/8g-clf --out c3.npy",
+        epilog="examples:\n  sdelab train-classifier runs/8g --steps 2000 --out runs/8g-clf\n"
+        "  sdelab sample runs/8g --class 3 --guidance 1 --classifier runs/8g-clf --out c3.npy\n"
+        "  sdelab train-classifier runs/digits --width 32 --out runs/digits-clf\n"
+        "  sdelab train-classifier runs/digits --clean --seed 1 --out runs/digits-clean",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", metavar="CONFIG-or-RUN", help="run folder, YAML or built-in name")
@@ -597,10 +614,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
     p.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--width", type=int, default=128, help="MLP width (default 128)")
+    p.add_argument(
+        "--width", type=int, default=128, help="MLP width / conv base channels (default 128)"
+    )
     p.add_argument("--depth", type=int, default=3, help="MLP hidden layers (default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--log-every", type=int, default=0, help="print the loss every N steps")
+    p.add_argument(
+        "--clean", action="store_true", help="train at t = t_min only (clean-data classifier)"
+    )
     p.set_defaults(func=_train_classifier)
     return parser
 

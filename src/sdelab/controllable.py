@@ -28,8 +28,22 @@ chroma channels are not; results map back with Mᵀ.
 ∇_x log p_t(c | x), scaled as s + w ∇_x log p_t(c | x) (:func:`guided_score_fn`) with a
 time-dependent classifier trained on noised data (:mod:`sdelab.nets.classifier`,
 :func:`train_classifier`) or, for Gaussian mixtures such as 8gaussians, the exact one
-(:func:`mixture_classifier`). Classifier-free guidance is here only as the combination rule
-:func:`cfg_score` (no conditional score network with label dropout yet).
+(:func:`mixture_classifier`). Image runs get a small conv classifier
+(:class:`~sdelab.nets.classifier.ConvClassifier`); :func:`train_classifier` trains either on
+the run's own data (labels from ``dataset.sample_labeled``) and schedule, or — ``clean=True``
+— at t = t_min only, a classifier of clean data (for evaluating samples).
+
+**Classifier-free guidance** (Ho & Salimans 2022): a run with ``model.num_classes: K`` and
+``model.label_dropout: p`` trains one network s(x, t, y) on labeled data, the label replaced by
+a null class ∅ with probability p, so it learns both s(x, t, y) ≈ ∇ log p_t(x | y) and
+s(x, t, ∅) ≈ ∇ log p_t(x). Since s(x, t, y) − s(x, t, ∅) ≈ ∇ log p_t(y | x), guidance of scale S
+is
+
+    s_S(x, t) = s(x, t, ∅) + S · (s(x, t, y) − s(x, t, ∅)) = (1 + w) s(x, t, y) − w s(x, t, ∅),
+
+with w = S − 1 (:func:`cfg_score`'s w, Ho & Salimans' convention; :func:`cfg_score_fn`). The
+CLI's ``--guidance S`` is the same S for both kinds of guidance: 0 unconditional, 1 the
+conditional distribution, > 1 sharper classes.
 """
 
 from __future__ import annotations
@@ -53,8 +67,8 @@ from sdelab.utils import append_dims, batch_time, make_generator, randn_like
 
 __all__ = [
     "DECOUPLE",
-    "LABELED_DATASETS",
     "cfg_score",
+    "cfg_score_fn",
     "colorization_mask",
     "colorize",
     "couple",
@@ -343,6 +357,40 @@ def cfg_score(cond: Tensor, uncond: Tensor, w: float) -> Tensor:
     return (1 + w) * cond - w * uncond
 
 
+def cfg_score_fn(
+    model: Callable[..., Tensor], y: int | Tensor, scale: float = 1.0, *, num_classes: int
+) -> ScoreFn:
+    """Classifier-free guidance with a conditional score model ``model(x, t, labels)``:
+    s(x, t, ∅) + scale · (s(x, t, y) − s(x, t, ∅)), i.e. :func:`cfg_score` with w = scale − 1.
+
+    The conditional and null-class scores come from one network call on the doubled batch;
+    ``scale = 1`` calls the network once, on the conditional half only.
+
+    Args:
+        model: e.g. the :class:`~sdelab.parametrization.ScoreModel` of a run with
+            ``model.num_classes = K``; label K is the null class.
+        y: the class, an int or ``(B,)`` labels in 0…K−1.
+        scale: S (0: unconditional, 1: conditional, > 1: guided).
+        num_classes: K.
+
+    Raises:
+        ValueError: a class index out of range.
+    """
+    _labels(y, torch.zeros(1), num_classes)
+
+    def guided(x: Tensor, t: Tensor) -> Tensor:
+        t = batch_time(t, x)
+        lab = _labels(y, x, num_classes)
+        if scale == 1:
+            return model(x, t, lab)
+        null = torch.full_like(lab, num_classes)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([lab, null]))
+        cond, uncond = out.chunk(2)
+        return cfg_score(cond, uncond, scale - 1)
+
+    return guided
+
+
 # ---- Gaussian mixtures: exact classifier and score ---------------------------------------------
 def eight_gaussians_mixture() -> tuple[Tensor, float]:
     """The 8gaussians toy as a mixture: means ``(8, 2)`` and the common std (equal weights)."""
@@ -405,33 +453,23 @@ def mixture_score_fn(
 
 
 # ---- labeled data and classifier training ------------------------------------------------
-def _eight_labeled(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    means, std = eight_gaussians_mixture()
-    labels = torch.randint(8, (n,), generator=generator)
-    return means[labels] + std * torch.randn(n, 2, generator=generator), labels
-
-
-#: Datasets with class labels: name -> (sampler ``(n, generator) -> (x, labels)``, K).
-LABELED_DATASETS: dict[str, tuple[Callable[[int, torch.Generator], tuple[Tensor, Tensor]], int]] = {
-    "8gaussians": (_eight_labeled, 8),
-}
-
-
 def sample_labeled(name: str, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """``n`` labeled points ``(x (n, D), labels (n,))`` of a dataset in :data:`LABELED_DATASETS`."""
-    if name not in LABELED_DATASETS:
-        raise ValueError(
-            f"dataset {name!r} has no class labels: labeled datasets are "
-            f"{', '.join(LABELED_DATASETS)}"
-        )
-    return LABELED_DATASETS[name][0](n, generator)
+    """``n`` labeled points ``(x (n, ...), labels (n,))`` of dataset ``name`` (default options),
+    drawn by its ``sample_labeled``; ``ValueError`` for a dataset without labels."""
+    from sdelab.data import make_dataset
+
+    return make_dataset(name).sample_labeled(n, generator)
 
 
 def noised_batch(
-    x0: Tensor, schedule: Schedule, generator: torch.Generator | None
+    x0: Tensor, schedule: Schedule, generator: torch.Generator | None, *, clean: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """(x_t, t) with t drawn uniformly in [t_min, T] and x_t = α_t x_0 + σ_t ε."""
-    t = sample_time(schedule, x0.shape[0], generator=generator, dtype=x0.dtype).t
+    """(x_t, t) with t drawn uniformly in [t_min, T] (``clean``: t = t_min) and
+    x_t = α_t x_0 + σ_t ε."""
+    if clean:
+        t = torch.full((x0.shape[0],), schedule.t_min, dtype=x0.dtype, device=x0.device)
+    else:
+        t = sample_time(schedule, x0.shape[0], generator=generator, dtype=x0.dtype).t
     return schedule.perturb(x0, t, randn_like(x0, generator)), t
 
 
@@ -445,10 +483,12 @@ def fit_classifier(
     lr: float = 1e-3,
     seed: int = 0,
     log_every: int = 0,
+    clean: bool = False,
 ) -> list[float]:
     """Train a time-dependent classifier on noised data: minimise E_t CE(net(x_t, t), y).
 
-    Times are uniform in [t_min, T], as for the score model. Returns the loss per step.
+    Times are uniform in [t_min, T], as for the score model (``clean``: t = t_min only, a
+    classifier of clean data). Returns the loss per step.
     """
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -456,12 +496,12 @@ def fit_classifier(
     losses = []
     for step in range(1, steps + 1):
         x0, labels = sample_fn(batch_size, gen)
-        xt, t = noised_batch(x0, schedule, gen)
+        xt, t = noised_batch(x0, schedule, gen, clean=clean)
         loss = nn.functional.cross_entropy(net(xt, t), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log_every and step % log_every == 0:
             print(f"step {step}: loss {float(loss):.4f}")
     net.eval()
@@ -482,8 +522,13 @@ def train_classifier(
     depth: int = 3,
     seed: int = 0,
     log_every: int = 0,
+    clean: bool = False,
 ) -> Path:
     """Train a noise-conditional classifier for a run's data and schedule and save it to ``out``.
+
+    Vector data (toys) get a :class:`~sdelab.nets.classifier.TimeClassifier` MLP, image data a
+    :class:`~sdelab.nets.classifier.ConvClassifier`; both are trained on the run's training
+    data with its labels (``dataset.sample_labeled``: uniformly dequantized images).
 
     Args:
         run_or_config: a run folder written by ``sdelab train`` (its checkpoint's config is
@@ -491,56 +536,82 @@ def train_classifier(
         out: folder for ``classifier.safetensors`` + ``classifier.json`` (must not exist or be
             empty).
         steps, batch_size, lr: Adam on the cross-entropy of noised labeled data.
-        width, depth: the :class:`~sdelab.nets.classifier.TimeClassifier` MLP.
+        width, depth: the MLP's hidden units and layers; for images ``width`` is the conv
+            net's base channels (``depth`` unused).
         seed: data, times and initialisation.
+        clean: train at t = t_min only: a classifier of clean data (e.g. to score samples),
+            not one for guidance.
 
     Returns:
-        The JSON path. Raises ValueError for a dataset without labels or a non-empty ``out``.
+        The JSON path. ``classifier.json`` records the accuracy on held-out data (the test
+        split for images, fresh points for toys) at a few noise levels.
+
+    Raises:
+        ValueError: a dataset without labels, a non-empty ``out``, a bad size.
     """
     from safetensors.torch import save as save_safetensors
 
-    from sdelab.nets.classifier import TimeClassifier
+    from sdelab.data.toys import no_labels_error
     from sdelab.sde import make_schedule
     from sdelab.train.checkpoint import atomic_write, list_checkpoints, load_checkpoint
     from sdelab.train.config import load_config
+    from sdelab.train.loop import make_run_dataset
 
+    if steps < 1 or batch_size < 1 or width < 1 or depth < 1 or not lr > 0:
+        raise ValueError(
+            f"need positive --steps, --batch-size, --width, --depth and --lr, got {steps}, "
+            f"{batch_size}, {width}, {depth}, {lr}"
+        )
     src = Path(run_or_config) if isinstance(run_or_config, (str, Path)) else None
     if src is not None and src.is_dir() and list_checkpoints(src):
         config = load_checkpoint(src).config
     else:
         config = load_config(run_or_config)
-    sample_fn, num_classes = LABELED_DATASETS.get(config.data.name, (None, 0))
-    if sample_fn is None:
-        sample_labeled(config.data.name, 1, torch.Generator())  # raises the ValueError
+    dataset = make_run_dataset(config)
+    num_classes = getattr(dataset, "num_classes", 0)
+    if not num_classes:
+        raise no_labels_error(config.data.name)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty: choose another --out or delete it first")
     schedule = make_schedule(config.sde.name, **config.sde.kwargs)
     torch.manual_seed(seed)
-    dim = sample_fn(1, torch.Generator())[0].shape[1]
-    arch = {"dim": dim, "num_classes": num_classes, "width": width, "depth": depth}
-    net = TimeClassifier(**arch)
+    shape = getattr(dataset, "image_shape", None)
+    if shape is not None:
+        arch: dict[str, Any] = {
+            "arch": "conv",
+            "image_shape": list(shape),
+            "num_classes": num_classes,
+            "channels": width,
+        }
+    else:
+        arch = {"arch": "mlp", "num_classes": num_classes, "width": width, "depth": depth}
+    net = _build_classifier(arch, dataset.dim)
     start = time.time()
     losses = fit_classifier(
         net,
-        sample_fn,
+        dataset.sample_labeled,
         schedule,
         steps=steps,
         batch_size=batch_size,
         lr=lr,
         seed=seed,
         log_every=log_every,
+        clean=clean,
     )
-    accuracy = classifier_accuracy(net, sample_fn, schedule, seed=seed + 1)
+    times = (0.0,) if clean else (0.0, 0.1, 0.3, 0.5)
+    accuracy = classifier_accuracy(net, _held_out(dataset, seed + 1), schedule, times=times)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     atomic_write(out / "classifier.safetensors", save_safetensors(tensors))
     record = {
         "format": CLASSIFIER_FORMAT,
-        "arch": "mlp",
         **arch,
+        "dim": dataset.dim,
         "data": config.data.name,
+        "data_options": config.data.options,
         "sde": {"name": config.sde.name, "kwargs": config.sde.kwargs},
+        "clean": clean,
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
@@ -554,19 +625,41 @@ def train_classifier(
     return json_path
 
 
+def _build_classifier(meta: dict[str, Any], dim: int) -> nn.Module:
+    from sdelab.nets.classifier import ConvClassifier, TimeClassifier
+
+    if meta.get("arch", "mlp") == "conv":
+        return ConvClassifier(
+            meta["image_shape"][0],
+            meta["num_classes"],
+            channels=meta["channels"],
+            image_shape=tuple(meta["image_shape"]),
+        )
+    return TimeClassifier(dim, meta["num_classes"], width=meta["width"], depth=meta["depth"])
+
+
+def _held_out(dataset: Any, seed: int, n: int = 2000) -> tuple[Tensor, Tensor]:
+    """Labeled held-out data: an image dataset's test split (levels at bin centres, in model
+    space), else ``n`` fresh points."""
+    labels = getattr(dataset, "test_labels", None)
+    if labels is not None:
+        return dataset.to_model(dataset.test_set(n)), labels[:n]
+    return dataset.sample_labeled(n, torch.Generator().manual_seed(seed))
+
+
 def classifier_accuracy(
     net: nn.Module,
-    sample_fn: Callable[[int, torch.Generator], tuple[Tensor, Tensor]],
+    data: tuple[Tensor, Tensor],
     schedule: Schedule,
     *,
-    times: tuple[float, ...] = (0.01, 0.1, 0.3, 0.5),
-    n: int = 2000,
+    times: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5),
     seed: int = 1,
 ) -> dict[str, float]:
-    """Accuracy of a time-dependent classifier on fresh noised data at a few fixed times
-    (relative to [t_min, T]: t = t_min + u (T − t_min))."""
+    """Accuracy of a time-dependent classifier on labeled data ``(x0, labels)`` noised to a
+    few fixed times (relative to [t_min, T]: t = t_min + u (T − t_min); u = 0 is t_min)."""
+    x0, labels = data
     gen = torch.Generator().manual_seed(seed)
-    x0, labels = sample_fn(n, gen)
+    n = len(labels)
     result = {}
     with torch.no_grad():
         for u in times:
@@ -580,11 +673,10 @@ def classifier_accuracy(
 def load_classifier(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Load a classifier saved by :func:`train_classifier`: ``(net in eval mode, metadata)``.
 
+    A conv classifier also takes flattened images ``(B, C·H·W)``.
     Raises ValueError / FileNotFoundError for a missing or foreign folder.
     """
     from safetensors.torch import load as load_safetensors
-
-    from sdelab.nets.classifier import TimeClassifier
 
     folder = Path(folder)
     json_path = folder / "classifier.json"
@@ -593,7 +685,7 @@ def load_classifier(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     meta = json.loads(json_path.read_text())
     if meta.get("format") != CLASSIFIER_FORMAT:
         raise ValueError(f"{json_path} is not an sdelab classifier")
-    net = TimeClassifier(meta["dim"], meta["num_classes"], width=meta["width"], depth=meta["depth"])
+    net = _build_classifier(meta, meta["dim"])
     net.load_state_dict(load_safetensors((folder / "classifier.safetensors").read_bytes()))
     net.requires_grad_(False)
     return net.eval(), meta
@@ -677,7 +769,7 @@ def save_png_grid(rows: list[Tensor], path: str | Path, *, pad: int = 1) -> Path
 
 def guided_sample_run(
     run_dir: str | Path,
-    classifier_dir: str | Path,
+    classifier_dir: str | Path | None,
     label: int,
     *,
     scale: float = 1.0,
@@ -689,23 +781,49 @@ def guided_sample_run(
     options: dict[str, Any] | None = None,
     batch_size: int | None = None,
 ) -> SampleResult:
-    """Class-conditional samples of a trained run with a classifier from ``train_classifier``,
-    drawn by :func:`sdelab.report.sample_run` (same chunking, device and processes).
+    """Class-conditional samples of a trained run, drawn by :func:`sdelab.report.sample_run`
+    (same chunking, device and processes).
 
-    Raises ValueError for a class index out of range or a classifier trained for another
-    schedule or data dimension.
+    With ``classifier_dir`` (from :func:`train_classifier`): classifier guidance of the run's
+    (unconditional) score, s + scale · ∇ log p_t(label | x). Without it the run must be
+    class-conditional (``model.num_classes``): classifier-free guidance
+    s(x, t, ∅) + scale · (s(x, t, label) − s(x, t, ∅)) (:func:`cfg_score_fn`). ``scale``
+    means the same in both: 0 unconditional, 1 conditional, > 1 guided.
+
+    Raises ValueError for a class index out of range, a classifier trained for another
+    schedule or data dimension, no classifier for an unconditional run, or a scale other than
+    1 on a conditional run trained without label dropout.
     """
     from sdelab.report import sample_run
 
     if n < 1:
         raise ValueError(f"--n must be a positive number of samples, got {n}")
-    net, meta = load_classifier(classifier_dir)
-    if not 0 <= label < meta["num_classes"]:
+    net, meta = load_classifier(classifier_dir) if classifier_dir is not None else (None, {})
+    if net is not None and not 0 <= label < meta["num_classes"]:
         raise ValueError(
             f"class index {label} out of range: the classifier has {meta['num_classes']} classes"
         )
 
     def guide(config, model, schedule):
+        k = config.model.num_classes
+        if net is None:
+            if not k:
+                raise ValueError(
+                    f"run {run_dir} is unconditional (model.num_classes=0): pass --classifier "
+                    "DIR from sdelab train-classifier for classifier guidance, or train with "
+                    "model.num_classes=K for classifier-free guidance"
+                )
+            if not 0 <= label < k:
+                raise ValueError(
+                    f"class index {label} out of range: the run has {k} classes (0…{k - 1})"
+                )
+            if scale != 1 and config.model.label_dropout == 0:
+                raise ValueError(
+                    f"run {run_dir} was trained without label dropout (model.label_dropout=0), "
+                    "so its null class is untrained: use --guidance 1 (the conditional score) "
+                    "or retrain with model.label_dropout=0.1"
+                )
+            return cfg_score_fn(model, label, scale, num_classes=k)
         if meta["dim"] != config.model.dim:
             raise ValueError(
                 f"classifier for data dimension {meta['dim']}, run of dimension {config.model.dim}"

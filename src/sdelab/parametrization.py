@@ -101,7 +101,8 @@ class ScoreModel(nn.Module):
 
     Calling the wrapper returns the score, so a ``ScoreModel`` works wherever a plain
     ``score_fn(x, t)`` does (samplers, likelihood, bounds). ``model.predict(x, t, "x0")``
-    returns any other kind.
+    returns any other kind. A class-conditional network takes labels as a third argument:
+    ``model(x, t, y)`` (``y = None``: the null class, i.e. the unconditional score).
     """
 
     def __init__(
@@ -116,16 +117,20 @@ class ScoreModel(nn.Module):
         self.schedule = schedule
         self.output = output
 
-    def predict(self, x: Tensor, t: Tensor | float, kind: str = "score") -> Tensor:
-        """The network's prediction at (x, t), converted to ``kind``."""
+    def predict(
+        self, x: Tensor, t: Tensor | float, kind: str = "score", y: Tensor | None = None
+    ) -> Tensor:
+        """The network's prediction at (x, t) (and labels ``y`` for a conditional network),
+        converted to ``kind``."""
         t = batch_time(t, x)
-        out = self.net(x, self.schedule.net_time(t))
+        tau = self.schedule.net_time(t)
+        out = self.net(x, tau) if y is None else self.net(x, tau, y)
         if kind == self.output:
             return out
         return convert(out, source=self.output, target=kind, x=x, t=t, schedule=self.schedule)
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
-        return self.predict(x, t, "score")
+    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+        return self.predict(x, t, "score", y)
 
     def eps(self, x: Tensor, t: Tensor | float) -> Tensor:
         return self.predict(x, t, "eps")

@@ -2,7 +2,9 @@
 :mod:`sdelab.data.images`, the training adapter :class:`~sdelab.data.image_data.ImageData`).
 
 A dataset has ``name``, ``dim``, ``sample(n, generator) -> (n, D)`` (fresh training points),
-``test_set(n) -> (n, D)`` (fixed for its seed) and ``entropy() -> float | None`` (nats).
+``test_set(n) -> (n, D)`` (fixed for its seed), ``entropy() -> float | None`` (nats),
+``num_classes`` (0: no labels) and ``sample_labeled(n, generator) -> (points, labels)`` (the
+points ``sample`` draws, with their class labels; raises ``ValueError`` without labels).
 :data:`DATASETS` maps names to factories ``factory(seed=..., **options)``; :func:`make_dataset`
 builds one and validates the options.
 """
@@ -49,8 +51,11 @@ class Dataset(Protocol):
 
     name: str
     dim: int
+    num_classes: int
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor: ...
+
+    def sample_labeled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]: ...
 
     def test_set(self, n: int) -> Tensor: ...
 

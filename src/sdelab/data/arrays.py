@@ -100,10 +100,17 @@ class ArrayDataset:
         self.train = arr[perm[n_test:]]  # (N − n_test, D)
         self.test = arr[perm[:n_test]]  # (n_test, D)
         self.dim = arr.shape[1]
+        self.num_classes = 0  # arrays carry no labels
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """``n`` training rows drawn with replacement, ``(n, D)`` float32."""
         return self.train[torch.randint(len(self.train), (n,), generator=generator)]
+
+    def sample_labeled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Arrays have no labels: always raises ``ValueError``."""
+        from sdelab.data.toys import no_labels_error
+
+        raise no_labels_error(self.name)
 
     def test_set(self, n: int) -> Tensor:
         """Up to ``n`` held-out rows (all of them if fewer), always the same for the seed."""

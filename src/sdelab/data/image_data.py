@@ -185,6 +185,26 @@ class ImageData:
     def classes(self) -> tuple[str, ...] | None:
         return self._split("train").classes
 
+    @property
+    def num_classes(self) -> int:
+        """Number of classes: 10 for the built-in sets (known without reading files); for a
+        folder, its class sub-folders (0 without labels)."""
+        if self.name in NATIVE_SHAPES:
+            return 10
+        data = self._split("train")
+        return 0 if data.labels is None else len(data.classes or ()) or int(data.labels.max()) + 1
+
+    def _draw(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Indices ``(n,)`` of training images drawn with replacement, and their levels (flipped
+        if ``hflip``)."""
+        levels = self._split("train").levels
+        idx = torch.randint(len(levels), (n,), generator=generator)
+        k = levels[idx].to(torch.int64)
+        if self.hflip:
+            flip = torch.rand(n, generator=generator) < 0.5
+            k = torch.where(flip[:, None, None, None], k.flip(-1), k)
+        return idx, k
+
     def to_model(self, levels: Tensor, u: Tensor | float = 0.5) -> Tensor:
         """y = a·(k + u)/L + b (``u = ½``: bin centres)."""
         x = (levels.to(torch.get_default_dtype()) + u) / self.num_levels
@@ -197,19 +217,27 @@ class ImageData:
 
     def sample_levels(self, n: int, generator: torch.Generator) -> Tensor:
         """``n`` training images as levels, drawn with replacement (and flipped if ``hflip``)."""
-        levels = self._split("train").levels
-        idx = torch.randint(len(levels), (n,), generator=generator)
-        k = levels[idx].to(torch.int64)
-        if self.hflip:
-            flip = torch.rand(n, generator=generator) < 0.5
-            k = torch.where(flip[:, None, None, None], k.flip(-1), k)
-        return k
+        return self._draw(n, generator)[1]
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """A training minibatch in model space, uniformly dequantized: ``(n, C, H, W)``."""
-        k = self.sample_levels(n, generator)
+        return self.sample_labeled(n, generator, labeled=False)[0]
+
+    def sample_labeled(
+        self, n: int, generator: torch.Generator, *, labeled: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`sample` with the images' labels ``(n,)`` (the same images for the same
+        generator state). Raises ``ValueError`` for a folder without class sub-folders."""
+        idx, k = self._draw(n, generator)
         u = torch.rand(k.shape, generator=generator, dtype=torch.get_default_dtype())
-        return self.to_model(k, u)
+        if not labeled:
+            return self.to_model(k, u), None
+        labels = self._split("train").labels
+        if labels is None:
+            from sdelab.data.toys import no_labels_error
+
+            raise no_labels_error(self.name)
+        return self.to_model(k, u), labels[idx]
 
     def test_set(self, n: int) -> Tensor:
         """The first ``n`` images of the test split as integer levels ``(n, C, H, W)``

@@ -31,6 +31,12 @@ a density we can evaluate:
 - pinwheel: a mixture of warped Gaussians with no tractable density; ``toy_entropy`` returns
   ``None`` and ``toy_log_prob`` raises.
 
+Labels (:data:`LABELED_TOYS`, ``ToyDataset.sample_labeled``): the natural class of each point,
+drawn with it — checkerboard the black square (8), circles and rings the ring (2, 4),
+8gaussians the component (8), 2spirals the arm (2), moons the moon (2), pinwheel the arm (5);
+swissroll has none. ``sample`` and ``sample_labeled`` draw the same points from the same
+generator state.
+
 Accuracy: the quadratures resolve their integrands to far below 10⁻³ nats, which the tests
 check against Monte-Carlo estimates −E log p(x) on fresh samples.
 """
@@ -46,6 +52,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "LABELED_TOYS",
     "TOYS",
     "OracleDataset",
     "ToyDataset",
@@ -73,20 +80,30 @@ def _randint(high: int, n: int, g: torch.Generator) -> Tensor:
     return torch.randint(high, (n,), generator=g)
 
 
-# ---- samplers: (n, generator) -> (n, 2) float32 --------------------------------------------
-def _checkerboard(n: int, g: torch.Generator) -> Tensor:
+# ---- samplers: (n, generator) -> ((n, 2) float32, (n,) int64 labels or None) -------------
+# Labels are the natural class of each point, drawn along with it (the same random draws as
+# the unlabeled points, so a run's data stream does not depend on whether it uses labels).
+def _checkerboard(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Label: which of the 8 black squares, 2·column + (lower/upper square of the column)."""
     x1 = _rand(n, g) * 4 - 2
-    x2 = _rand(n, g) - _randint(2, n, g).to(_F32) * 2
-    x2 = x2 + torch.remainder(torch.floor(x1), 2)
-    return torch.stack([x1, x2], dim=1) * 2
+    u = _rand(n, g)
+    half = _randint(2, n, g)
+    col = torch.floor(x1)
+    x2 = u - half.to(_F32) * 2 + torch.remainder(col, 2)
+    return torch.stack([x1, x2], dim=1) * 2, 2 * (col.long() + 2) + (1 - half)
 
 
-def _rings_of(radii: tuple[float, ...], std: float) -> Callable[[int, torch.Generator], Tensor]:
-    def sample(n: int, g: torch.Generator) -> Tensor:
-        r = torch.tensor(radii, dtype=_F32)[_randint(len(radii), n, g)]
+def _rings_of(
+    radii: tuple[float, ...], std: float
+) -> Callable[[int, torch.Generator], tuple[Tensor, Tensor]]:
+    """Label: the ring (index into ``radii``, largest first)."""
+
+    def sample(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        ring = _randint(len(radii), n, g)
+        r = torch.tensor(radii, dtype=_F32)[ring]
         angle = 2 * math.pi * _rand(n, g)
         x = torch.stack([r * angle.cos(), r * angle.sin()], dim=1)
-        return x + std * _randn(n, 2, g=g)
+        return x + std * _randn(n, 2, g=g), ring
 
     return sample
 
@@ -96,26 +113,31 @@ def _eight_centers() -> np.ndarray:
     return 4.0 * np.stack([np.cos(angles), np.sin(angles)], axis=1) / _EIGHT_SCALE  # (8, 2)
 
 
-def _eightgaussians(n: int, g: torch.Generator) -> Tensor:
+def _eightgaussians(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Label: the component k (centre at angle k·45°)."""
     centers = torch.tensor(_eight_centers(), dtype=_F32)
-    return centers[_randint(8, n, g)] + (0.5 / _EIGHT_SCALE) * _randn(n, 2, g=g)
+    k = _randint(8, n, g)
+    return centers[k] + (0.5 / _EIGHT_SCALE) * _randn(n, 2, g=g), k
 
 
 def _swissroll_curve(t):
     return np.stack([t * np.cos(t), t * np.sin(t)], axis=-1) / 5
 
 
-def _swissroll(n: int, g: torch.Generator) -> Tensor:
+def _swissroll(n: int, g: torch.Generator) -> tuple[Tensor, None]:
+    """No natural classes (one arm)."""
     t = 1.5 * math.pi * (1 + 2 * _rand(n, g))
     x = torch.stack([t * t.cos(), t * t.sin()], dim=1)
-    return (x + _randn(n, 2, g=g)) / 5
+    return (x + _randn(n, 2, g=g)) / 5, None
 
 
-def _twospirals(n: int, g: torch.Generator) -> Tensor:
+def _twospirals(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Label: the spiral (0: the arm through (+x), 1: its mirror image)."""
     m = 3 * math.pi * _rand(n, g).sqrt()  # 540° of arc, density ∝ m
     d = torch.stack([-m.cos() * m, m.sin() * m], dim=1) + 0.5 * torch.rand(n, 2, generator=g)
-    sign = 1 - 2 * _randint(2, n, g).to(_F32)
-    return sign[:, None] * d / 3 + 0.1 * _randn(n, 2, g=g)
+    arm = _randint(2, n, g)
+    sign = 1 - 2 * arm.to(_F32)
+    return sign[:, None] * d / 3 + 0.1 * _randn(n, 2, g=g), arm
 
 
 def _moons_curves(theta):
@@ -125,37 +147,52 @@ def _moons_curves(theta):
     return 2 * outer + shift, 2 * inner + shift
 
 
-def _moons(n: int, g: torch.Generator) -> Tensor:
+def _moons(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Label: the moon (0: upper/outer, 1: lower/inner)."""
     theta = math.pi * _rand(n, g)
     outer = torch.stack([theta.cos(), theta.sin()], dim=1)
     inner = torch.stack([1 - theta.cos(), 0.5 - theta.sin()], dim=1)
-    which = _randint(2, n, g).to(torch.bool)[:, None]
-    x = torch.where(which, inner, outer) + 0.1 * _randn(n, 2, g=g)
-    return x * 2 + torch.tensor([-1.0, -0.2])
+    which = _randint(2, n, g)
+    x = torch.where(which.to(torch.bool)[:, None], inner, outer) + 0.1 * _randn(n, 2, g=g)
+    return x * 2 + torch.tensor([-1.0, -0.2]), which
 
 
-def _pinwheel(n: int, g: torch.Generator) -> Tensor:
+def _pinwheel(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Label: the arm (0…4)."""
     radial_std, tangential_std, num_classes, rate = 0.3, 0.1, 5, 0.25
     rads = torch.arange(num_classes, dtype=_F32) * (2 * math.pi / num_classes)
     feats = _randn(n, 2, g=g) * torch.tensor([radial_std, tangential_std])
     feats[:, 0] += 1.0
-    angle = rads[_randint(num_classes, n, g)] + rate * feats[:, 0].exp()
+    arm = _randint(num_classes, n, g)
+    angle = rads[arm] + rate * feats[:, 0].exp()
     c, s = angle.cos(), angle.sin()
     # FFJORD: einsum("ti,tij->tj", features, [[cos, -sin], [sin, cos]])
     x = torch.stack([feats[:, 0] * c + feats[:, 1] * s, -feats[:, 0] * s + feats[:, 1] * c], 1)
-    return 2 * x
+    return 2 * x, arm
+
+
+#: The toys with their labels: ``sampler(n, generator) -> (points, labels or None)`` and the
+#: number of classes (0: no natural labels).
+LABELED_TOYS: dict[str, tuple[Callable[[int, torch.Generator], tuple[Tensor, Tensor | None]], int]]
+LABELED_TOYS = {
+    "checkerboard": (_checkerboard, 8),
+    "circles": (_rings_of(*_CIRCLES), 2),
+    "8gaussians": (_eightgaussians, 8),
+    "swissroll": (_swissroll, 0),
+    "2spirals": (_twospirals, 2),
+    "rings": (_rings_of(*_RINGS), 4),
+    "moons": (_moons, 2),
+    "pinwheel": (_pinwheel, 5),
+}
+
+
+def _points(fn: Callable[[int, torch.Generator], tuple[Tensor, Tensor | None]]):
+    return lambda n, g: fn(n, g)[0]
 
 
 #: The eight 2-D toys by name: ``sampler(n, generator) -> (n, 2)`` float32 tensor.
 TOYS: dict[str, Callable[[int, torch.Generator], Tensor]] = {
-    "checkerboard": _checkerboard,
-    "circles": _rings_of(*_CIRCLES),
-    "8gaussians": _eightgaussians,
-    "swissroll": _swissroll,
-    "2spirals": _twospirals,
-    "rings": _rings_of(*_RINGS),
-    "moons": _moons,
-    "pinwheel": _pinwheel,
+    name: _points(fn) for name, (fn, _) in LABELED_TOYS.items()
 }
 
 
@@ -394,10 +431,24 @@ class ToyDataset:
         _check_toy(name)
         self.name = name
         self.seed = int(seed)
+        #: number of natural classes (0: the toy has no labels), see :data:`LABELED_TOYS`
+        self.num_classes = LABELED_TOYS[name][1]
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """``n`` fresh training points, ``(n, 2)`` float32."""
         return sample_toy(self.name, n, generator)
+
+    def sample_labeled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``n`` fresh points and their class labels ``(n,)`` int64 — the same points
+        :meth:`sample` draws from the same generator state.
+
+        Raises:
+            ValueError: the toy has no natural classes (swissroll).
+        """
+        x, labels = LABELED_TOYS[self.name][0](n, generator)
+        if labels is None:
+            raise no_labels_error(self.name)
+        return x, labels
 
     def test_set(self, n: int) -> Tensor:
         """The held-out test set: the same ``n`` points for the same seed, ``(n, 2)``."""
@@ -410,6 +461,15 @@ class ToyDataset:
     def entropy(self) -> float | None:
         """True differential entropy in nats (``None`` if unknown)."""
         return toy_entropy(self.name)
+
+
+def no_labels_error(name: str) -> ValueError:
+    """The one-line error for a dataset without class labels, naming those that have them."""
+    labeled = [k for k, (_, c) in LABELED_TOYS.items() if c]
+    return ValueError(
+        f"dataset {name!r} has no class labels: use a labeled one ({', '.join(labeled)}, or "
+        "image data: digits, mnist, fashion_mnist, cifar10, a folder with class sub-folders)"
+    )
 
 
 class OracleDataset(ToyDataset):
@@ -433,9 +493,13 @@ class OracleDataset(ToyDataset):
         self.name = "oracle"
         self.seed = int(seed)
         self.dim = self.gaussian.dim
+        self.num_classes = 0
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         return self.gaussian.sample(n, generator=generator)
+
+    def sample_labeled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        raise no_labels_error(self.name)
 
     def log_prob(self, x: Tensor) -> Tensor:
         return self.gaussian.log_prob(x)

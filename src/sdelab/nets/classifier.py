@@ -73,7 +73,8 @@ class ConvClassifier(nn.Module):
     """A small conv net classifier of images ``(B, C, H, W)`` at time t.
 
     Three 3×3 conv stages (``channels``, 2×, 2×; stride 2 after the first two) with the time
-    embedding added per channel, global average pooling and a linear head.
+    embedding added per channel, global average pooling and a linear head. With
+    ``image_shape`` (C, H, W) it also takes flattened images ``(B, C·H·W)``.
     """
 
     def __init__(
@@ -84,8 +85,15 @@ class ConvClassifier(nn.Module):
         embedding: str = "sinusoidal",
         embedding_dim: int = 64,
         groups: int = 8,
+        image_shape: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
+        if in_channels < 1 or num_classes < 2 or channels < 1:
+            raise ValueError(
+                f"need in_channels, channels >= 1 and num_classes >= 2, got "
+                f"{in_channels}, {channels}, {num_classes}"
+            )
+        self.image_shape = image_shape
         widths = (channels, 2 * channels, 2 * channels)
         self.time_embed = _time_mlp(embedding, embedding_dim, sum(widths))
         convs, c_in = [], in_channels
@@ -100,6 +108,8 @@ class ConvClassifier(nn.Module):
         self.num_classes = num_classes
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        if x.ndim == 2 and self.image_shape is not None:
+            x = x.reshape(x.shape[0], *self.image_shape)
         codes = self.time_embed(t).split(self.widths, dim=1)  # per stage (B, c)
         h = x
         for conv, norm, code in zip(self.convs, self.norms, codes):

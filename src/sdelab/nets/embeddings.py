@@ -1,4 +1,5 @@
-"""Time embeddings shared by every network (MLP, U-Net)."""
+"""Time embeddings shared by every network (MLP, U-Net), and the class embedding of
+conditional networks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TIME_EMBEDDINGS", "GaussianFourierEmbedding", "SinusoidalEmbedding"]
+__all__ = ["TIME_EMBEDDINGS", "ClassEmbedding", "GaussianFourierEmbedding", "SinusoidalEmbedding"]
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -57,3 +58,49 @@ TIME_EMBEDDINGS: dict[str, type[nn.Module]] = {
     "sinusoidal": SinusoidalEmbedding,
     "fourier": GaussianFourierEmbedding,
 }
+
+
+class ClassEmbedding(nn.Module):
+    """A learned embedding of K classes plus one "null" class (index K, no label), for
+    conditional score networks trained with label dropout (classifier-free guidance).
+
+    ``forward(y, batch)``: ``y`` ``(B,)`` int labels in 0…K (K = null), or ``None`` for the null
+    class for the whole batch of size ``batch``; returns ``(B, dim)``.
+    """
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"a conditional network needs num_classes >= 2, got {num_classes}")
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    @property
+    def null(self) -> int:
+        """The index of the null class (K)."""
+        return self.num_classes
+
+    def forward(self, y: Tensor | None, batch: int) -> Tensor:
+        if y is None:
+            y = torch.full((batch,), self.null, dtype=torch.long, device=self.table.weight.device)
+        y = torch.as_tensor(y, device=self.table.weight.device).long().reshape(-1)
+        if y.numel() == 1 and batch != 1:
+            y = y.expand(batch)
+        if y.shape != (batch,):
+            raise ValueError(f"need one label per example: got {tuple(y.shape)} for {batch}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) > self.null):
+            bad = int(y.max()) if int(y.max()) > self.null else int(y.min())
+            raise ValueError(
+                f"class index {bad} out of range: the network has {self.num_classes} classes "
+                f"(0…{self.num_classes - 1}; {self.null} = no label)"
+            )
+        return self.table(y)
+
+
+def check_unconditional(y: Tensor | None) -> None:
+    """Raise the one-line error for labels passed to an unconditional network."""
+    if y is not None:
+        raise ValueError(
+            "this network is unconditional (model.num_classes=0) and takes no labels: "
+            "train with model.num_classes=K for class-conditional sampling"
+        )

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from sdelab.nets.embeddings import TIME_EMBEDDINGS
+from sdelab.nets.embeddings import TIME_EMBEDDINGS, ClassEmbedding, check_unconditional
 from sdelab.nets.unet import ImageUNet
 from sdelab.parametrization import ScoreModel
 from sdelab.sde import Schedule
@@ -34,6 +34,10 @@ class MLP(nn.Module):
         embedding_dim: size of the time embedding (even).
         embedding_scale: the embedding's input scale (``None``: its default — 1000 for
             sinusoidal, 16 for Fourier).
+        num_classes: K > 0 makes the network class-conditional: ``net(x, t, y)`` adds a
+            learned class embedding (K classes + a null class, see
+            :class:`~sdelab.nets.embeddings.ClassEmbedding`) to the time codes; ``y = None``
+            is the null class. 0: unconditional (no labels).
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class MLP(nn.Module):
         embedding: str = "sinusoidal",
         embedding_dim: int = 64,
         embedding_scale: float | None = None,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         if embedding not in TIME_EMBEDDINGS:
@@ -64,12 +69,18 @@ class MLP(nn.Module):
         self.out = nn.Linear(width, dim)
         self.act = nn.SiLU()
         self.depth = depth
+        self.class_embed = ClassEmbedding(num_classes, width * depth) if num_classes else None
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         flat = x.reshape(x.shape[0], -1)  # (B, D)
         if t.numel() > 1 and bool((t == t[0]).all()):
             t = t[:1]  # one time for the batch (samplers, ODEs): embed once, broadcast below
-        codes = self.time_embed(t).chunk(self.depth, dim=1)  # depth × (B or 1, width)
+        code = self.time_embed(t)  # (B or 1, width·depth)
+        if self.class_embed is not None:
+            code = code + self.class_embed(y, x.shape[0])
+        else:
+            check_unconditional(y)
+        codes = code.chunk(self.depth, dim=1)  # depth × (B or 1, width)
         h = self.inp(flat)
         for layer, code in zip(self.hidden, codes):
             h = layer(self.act(h + code))
@@ -87,7 +98,8 @@ def build_model(config: RunConfig, schedule: Schedule) -> ScoreModel:
     an :class:`MLP`, or for ``arch: unet`` an :class:`~sdelab.nets.unet.ImageUNet` of
     ``model.image_shape``;
     its output kind is ``config.loss.parametrization`` (eps, score, x0, v or drift). Calling
-    the returned model gives the score; ``model.predict(x, t, kind)`` any other kind.
+    the returned model gives the score; ``model.predict(x, t, kind)`` any other kind. With
+    ``model.num_classes: K`` the network is class-conditional: ``model(x, t, y)``.
     """
     m = config.model
     if m.dim is None:
@@ -106,5 +118,6 @@ def build_model(config: RunConfig, schedule: Schedule) -> ScoreModel:
         embedding=m.embedding,
         embedding_dim=m.embedding_dim,
         embedding_scale=m.embedding_scale,
+        num_classes=m.num_classes,
     )
     return ScoreModel(net, schedule, output=config.loss.parametrization)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdelab.nets.embeddings import TIME_EMBEDDINGS
+from sdelab.nets.embeddings import TIME_EMBEDDINGS, ClassEmbedding, check_unconditional
 from sdelab.utils import batch_time
 
 __all__ = ["ImageUNet", "UNet", "build_unet", "fourier_features"]
@@ -141,6 +141,9 @@ class UNet(nn.Module):
         fourier_features: exponents n of VDM's input features sin/cos(2ⁿ·2π·x), e.g.
             ``range(6, 8)`` for 8-bit data scaled to [−1, 1]; empty = off.
         num_groups: GroupNorm groups (reduced to gcd(num_groups, channels) where needed).
+        num_classes: K > 0: class-conditional, ``net(x, t, y)`` adds a learned class
+            embedding (K classes + null, :class:`~sdelab.nets.embeddings.ClassEmbedding`)
+            to the time embedding; ``y = None`` is the null class. 0: unconditional.
 
     Raises:
         ValueError: a size not divisible by the downsampling factor, an attention
@@ -167,6 +170,7 @@ class UNet(nn.Module):
         time_embedding_kwargs: dict | None = None,
         fourier_features: Sequence[int] = (),
         num_groups: int = 8,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -201,6 +205,7 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)
         )
+        self.class_embed = ClassEmbedding(num_classes, temb_dim) if num_classes else None
 
         c_in = in_channels * (1 + 2 * len(self.fourier_exponents))
         self.conv_in = nn.Conv2d(c_in, base_channels, 3, padding=1)
@@ -251,8 +256,9 @@ class UNet(nn.Module):
         res = _ResBlock(c_in, c_out, temb_dim, dropout, groups)
         return _Block(res, _SelfAttention(c_out, heads, groups) if attn else None)
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """``x``: ``(B, C, H, W)`` as built, ``t``: scalar or ``(B,)`` → ``(B, C_out, H, W)``."""
+    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+        """``x``: ``(B, C, H, W)`` as built, ``t``: scalar or ``(B,)``, ``y``: ``(B,)`` labels
+        of a conditional net (``None``: null class) → ``(B, C_out, H, W)``."""
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(
                 f"UNet built for inputs (B, {', '.join(map(str, self.image_shape))}), "
@@ -260,6 +266,10 @@ class UNet(nn.Module):
             )
         t = batch_time(t, x)
         temb = self.time_mlp(self.time_embed(t))  # (B, 4·base)
+        if self.class_embed is not None:
+            temb = temb + self.class_embed(y, x.shape[0])
+        else:
+            check_unconditional(y)
 
         h = x
         if self.fourier_exponents:
@@ -289,10 +299,10 @@ class ImageUNet(UNet):
     runs) may pass ``(B, D)``; both give the same numbers. The state dict is a plain UNet's.
     """
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
         if x.ndim == 2 and x.shape[1] == math.prod(self.image_shape):
-            return super().forward(x.reshape(x.shape[0], *self.image_shape), t).flatten(1)
-        return super().forward(x, t)
+            return super().forward(x.reshape(x.shape[0], *self.image_shape), t, y).flatten(1)
+        return super().forward(x, t, y)
 
 
 def build_unet(model, device: torch.device | str | None = None) -> ImageUNet:
@@ -317,6 +327,7 @@ def build_unet(model, device: torch.device | str | None = None) -> ImageUNet:
             time_embedding_kwargs=kwargs,
             fourier_features=tuple(model.fourier_features),
             num_groups=model.num_groups,
+            num_classes=model.num_classes,
         )
 
 

@@ -13,6 +13,7 @@ choices. ``sdelab train --dry-run`` prints the resolved config.
             # arch: unet adds base_channels: 32, channel_mults: [1, 2, 2], num_res_blocks: 1,
             # attn_resolutions: [], mid_attention: true, attn_heads: 1, dropout: 0.0,
             # fourier_features: [], num_groups: 8, image_shape: null (filled from the data)
+            # num_classes: 0, label_dropout: 0.0 (class-conditional nets, either arch)
     loss:   {objective: dsm, parametrization: eps, weighting: score-matching,
              time_sampling: uniform, low_discrepancy: false, vlb_steps: 0}
     optim:  {name: adam, lr: 0.001, betas: [0.9, 0.999], eps: 1.0e-08, weight_decay: 0.0,
@@ -147,7 +148,12 @@ class ModelConfig(_Section):
     ``num_res_blocks``, ``attn_resolutions`` (feature-map sizes with self-attention),
     ``mid_attention``, ``attn_heads``, ``dropout``, ``fourier_features`` (VDM input-feature
     exponents), ``num_groups``, and ``image_shape`` [C, H, W] (null = from the image data;
-    filled in when the config is loaded, so a checkpoint rebuilds the U-Net alone)."""
+    filled in when the config is loaded, so a checkpoint rebuilds the U-Net alone).
+    Class-conditional nets (classifier-free guidance, either arch): ``num_classes`` K ≥ 2 (0 =
+    unconditional) adds a learned class embedding (K classes + a null class) to the time
+    embedding; the data must have K classes and training feeds their labels, each replaced by
+    the null label with probability ``label_dropout`` (e.g. 0.1; needed for guidance scales
+    other than 1)."""
 
     arch: Literal["mlp", "unet"] = "mlp"
     width: int = Field(128, ge=1)
@@ -166,6 +172,20 @@ class ModelConfig(_Section):
     fourier_features: list[int] = Field(default_factory=list)
     num_groups: int = Field(8, ge=1)
     image_shape: list[int] | None = Field(None, min_length=3, max_length=3)
+    num_classes: int = Field(0, ge=0)
+    label_dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _conditional(self) -> ModelConfig:
+        if self.num_classes == 1:
+            raise ValueError(
+                "model.num_classes=1: a conditional net needs at least 2 classes (0 = off)"
+            )
+        if self.label_dropout > 0 and not self.num_classes:
+            raise ValueError(
+                "model.label_dropout needs a conditional net: set model.num_classes=K too"
+            )
+        return self
 
     @field_validator("channel_mults", "image_shape")
     @classmethod
@@ -344,6 +364,11 @@ class RunConfig(_Section):
         if loss.weighting != "likelihood":
             raise ValueError(
                 "loss.objective=vdm is the likelihood-weighted bound: set loss.weighting=likelihood"
+            )
+        if self.model.num_classes:
+            raise ValueError(
+                "loss.objective=vdm trains unconditional models: set model.num_classes=0 "
+                "(class-conditional training uses loss.objective=dsm)"
             )
         if loss.time_sampling != "uniform" and (learned or loss.vlb_steps):
             why = (

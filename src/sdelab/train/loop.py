@@ -81,6 +81,7 @@ __all__ = [
     "TrainingInterrupted",
     "build_run",
     "check_world",
+    "drop_labels",
     "ema_decay_at",
     "evaluate",
     "lr_at",
@@ -203,8 +204,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_config(config: RunConfig, dataset: Dataset | None = None) -> RunConfig:
-    """Fill in what the data decides (``model.dim``), checking it against a set value."""
+    """Fill in what the data decides (``model.dim``), checking it against a set value, and
+    check that a class-conditional net (``model.num_classes``) fits the data's labels."""
     dataset = dataset or make_run_dataset(config)
+    k, have = config.model.num_classes, getattr(dataset, "num_classes", 0)
+    if k and not have:
+        from sdelab.data.toys import no_labels_error
+
+        raise ConfigError(
+            f"model.num_classes={k}: {no_labels_error(config.data.name)}, or set "
+            "model.num_classes=0"
+        )
+    if k and k != have:
+        raise ConfigError(
+            f"model.num_classes={k} but dataset {config.data.name!r} has {have} classes: "
+            f"set model.num_classes={have}"
+        )
     if config.model.dim not in (None, dataset.dim):
         raise ConfigError(
             f"model.dim={config.model.dim} but dataset {config.data.name!r} has dimension "
@@ -327,12 +342,41 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             e.copy_(b)
 
 
+def drop_labels(
+    labels: Tensor, p: float, null: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """Replace each label by the null label ``null`` with probability ``p`` (independently;
+    the mask is drawn with ``generator`` over the whole batch). ``p = 0`` draws nothing."""
+    if p == 0:
+        return labels
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, null), labels)
+
+
+def _batch(run: Run) -> tuple[Tensor, Tensor | None]:
+    """The global batch ``x0`` and, for a conditional net, its labels after label dropout
+    (the mask drawn from the loss generator, before the times and noise)."""
+    cfg = run.config
+    b, k = cfg.train.batch_size, cfg.model.num_classes
+    if not k:
+        return run.dataset.sample(b, run.data_gen).to(run.device), None
+    x0, labels = run.dataset.sample_labeled(b, run.data_gen)
+    labels = drop_labels(labels.to(run.device), cfg.model.label_dropout, k, run.loss_gen)
+    return x0.to(run.device), labels
+
+
+def _labeled(net: Callable, labels: Tensor | None) -> Callable:
+    """``net`` as ``(x, t) -> net(x, t, labels)`` for a conditional net (``dsm_loss`` calls
+    ``net(x_t, t)``); ``net`` itself when unconditional."""
+    return net if labels is None else (lambda x, t: net(x, t, labels))
+
+
 def train_step(run: Run) -> StepStats:
     """One optimizer step on a fresh batch; raises :class:`TrainingError` (without updating
     the weights) if the loss or the gradient norm is not finite."""
     cfg = run.config
-    vdm = cfg.loss.objective == "vdm"
-    x0 = _train_batch(run, vdm).to(run.device)
+    vdm = cfg.loss.objective == "vdm"  # unconditional only (RunConfig checks)
+    x0, labels = (_train_batch(run, vdm).to(run.device), None) if vdm else _batch(run)
     lr = lr_at(cfg.optim, run.step)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -343,7 +387,7 @@ def train_step(run: Run) -> StepStats:
             raise TrainingError(f"loss is {float(loss)} at step {run.step + 1}")
     elif _is_plain(run):  # one process, full precision, one micro-batch: the original step
         loss = dsm_loss(
-            run.model.net,
+            _labeled(run.model.net, labels),
             run.schedule,
             x0,
             parametrization=cfg.loss.parametrization,
@@ -358,7 +402,7 @@ def train_step(run: Run) -> StepStats:
         loss.backward()
     else:
         run.optimizer.zero_grad(set_to_none=True)
-        loss = _sharded_backward(run, x0)  # the global batch mean, the same on every rank
+        loss = _sharded_backward(run, x0, labels)  # the global batch mean, same on every rank
         if not torch.isfinite(loss):
             raise TrainingError(f"loss is {float(loss)} at step {run.step + 1}")
     if run.scaler is not None:
@@ -482,12 +526,14 @@ def _autocast(run: Run):
     return torch.autocast(device_type=run.device.type, dtype=dtype)
 
 
-def _sharded_backward(run: Run, x0: Tensor) -> Tensor:
-    """Backward of this rank's share of the global batch ``x0`` ``(B, ...)``, in
-    ``grad_accum`` micro-batches; returns the global mean loss (all-reduced).
+def _sharded_backward(run: Run, x0: Tensor, labels: Tensor | None = None) -> Tensor:
+    """Backward of this rank's share of the global batch ``x0`` ``(B, ...)`` (with its labels
+    after dropout, for a conditional net), in ``grad_accum`` micro-batches; returns the global
+    mean loss (all-reduced).
 
     Times and noise are drawn for the whole global batch, in the order :func:`dsm_loss` draws
-    them, so the rows of rank r are those a single process gives the same examples.
+    them (the label-dropout mask before them, over the global batch too), so the rows of rank
+    r are those a single process gives the same examples.
     """
     cfg, info = run.config, run.dist
     b, k = x0.shape[0], cfg.train.grad_accum
@@ -513,7 +559,7 @@ def _sharded_backward(run: Run, x0: Tensor) -> Tensor:
         with sync:
             with _autocast(run):
                 loss = dsm_loss(
-                    net,
+                    _labeled(net, None if labels is None else labels[rows]),
                     run.schedule,
                     x0[rows],
                     parametrization=cfg.loss.parametrization,
