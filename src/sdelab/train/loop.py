@@ -35,7 +35,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -431,6 +431,19 @@ def _train_batch(run: Run, vdm: bool) -> Tensor:
     return run.dataset.sample(b, run.data_gen)
 
 
+def _micro_batches(run: Run, b: int) -> Iterator[tuple[slice, contextlib.AbstractContextManager]]:
+    """This rank's ``train.grad_accum`` micro-batches of a global batch of ``b`` rows: (rows,
+    context); the context defers DDP's gradient all-reduce to the last micro-batch's backward."""
+    info, k = run.dist, run.config.train.grad_accum
+    per_rank = b // info.world_size
+    micro = per_rank // k
+    for j in range(k):
+        lo = info.rank * per_rank + j * micro
+        last = j == k - 1
+        sync = contextlib.nullcontext() if run.ddp is None or last else run.ddp.no_sync()
+        yield slice(lo, lo + micro), sync
+
+
 def _vdm_backward(run: Run, x0: Tensor) -> Tensor:
     """Backward of the VDM bound (in bits/dim) on this rank's share of the global batch
     ``x0`` (integer levels for image data), in ``grad_accum`` micro-batches; returns the
@@ -446,7 +459,7 @@ def _vdm_backward(run: Run, x0: Tensor) -> Tensor:
     cfg, info = run.config, run.dist
     levels = getattr(run.dataset, "num_levels", None)
     n_steps = cfg.loss.vlb_steps or None
-    b, k = x0.shape[0], cfg.train.grad_accum
+    b = x0.shape[0]
     like = x0 if x0.is_floating_point() else x0.to(torch.get_default_dtype())
     t = vlb_times(
         run.schedule,
@@ -464,7 +477,6 @@ def _vdm_backward(run: Run, x0: Tensor) -> Tensor:
     ids = {id(p) for p in shape}
     others = [p for p in run.model.parameters() if id(p) not in ids]
     per_rank = b // info.world_size
-    micro = per_rank // k
     net = run.ddp if run.ddp is not None else run.model.net
     schedule = run.schedule
 
@@ -472,10 +484,7 @@ def _vdm_backward(run: Run, x0: Tensor) -> Tensor:
         return net(z, schedule.net_time(time))
 
     total = torch.zeros((), device=x0.device)
-    for j in range(k):
-        lo = info.rank * per_rank + j * micro
-        rows = slice(lo, lo + micro)
-        sync = run.ddp.no_sync() if run.ddp is not None and j < k - 1 else contextlib.nullcontext()
+    for rows, sync in _micro_batches(run, b):
         with sync:
             with _autocast(run):
                 vlb = vdm_vlb(
@@ -536,7 +545,7 @@ def _sharded_backward(run: Run, x0: Tensor, labels: Tensor | None = None) -> Ten
     r are those a single process gives the same examples.
     """
     cfg, info = run.config, run.dist
-    b, k = x0.shape[0], cfg.train.grad_accum
+    b = x0.shape[0]
     time = sample_time(
         run.schedule,
         b,
@@ -548,14 +557,9 @@ def _sharded_backward(run: Run, x0: Tensor, labels: Tensor | None = None) -> Ten
     )
     noise = randn_like(x0, run.loss_gen)
     per_rank = b // info.world_size
-    micro = per_rank // k
     net = run.ddp if run.ddp is not None else run.model.net
     total = torch.zeros((), device=x0.device)
-    for j in range(k):
-        lo = info.rank * per_rank + j * micro
-        rows = slice(lo, lo + micro)
-        # gradients are all-reduced once, in the last micro-batch's backward
-        sync = run.ddp.no_sync() if run.ddp is not None and j < k - 1 else contextlib.nullcontext()
+    for rows, sync in _micro_batches(run, b):
         with sync:
             with _autocast(run):
                 loss = dsm_loss(
