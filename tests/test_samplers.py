@@ -202,7 +202,7 @@ def _slope(steps, errors) -> float:
         ("ode", {"method": "rk4"}, [5, 10, 20, 40], 4),
         ("dpm_solver", {"grid": "logsnr", "order": 1}, [40, 80, 160, 320], 1),
         ("dpm_solver", {"grid": "logsnr"}, [20, 40, 80, 160], 2),
-        ("dpm_solver", {"grid": "logsnr", "order": 3}, [20, 40, 80, 160], 3),
+        ("dpm_solver", {"grid": "logsnr", "order": 3}, [40, 80, 160, 320], 3),
     ],
 )
 def test_fixed_step_solvers_show_their_order(order_problem, sampler, options, steps, order):
