@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli_helpers import run_cli
 from sdelab.cli import main
 
 TINY = [
@@ -18,12 +19,6 @@ TINY = [
     "train.log_every=50",
     "train.ckpt_every=100",
 ]
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from cli_helpers import run_cli
 from sdelab.cli import main
 from sdelab.report import run_likelihood
 
@@ -20,12 +21,6 @@ TINY = [
     "train.log_every=50",
     "train.ckpt_every=150",
 ]
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

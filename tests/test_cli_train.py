@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_helpers import run_cli
 from sdelab.cli import main
 from sdelab.train.checkpoint import load_run
 
@@ -18,12 +19,6 @@ TINY = [
     "train.log_every=5",
     "train.ckpt_every=10",
 ]
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(err: str) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_helpers import run_cli
 from sdelab.cli import main
 from sdelab.controllable import (
     cfg_score,
@@ -34,12 +35,6 @@ TINY = [
     "train.log_every=100",
 ]
 COND = ["model.num_classes=8", "model.label_dropout=0.1"]
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ---- the combination rule --------------------------------------------------------------------
