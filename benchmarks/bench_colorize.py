@@ -35,11 +35,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdelab.controllable import colorize, save_png_grid
+from sdelab.controllable import colorize
 from sdelab.data.images import load_image_dataset
-from sdelab.train.checkpoint import load_run
+from sdelab.data.png import save_png_grid
+from sdelab.train.build import load_run, make_run_dataset
 from sdelab.train.config import load_config
-from sdelab.train.loop import make_run_dataset, train
+from sdelab.train.loop import train
 
 
 def write_tinted_digits(root: Path, seed: int = 0) -> None:

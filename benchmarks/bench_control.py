@@ -45,19 +45,14 @@ from pathlib import Path
 
 import torch
 
-from sdelab.controllable import (
-    cfg_score_fn,
-    guided_score_fn,
-    inpaint,
-    load_classifier,
-    save_png_grid,
-    train_classifier,
-)
+from sdelab.controllable import cfg_score_fn, guided_score_fn, inpaint
 from sdelab.data.images import model_to_levels
+from sdelab.data.png import save_png_grid
 from sdelab.samplers import sample
-from sdelab.train.checkpoint import load_run
+from sdelab.train.build import load_run, make_run_dataset
+from sdelab.train.classifier import load_classifier, train_classifier
 from sdelab.train.config import load_config
-from sdelab.train.loop import make_run_dataset, train
+from sdelab.train.loop import train
 
 SCALES = (0.0, 1.0, 2.0, 4.0)
 

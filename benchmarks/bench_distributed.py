@@ -40,7 +40,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from sdelab import distributed
-    from sdelab.report import run_likelihood
+    from sdelab.runs import run_likelihood
     from sdelab.train.config import load_config
     from sdelab.train.loop import train
 

@@ -35,9 +35,10 @@ from pathlib import Path
 
 import torch
 
-from sdelab.report import run_likelihood, sample_run
+from sdelab.runs import run_likelihood, sample_run
+from sdelab.train.build import build_run, make_run_dataset
 from sdelab.train.config import load_config
-from sdelab.train.loop import build_run, make_run_dataset, train, train_step
+from sdelab.train.loop import train, train_step
 
 REFERENCES = [
     ("uniform over 17 levels", math.log2(17)),
@@ -110,9 +111,9 @@ GRID_KIND = {"digits": "dpm3", "fashion": "em"}
 
 def _grid(run_dir: Path, path: Path, kind: str) -> None:
     """64 samples of ``run_dir`` as a PNG grid, drawn with ``GRID_SAMPLERS[kind]``."""
-    from sdelab.data.image_data import save_level_grid
     from sdelab.data.images import model_to_levels
-    from sdelab.train.checkpoint import load_run
+    from sdelab.data.png import save_level_grid
+    from sdelab.train.build import load_run
 
     config, _, _ = load_run(run_dir)
     dataset = make_run_dataset(config)

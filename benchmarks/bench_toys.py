@@ -26,9 +26,10 @@ from scipy.spatial import cKDTree
 from scipy.special import digamma
 
 from sdelab.data import TOYS, sample_toy
-from sdelab.report import run_likelihood
+from sdelab.runs import run_likelihood
+from sdelab.train.build import build_run, resolve_config
 from sdelab.train.config import load_config
-from sdelab.train.loop import build_run, resolve_config, train, train_step
+from sdelab.train.loop import train, train_step
 
 
 def knn_entropy(x: np.ndarray, k: int = 5) -> float:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from sdelab.report import run_vlb
-from sdelab.train.checkpoint import load_run
+from sdelab.runs import run_vlb
+from sdelab.train.build import load_run, make_run_dataset
 from sdelab.train.config import load_config
-from sdelab.train.loop import make_run_dataset, train
+from sdelab.train.loop import train
 from sdelab.vdm import vdm_vlb
 
 SCHEDULES = {

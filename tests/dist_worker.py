@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from sdelab import distributed
-from sdelab.report import evaluate_sharded, run_likelihood, sample_run
+from sdelab.evaluation import evaluate_sharded
+from sdelab.runs import run_likelihood, sample_run
 from sdelab.sde import make_schedule
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from cli_helpers import run_cli
 from sdelab.cli import main
-from sdelab.report import run_likelihood
+from sdelab.runs import run_likelihood
 
 TINY = [
     "model.width=32",
@@ -157,8 +157,7 @@ def test_trained_oracle_nll_approaches_entropy(tmp_path):
     run = tmp_path / "oracle"
     assert main(["train", "oracle", "train.steps=3000", "--out", str(run)]) == 0
     res = run_likelihood(run, n=4000, rtol=1e-5, atol=1e-5, progress=False)
-    from sdelab.train.checkpoint import load_run
-    from sdelab.train.loop import make_run_dataset
+    from sdelab.train.build import load_run, make_run_dataset
 
     config, _, _ = load_run(run)
     entropy = make_run_dataset(config).entropy()

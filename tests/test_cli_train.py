@@ -8,7 +8,7 @@ import torch
 
 from cli_helpers import run_cli
 from sdelab.cli import main
-from sdelab.train.checkpoint import load_run
+from sdelab.train.build import load_run
 
 TINY = [
     "model.width=16",

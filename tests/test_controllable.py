@@ -14,19 +14,17 @@ from sdelab.controllable import (
     colorize,
     couple,
     decouple,
-    eight_gaussians_mixture,
-    fit_classifier,
     guided_score_fn,
     inpaint,
     inpainting_constraint,
-    mixture_classifier,
-    mixture_score_fn,
-    sample_labeled,
 )
+from sdelab.data import make_dataset
+from sdelab.data.toys import eight_gaussians_mixture
 from sdelab.nets.classifier import ConvClassifier, TimeClassifier
-from sdelab.oracle import GaussianData
+from sdelab.oracle import GaussianData, mixture_classifier, mixture_score_fn
 from sdelab.samplers import sample
 from sdelab.sde import VESchedule, VPSchedule
+from sdelab.train.classifier import fit_classifier
 
 F64 = torch.float64
 
@@ -259,7 +257,7 @@ def test_trained_classifier_beats_chance_at_small_t():
     net = TimeClassifier(2, 8, width=32, depth=2)
     losses = fit_classifier(
         net,
-        lambda n, g: sample_labeled("8gaussians", n, g),
+        make_dataset("8gaussians").sample_labeled,
         schedule,
         steps=300,
         batch_size=256,
@@ -267,7 +265,7 @@ def test_trained_classifier_beats_chance_at_small_t():
     )
     assert losses[-1] < losses[0]
     g = torch.Generator().manual_seed(1)
-    x0, labels = sample_labeled("8gaussians", 2000, g)
+    x0, labels = make_dataset("8gaussians").sample_labeled(2000, g)
     t = torch.full((2000,), 0.05)
     xt = schedule.perturb(x0, t, torch.randn(x0.shape, generator=g))
     with torch.no_grad():
@@ -282,4 +280,4 @@ def test_conv_classifier_shapes():
 
 def test_unlabeled_dataset_is_a_value_error():
     with pytest.raises(ValueError, match="no class labels"):
-        sample_labeled("swissroll", 4, torch.Generator())
+        make_dataset("swissroll").sample_labeled(4, torch.Generator())

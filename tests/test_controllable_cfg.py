@@ -12,20 +12,17 @@ import torch
 
 from cli_helpers import run_cli
 from sdelab.cli import main
-from sdelab.controllable import (
-    cfg_score,
-    cfg_score_fn,
-    eight_gaussians_mixture,
-    guided_score_fn,
-    load_classifier,
-    mixture_classifier,
-    mixture_score_fn,
-)
+from sdelab.controllable import cfg_score, cfg_score_fn, guided_score_fn
+from sdelab.data.toys import eight_gaussians_mixture
 from sdelab.nets.mlp import MLP
 from sdelab.nets.unet import ImageUNet
+from sdelab.oracle import mixture_classifier, mixture_score_fn
 from sdelab.sde import VPSchedule
+from sdelab.train.build import build_run
+from sdelab.train.classifier import load_classifier
 from sdelab.train.config import ConfigError, load_config
-from sdelab.train.loop import build_run, drop_labels, train, train_step
+from sdelab.train.loop import train, train_step
+from sdelab.train.objectives import drop_labels
 
 TINY = [
     "model.width=64",

@@ -10,7 +10,7 @@ import torch
 from scipy import stats
 
 from sdelab.data import DATASETS, TOYS, load_array, make_dataset, toy_entropy, toy_log_prob
-from sdelab.data.toys import LABELED_TOYS, ToyDataset, _eight_centers, sample_toy
+from sdelab.data.toys import LABELED_TOYS, ToyDataset, eight_gaussians_mixture, sample_toy
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -213,7 +213,7 @@ def test_labels_follow_the_geometry():
     upper = (x[:, 1] >= 0).long()  # each column has one black square above 0, one below
     assert torch.equal(lab, 2 * col + upper)
     x, lab = ToyDataset("8gaussians").sample_labeled(5000, g)
-    centers = torch.tensor(_eight_centers(), dtype=torch.float32)
+    centers, _ = eight_gaussians_mixture()
     assert (torch.cdist(x, centers).argmin(1) == lab).float().mean() >= 0.99
     for name, radii in (("circles", (3.0, 1.5)), ("rings", (3.0, 2.25, 1.5, 0.75))):
         x, lab = ToyDataset(name).sample_labeled(5000, g)

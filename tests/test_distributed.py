@@ -18,11 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdelab.report import evaluate_sharded, run_likelihood, sample_run
+from sdelab.evaluation import evaluate_sharded
+from sdelab.runs import run_likelihood, sample_run
 from sdelab.sde import make_schedule
+from sdelab.train.build import build_run
 from sdelab.train.checkpoint import load_checkpoint
 from sdelab.train.config import ConfigError, load_config
-from sdelab.train.loop import build_run, train
+from sdelab.train.loop import train
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -185,7 +187,7 @@ def test_sharded_results_do_not_depend_on_batching_for_per_example_solves():
 def test_one_chunk_sampling_is_unchanged(tiny_run):
     """A single chunk draws what one call to ``sample(..., generator=seed)`` did before."""
     from sdelab.samplers import sample
-    from sdelab.train.checkpoint import load_run
+    from sdelab.train.build import load_run
 
     _, model, schedule = load_run(tiny_run)
     ref = sample(model, schedule, (9, 2), sampler="euler_maruyama", steps=10, generator=5)

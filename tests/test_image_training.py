@@ -168,7 +168,7 @@ def test_train_reduces_loss(digits_run):
 
 def test_checkpoint_rebuilds_unet(digits_run):
     from sdelab.nets.unet import ImageUNet
-    from sdelab.train.checkpoint import load_run
+    from sdelab.train.build import load_run
 
     config, model, _ = load_run(digits_run)
     assert isinstance(model.net, ImageUNet) and config.model.image_shape == [1, 8, 8]
@@ -195,9 +195,9 @@ def test_likelihood_bits_per_dim(digits_run, method, extra, divergence, capsys):
 
 
 def test_likelihood_matches_evaluate_likelihood(digits_run):
-    from sdelab.likelihood import evaluate_likelihood
-    from sdelab.report import run_likelihood
-    from sdelab.train.checkpoint import load_run
+    from sdelab.evaluation import evaluate_likelihood
+    from sdelab.runs import run_likelihood
+    from sdelab.train.build import load_run
 
     res = run_likelihood(digits_run, method="elbo", n=8, seed=1, progress=False)
     _, model, schedule = load_run(digits_run)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from sdelab.evaluation import evaluate_likelihood
 from sdelab.likelihood import (
     elbo,
-    evaluate_likelihood,
     log_likelihood,
     per_example_rms_norm,
     sample_probes,

@@ -17,30 +17,28 @@ from safetensors.torch import load_file
 
 from sdelab.data import make_dataset
 from sdelab.losses import dsm_loss, sample_time
-from sdelab.nets.mlp import MLP, build_model
+from sdelab.nets.mlp import MLP
 from sdelab.parametrization import KINDS, ScoreModel
 from sdelab.sde import make_schedule
-from sdelab.train import loop
+from sdelab.train import loop, objectives
+from sdelab.train.build import build_model, build_run, load_run, resolve_config
 from sdelab.train.checkpoint import (
     CheckpointError,
     list_checkpoints,
     load_checkpoint,
-    load_run,
     save_checkpoint,
 )
 from sdelab.train.config import ConfigError, load_config
 from sdelab.train.loop import (
     EvalContext,
     TrainingError,
-    build_run,
     ema_decay_at,
     lr_at,
-    restore,
-    save,
     train,
     train_step,
     update_ema,
 )
+from sdelab.train.rundir import restore, save
 
 TINY = [
     "model.width=32",
@@ -65,7 +63,7 @@ def read_metrics(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
 @pytest.mark.parametrize("embedding", ["sinusoidal", "fourier"])
 def test_mlp_every_output_kind(kind, embedding):
     cfg = tiny(f"loss.parametrization={kind}", f"model.embedding={embedding}")
-    cfg = loop.resolve_config(cfg)
+    cfg = resolve_config(cfg)
     sde = make_schedule("vp")
     model = build_model(cfg, sde)
     assert isinstance(model, ScoreModel) and model.output == kind
@@ -105,7 +103,7 @@ def test_short_run_on_gaussian_data_approaches_the_oracle(tmp_path):
     """A few hundred steps bring the DSM loss most of the way from its initial value to the
     loss of the exact score (the oracle's minimum), on fixed held-out (x0, t, ε)."""
     cfg = tiny("train.steps=300", "optim.lr=3e-3", "train.ema_decay=0.9", "train.log_every=50")
-    run0 = build_run(loop.resolve_config(cfg), tmp_path / "init")
+    run0 = build_run(resolve_config(cfg), tmp_path / "init")
     result = train(cfg, tmp_path / "run")
     assert result.step == 300
     _, ema, sde = load_run(tmp_path / "run", "ema")
@@ -168,7 +166,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
             out.loss[3] = float("nan")
         return out
 
-    monkeypatch.setattr(loop, "dsm_loss", poisoned)
+    monkeypatch.setattr(objectives, "dsm_loss", poisoned)
     run_dir = tmp_path / "run"
     with pytest.raises(TrainingError) as info:
         train(tiny("train.steps=100", "train.ckpt_every=10"), run_dir)
@@ -209,7 +207,7 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path):
 
 # ---- checkpoints -----------------------------------------------------------------------------
 def test_checkpoint_round_trip_keep_last_and_half_written_files(tmp_path):
-    run = build_run(loop.resolve_config(tiny("train.keep_last=2")), tmp_path)
+    run = build_run(resolve_config(tiny("train.keep_last=2")), tmp_path)
     for _ in range(3):
         train_step(run)
         save(run)
@@ -243,7 +241,7 @@ def test_checkpoint_round_trip_keep_last_and_half_written_files(tmp_path):
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "json"])
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, damage):
-    run = build_run(loop.resolve_config(tiny()), tmp_path)
+    run = build_run(resolve_config(tiny()), tmp_path)
     path = save(run)
     tensors = path.with_suffix(".safetensors")
     if damage == "flip":
@@ -262,7 +260,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, damage):
 def test_load_run_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint in"):
         load_run(tmp_path)
-    cfg = loop.resolve_config(tiny())
+    cfg = resolve_config(tiny())
     save_checkpoint(tmp_path, 0, {"x": torch.zeros(1)}, {}, config=cfg)
     with pytest.raises(ValueError, match="unknown weights 'best': choose one of ema, raw"):
         load_run(tmp_path, "best")

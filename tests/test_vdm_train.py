@@ -12,11 +12,13 @@ import torch
 from sdelab.cli import main
 from sdelab.oracle import GaussianData
 from sdelab.parametrization import score_fn_to_kind
-from sdelab.report import run_vlb
+from sdelab.runs import run_vlb
 from sdelab.sde import VDMLinearSchedule, make_schedule
-from sdelab.train.checkpoint import load_checkpoint, load_run, prefixed
+from sdelab.train.build import build_run, load_run
+from sdelab.train.checkpoint import load_checkpoint, prefixed
 from sdelab.train.config import ConfigError, load_config
-from sdelab.train.loop import build_run, restore, train, train_step
+from sdelab.train.loop import train, train_step
+from sdelab.train.rundir import restore
 from sdelab.vdm import vdm_vlb
 
 TOY = [

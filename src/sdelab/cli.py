@@ -3,11 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import textwrap
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from sdelab import controllable as ctl
+from sdelab import distributed
+from sdelab.data.image_data import IMAGE_DATA_NAMES
+from sdelab.data.images import model_to_levels
+from sdelab.data.png import load_mask_png, load_png, save_level_grid, save_png_grid
+from sdelab.plots import plot_samples
+from sdelab.runs import (
+    format_table,
+    guided_sample_run,
+    likelihood_table,
+    plot_run,
+    run_likelihood,
+    run_vlb,
+    sample_run,
+    save_samples,
+    write_json,
+)
+from sdelab.samplers import SAMPLERS
+from sdelab.train.build import load_run, make_run_dataset, resolve_config
+from sdelab.train.checkpoint import load_checkpoint
+from sdelab.train.classifier import train_classifier
+from sdelab.train.config import builtin_configs, load_config
+from sdelab.train.hooks import likelihood_hook
+from sdelab.train.loop import TrainingError, TrainingInterrupted, train
 
 
 class CLIError(Exception):
@@ -17,10 +46,6 @@ class CLIError(Exception):
 def _demo(args: argparse.Namespace) -> int:
     """Train a 2-D toy model, then write samples, density and trajectory plots and print a
     table of test NLL (probability-flow ODE) and bounds next to the data's true entropy."""
-    from sdelab.report import format_table, likelihood_table, plot_run
-    from sdelab.train.config import load_config
-    from sdelab.train.loop import train
-
     out = Path(args.out)
     run_dir = out / "run"
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -41,8 +66,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _parse_options(items: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` sampler options, values parsed as YAML scalars (``snr=0.16``)."""
-    import yaml
-
     options: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -54,11 +77,6 @@ def _parse_options(items: list[str]) -> dict[str, Any]:
 
 def _sample(args: argparse.Namespace) -> int:
     """Draw samples from a trained run with any sampler; save them as .npy/.csv (+ a PNG)."""
-    from sdelab.plots import plot_samples
-    from sdelab.report import sample_run, save_samples
-    from sdelab.train.checkpoint import load_run
-    from sdelab.train.loop import make_run_dataset
-
     info = _join_launched_group()
     out = Path(args.out)
     if out.exists():
@@ -66,8 +84,6 @@ def _sample(args: argparse.Namespace) -> int:
     kwargs = dict(n=args.n, sampler=args.sampler, steps=args.steps, seed=args.seed)
     options = _parse_options(args.option)
     if args.class_ is not None or args.classifier is not None:
-        from sdelab.controllable import guided_sample_run
-
         if args.class_ is None:
             raise CLIError("--classifier needs --class K (the class to sample)")
         res = guided_sample_run(
@@ -86,16 +102,14 @@ def _sample(args: argparse.Namespace) -> int:
         )
     if not info.is_main:
         return 0
-    config, _, _ = load_run(args.run)
-    dataset = make_run_dataset(config)
-    if getattr(dataset, "image_shape", None) is not None:  # image run: .npy + PNG grid
+    dataset = make_run_dataset(load_checkpoint(args.run).config)
+    if dataset.image_shape is not None:  # image run: .npy + PNG grid
         print(_save_image_samples(res, dataset, out, args))
         return 0
     save_samples(res.samples, out)
     msg = f"{args.n} samples ({args.sampler}, NFE {res.nfe}) -> {out}"
     if res.samples.shape[1] == 2:
-        config, _, _ = load_run(args.run)
-        test = make_run_dataset(config).test_set(min(args.n, 5000))
+        test = dataset.test_set(min(args.n, 5000))
         png = plot_samples(
             test,
             res.samples,
@@ -110,10 +124,6 @@ def _sample(args: argparse.Namespace) -> int:
 def _save_image_samples(res, dataset, out: Path, args: argparse.Namespace) -> str:
     """Image runs: model-space samples (N, C, H, W) to ``out.npy`` and their pixel levels
     (``model_to_levels``) as a PNG grid to ``out.png``, whichever of the two ``--out`` names."""
-    from sdelab.data.image_data import save_level_grid
-    from sdelab.data.images import model_to_levels
-    from sdelab.report import save_samples
-
     npy, png = out.with_suffix(".npy"), out.with_suffix(".png")
     for path in (npy, png):
         if path.exists():
@@ -128,12 +138,6 @@ def _save_image_samples(res, dataset, out: Path, args: argparse.Namespace) -> st
 def _conditional_run(args: argparse.Namespace, colorize: bool) -> int:
     """Shared body of ``inpaint`` and ``colorize``: load the run, build the observation, sample,
     save .npy/.csv (vector runs) or a PNG grid (image observations)."""
-    import torch
-
-    from sdelab import controllable as ctl
-    from sdelab.report import save_samples
-    from sdelab.train.checkpoint import load_run
-
     out = Path(args.out)
     if out.exists():
         raise CLIError(f"{out} exists: choose another --out or delete it first")
@@ -144,7 +148,7 @@ def _conditional_run(args: argparse.Namespace, colorize: bool) -> int:
     options = dict(sampler=args.sampler, steps=args.steps, generator=args.seed)
     options.update(_parse_options(args.option))
     if colorize:
-        image = ctl.load_png(args.image, dim, channels=3)  # (3, H, W) in [-1, 1]
+        image = load_png(args.image, dim, channels=3)  # (3, H, W) in [-1, 1]
         shape = image.shape
 
         def score(x, t):  # the run's model sees flat vectors
@@ -156,8 +160,8 @@ def _conditional_run(args: argparse.Namespace, colorize: bool) -> int:
     elif args.image is not None:
         if args.mask is None or args.known:
             raise CLIError("image inpainting takes --image PNG and --mask PNG (not --known)")
-        image = ctl.load_png(args.image, dim)
-        mask = ctl.load_mask_png(args.mask, tuple(image.shape))
+        image = load_png(args.image, dim)
+        mask = load_mask_png(args.mask, tuple(image.shape))
         y = image.reshape(1, -1).expand(args.n, -1)
         res = ctl.inpaint(model, schedule, y, mask.reshape(-1), **options)
         res.samples = res.samples.reshape(args.n, *image.shape)
@@ -165,23 +169,38 @@ def _conditional_run(args: argparse.Namespace, colorize: bool) -> int:
     else:
         if args.mask is not None or not args.known:
             raise CLIError("pass --known COORD=VALUE (vector runs) or --image and --mask PNGs")
-        y, mask = ctl.parse_known(args.known, dim)
+        y, mask = parse_known(args.known, dim)
         res = ctl.inpaint(model, schedule, y.expand(args.n, dim), mask, **options)
         rows = None
     if rows is None or out.suffix in (".npy", ".csv"):
         save_samples(res.samples, out)
     else:
-        ctl.save_png_grid(rows, out.with_suffix(".png"))
+        save_png_grid(rows, out.with_suffix(".png"))
     print(f"{args.n} samples ({args.sampler}, NFE {res.nfe}) -> {out}")
     if rows is None and dim == 2:
-        from sdelab.plots import plot_samples
-
         fixed = ", ".join(args.known)
         png = plot_samples(
             torch.stack([y]), res.samples, out.with_suffix(".png"), titles=("observation", fixed)
         )
         print(f"plot {png}")
     return 0
+
+
+def parse_known(items: list[str], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``["0=1.5", ...]`` (coordinate=value) to an observation ``(dim,)`` and mask ``(dim,)``."""
+    y, mask = torch.zeros(dim), torch.zeros(dim)
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            i, v = int(key), float(value)
+        except ValueError:
+            raise ValueError(f"bad --known {item!r}: write COORD=VALUE, e.g. 0=1.5") from None
+        if not sep or not 0 <= i < dim:
+            raise ValueError(f"bad --known {item!r}: coordinate must be in 0..{dim - 1}")
+        y[i], mask[i] = v, 1.0
+    if not items or bool(mask.all()):
+        raise ValueError(f"--known must fix between 1 and {dim - 1} of the {dim} coordinates")
+    return y, mask
 
 
 def _inpaint(args: argparse.Namespace) -> int:
@@ -203,8 +222,6 @@ def _train_classifier(args: argparse.Namespace) -> int:
     data and schedule, for `sdelab sample --class K --classifier DIR`: an MLP for vector data,
     a small conv net for images (--width = its base channels); --clean trains at t = t_min only
     (a classifier of clean data, to score samples)."""
-    from sdelab.controllable import train_classifier
-
     path = train_classifier(
         args.source,
         args.out,
@@ -217,7 +234,6 @@ def _train_classifier(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         clean=args.clean,
     )
-    import json
 
     acc = json.loads(path.read_text())["accuracy"]
     shown = ", ".join(f"t={k}: {v:.3f}" for k, v in acc.items())
@@ -226,8 +242,6 @@ def _train_classifier(args: argparse.Namespace) -> int:
 
 
 def _add_conditional_parser(sub, name: str, func, epilog: str, image_only: bool):
-    from sdelab.samplers import SAMPLERS
-
     p = sub.add_parser(
         name,
         help=func.__doc__.split(":")[0].lower(),
@@ -260,9 +274,6 @@ def _add_conditional_parser(sub, name: str, func, epilog: str, image_only: bool)
 
 def _likelihood(args: argparse.Namespace) -> int:
     """Test-set negative log-likelihood of a trained run (nats and bits/dim, mean ± SE)."""
-    from sdelab.report import run_likelihood, write_json
-    from sdelab.train.checkpoint import load_checkpoint
-
     info = _join_launched_group()
     if args.method == "vlb":
         return _vlb(args, info)
@@ -273,8 +284,6 @@ def _likelihood(args: argparse.Namespace) -> int:
     if args.probes is not None and args.probes < 1:
         raise CLIError(f"--probes must be a positive number of probes, got {args.probes}")
     if args.probes is None and not args.exact_trace:  # images: Hutchinson (1 probe) by default
-        from sdelab.data.image_data import IMAGE_DATA_NAMES
-
         if load_checkpoint(args.run).config.data.name in IMAGE_DATA_NAMES:
             args.probes = 1
     res = run_likelihood(
@@ -312,8 +321,6 @@ def _likelihood(args: argparse.Namespace) -> int:
 
 def _vlb(args: argparse.Namespace, info) -> int:
     """``sdelab likelihood RUN --method vlb``: the VDM bound with its terms (nats, bits/dim)."""
-    from sdelab.report import run_vlb, write_json
-
     if args.probes is not None or args.exact_trace:
         raise CLIError("--probes/--exact-trace are for the ODE: --method vlb takes --steps T")
     try:
@@ -350,17 +357,11 @@ def _vlb(args: argparse.Namespace, info) -> int:
 
 def _join_launched_group():
     """Join the process group when started by torchrun / accelerate launch (else rank 0 of 1)."""
-    import torch
-
-    from sdelab import distributed
-
     return distributed.init("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _plot(args: argparse.Namespace) -> int:
     """Write a 2-D run's plots: loss, samples vs data, model density, λ=0/λ=1 trajectories."""
-    from sdelab.report import plot_run
-
     for path in plot_run(args.run, args.out, seed=args.seed):
         print(path)
     return 0
@@ -368,23 +369,15 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     """Train a score model from a YAML config (a path or a built-in name) plus overrides."""
-    from sdelab.train.config import load_config
-    from sdelab.train.loop import TrainingError, TrainingInterrupted, resolve_config, train
-
     config = load_config(args.config, args.overrides)
+    dataset = make_run_dataset(config)
     if args.dry_run:
-        print(resolve_config(config).to_yaml(), end="")
+        print(resolve_config(config, dataset).to_yaml(), end="")
         return 0
     if not args.out:
         raise CLIError("--out DIR is required: the run folder to write")
-    from sdelab.train.loop import make_run_dataset
-
-    load = getattr(make_run_dataset(config), "load", None)
-    if load is not None:  # image data are read lazily: missing files fail here, not mid-run
-        load()
+    dataset.load()  # image data are read lazily: missing files fail here, not mid-run
     try:
-        from sdelab.train.hooks import likelihood_hook
-
         hook = likelihood_hook if config.train.eval_every else None
         result = train(config, args.out, resume=args.resume, eval_hook=hook)
     except TrainingInterrupted as e:
@@ -392,9 +385,8 @@ def _train(args: argparse.Namespace) -> int:
         return 128 + e.signum
     except TrainingError as e:
         raise CLIError(str(e)) from None
-    from sdelab.distributed import get_info
 
-    if not get_info().is_main:
+    if not distributed.get_info().is_main:
         return 0
     loss = "n/a" if result.last_loss is None else f"{result.last_loss:.4g}"
     print(f"trained to step {result.step} (last loss {loss}); run folder {result.run_dir}")
@@ -434,8 +426,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.set_defaults(func=_demo)
 
-    from sdelab.train.config import builtin_configs
-
     p = sub.add_parser(
         "train",
         help="train a score model from a config",
@@ -455,8 +445,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_train)
-
-    from sdelab.samplers import SAMPLERS
 
     p = sub.add_parser(
         "sample",
@@ -627,18 +615,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "demo": _demo,
-    "train": _train,
-    "sample": _sample,
-    "likelihood": _likelihood,
-    "plot": _plot,
-    "inpaint": _inpaint,
-    "colorize": _colorize,
-    "train-classifier": _train_classifier,
-}
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sdelab`` console script."""
     args = build_parser().parse_args(argv)
@@ -653,11 +629,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _leave_group() -> None:
     """Tear down a process group joined by a command (torchrun warns otherwise)."""
-    if "torch" in sys.modules:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

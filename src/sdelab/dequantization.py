@@ -34,24 +34,21 @@ takes the *integer* data and dequantizes it itself, so a forgotten dequantizatio
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from sdelab.likelihood import log_likelihood
 from sdelab.sde import Schedule
 
 __all__ = [
     "DEQUANTIZATIONS",
-    "BPDResult",
     "Dequantized",
-    "bits_per_dim",
     "check_levels",
     "dequantize",
     "nats_to_bpd",
+    "to_model_space",
 ]
 
 DEQUANTIZATIONS: tuple[str, ...] = ("uniform", "truncated_normal")
@@ -60,6 +57,18 @@ DEQUANTIZATIONS: tuple[str, ...] = ("uniform", "truncated_normal")
 def nats_to_bpd(nats: Tensor | float, dim: int) -> Tensor | float:
     """Convert nats (per example, summed over ``dim`` dimensions) to bits per dimension."""
     return nats / (dim * math.log(2.0))
+
+
+def to_model_space(
+    k: Tensor, levels: int, scale: float = 1.0, shift: float = 0.0, u: Tensor | float = 0.5
+) -> Tensor:
+    """y = scale·(k + u)/L + shift: integer levels (plus a dequantization offset u ∈ [0, 1),
+    ½ = the bin centres) to model space. The one place this map is written.
+
+    Integer ``k`` becomes torch's default float dtype; floating ``k`` keeps its dtype.
+    """
+    kf = k if k.is_floating_point() else k.to(torch.get_default_dtype())
+    return scale * ((kf + u) / levels) + shift
 
 
 def check_levels(k: Tensor, levels: int, dtype: torch.dtype | None = None) -> Tensor:
@@ -164,7 +173,7 @@ def dequantize(
     b, d = kf.shape[0], kf[0].numel()
     u = torch.rand(kf.shape, generator=generator, dtype=kf.dtype, device=kf.device)
     if method == "uniform":
-        y = scale * (kf + u) / levels + shift
+        y = to_model_space(kf, levels, scale, shift, u)
         entropy = d * math.log(scale / levels)
         return Dequantized(y, torch.full((b,), entropy, dtype=kf.dtype, device=kf.device))
     if schedule is None:
@@ -182,123 +191,8 @@ def dequantize(
     # inverse-CDF draw of N(0, 1) truncated to [−τ, τ]: z = √2 erfinv((2u − 1) Z)
     z = math.sqrt(2) * torch.erfinv(((2 * u - 1) * z_mass).clamp(-1 + 1e-16, 1 - 1e-16))
     z = z.clamp(-tau, tau)
-    y = alpha * (scale * (kf + 0.5) / levels + shift) + sigma * z
+    y = alpha * to_model_space(kf, levels, scale, shift) + sigma * z
     phi = math.exp(-0.5 * tau**2) / math.sqrt(2 * math.pi)
     h1 = 0.5 * math.log(2 * math.pi * math.e) + math.log(sigma) + math.log(z_mass)
     entropy = d * (h1 - tau * phi / z_mass)
     return Dequantized(y, torch.full((b,), entropy, dtype=kf.dtype, device=kf.device))
-
-
-@dataclass(frozen=True)
-class BPDResult:
-    """Per-example bits/dim of integer data.
-
-    Attributes:
-        bpd: bound on −log2 P(k) / D, ``(B,)``, averaged over the dequantization repeats.
-        nll: the same in nats (not per dimension), ``(B,)``.
-        se: standard error of ``bpd`` over repeats, ``(B,)`` (NaN when ``n_repeats == 1``).
-        nfe: total ODE function evaluations (0 for a plain log-density).
-        levels, scale, shift, dequantization: the accounting used, to report beside the number.
-    """
-
-    bpd: Tensor
-    nll: Tensor
-    se: Tensor
-    nfe: int
-    levels: int
-    scale: float
-    shift: float
-    dequantization: str
-
-
-def bits_per_dim(
-    model: Callable[[Tensor], Tensor] | Callable[[Tensor, Tensor], Tensor],
-    k: Tensor,
-    levels: int,
-    scale: float,
-    shift: float,
-    *,
-    schedule: Schedule | None = None,
-    n_repeats: int = 1,
-    dequantization: Literal["uniform", "truncated_normal"] = "uniform",
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype | None = None,
-    t_min: float | None = None,
-    **likelihood_kwargs,
-) -> BPDResult:
-    r"""Bits/dim of INTEGER data: dequantize, evaluate the model density, do the accounting.
-
-    bpd = (E_q[−log p(y)] − H(q(·|k))) / (D log 2), which for uniform dequantization is
-    (E_u[−log p_y(y)] − D log a + D log L) / (D log 2) (module docstring).
-
-    Args:
-        model: with ``schedule=None``, a log-density ``logp_fn(y) -> (B,)`` in model space; with
-            a schedule, a score function ``score_fn(x, t)`` whose density is the probability-flow
-            ODE's (:func:`~sdelab.likelihood.log_likelihood` at ``t_min``).
-        k: integer levels in {0..levels−1}, shape ``(B, ...)``.
-        levels: the number of levels L (e.g. 256, or any integer >= 2).
-        scale, shift: the affine map y = scale·x + shift from [0, 1)^D to model space (explicit:
-            ``scale=2, shift=-1`` for [−1, 1], ``scale=1, shift=0`` for [0, 1]).
-        schedule: see ``model``; required for ``"truncated_normal"``.
-        n_repeats: dequantization draws per example, averaged (ScoreFlow's ``num_repeats``).
-        dequantization: ``"uniform"`` or ``"truncated_normal"`` (i-DODE).
-        generator: randomness for dequantization and Hutchinson probes.
-        dtype: floating dtype for the dequantized data (default: torch's default).
-        t_min: time of the data for the ODE and the truncated normal (default schedule.t_min).
-        **likelihood_kwargs: passed to ``log_likelihood`` (``rtol``, ``divergence``, …).
-
-    Returns:
-        :class:`BPDResult` (per-example ``bpd``, ``nll`` in nats, ``se``, ``nfe`` and the
-        accounting used).
-
-    Raises:
-        ValueError: non-integer data (e.g. already scaled to [0, 1]), values outside
-            [0, levels − 1], NaN, bad ``levels``/``scale``/``shift``/``n_repeats``, or the
-            truncated normal without a schedule; each message names the fix.
-    """
-    if isinstance(n_repeats, bool) or not isinstance(n_repeats, int) or n_repeats < 1:
-        raise ValueError(f"n_repeats must be an integer >= 1, got {n_repeats!r}")
-    if likelihood_kwargs and schedule is None:
-        raise ValueError(
-            f"options {sorted(likelihood_kwargs)} apply to the ODE likelihood: pass schedule=... "
-            "with a score function, or drop them for a plain log-density"
-        )
-    nlls, nfe = [], 0
-    for _ in range(n_repeats):
-        dq = dequantize(
-            k,
-            levels,
-            scale,
-            shift,
-            method=dequantization,
-            schedule=schedule,
-            t_min=t_min,
-            generator=generator,
-            dtype=dtype,
-        )
-        if schedule is None:
-            logp = model(dq.y)
-        else:
-            res = log_likelihood(
-                model, schedule, dq.y, t_min=t_min, generator=generator, **likelihood_kwargs
-            )
-            logp, nfe = res.logp, nfe + res.nfe
-        nlls.append(-logp - dq.entropy)
-    d = dq.y[0].numel()
-    per_repeat = torch.stack(nlls)  # (R, B)
-    nll = per_repeat.mean(0)
-    se = (
-        per_repeat.std(0) / math.sqrt(n_repeats)
-        if n_repeats > 1
-        else torch.full_like(nll, float("nan"))
-    )
-    return BPDResult(
-        bpd=nats_to_bpd(nll, d),
-        nll=nll,
-        se=nats_to_bpd(se, d),
-        nfe=nfe,
-        levels=levels,
-        scale=float(scale),
-        shift=float(shift),
-        dequantization=dequantization,
-    )

@@ -45,7 +45,7 @@ diffusion coefficient √(1−λ) g; the forward diffusion has g, so the tractab
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -60,13 +60,10 @@ from sdelab.utils import randn_like, sum_except_batch
 __all__ = [
     "ADAPTIVE_SOLVERS",
     "DIVERGENCES",
-    "ESTIMATORS",
     "PROBES",
     "BoundResult",
-    "EvaluationResult",
     "LikelihoodResult",
     "elbo",
-    "evaluate_likelihood",
     "log_likelihood",
     "per_example_rms_norm",
     "sample_probes",
@@ -182,7 +179,7 @@ def _check_batch(x: Tensor) -> None:
     if not torch.is_tensor(x) or not x.is_floating_point():
         raise ValueError(
             "x must be a floating-point tensor of shape (B, ...); for integer data use "
-            "sdelab.dequantization.bits_per_dim, which dequantizes it"
+            "sdelab.evaluation.bits_per_dim, which dequantizes it"
         )
     if x.ndim < 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty batch of shape (B, ...), got {tuple(x.shape)}")
@@ -582,160 +579,3 @@ def scoreflow_bound(
         diffusion.append(out.loss + offset)
         boundary.append(_boundary_term(score_fn, schedule, x, generator))
     return _collect(_prior_term(schedule, x), diffusion, boundary)
-
-
-# ---- evaluating a data set ------------------------------------------------------------------
-@dataclass(frozen=True)
-class EvaluationResult:
-    """Likelihood of a whole data set: per-example values and mean ± standard error.
-
-    Attributes:
-        nll: per-example negative log-likelihood (or its bound) in nats, ``(N,)``.
-        bpd: per-example bits/dim, ``(N,)``.
-        nll_mean, nll_se, bpd_mean, bpd_se: mean and standard error over examples.
-        estimator: ``"ode"``, ``"elbo"`` or ``"scoreflow"``.
-        dequantization: ``"uniform"``, ``"truncated_normal"``, or ``"none"`` for
-            continuous data (then bpd is nats / (D log 2) of a density, not of a discrete law).
-        nfe: total ODE function evaluations (0 for the bounds).
-    """
-
-    nll: Tensor
-    bpd: Tensor
-    nll_mean: float
-    nll_se: float
-    bpd_mean: float
-    bpd_se: float
-    estimator: str
-    dequantization: str
-    nfe: int
-
-    def __str__(self) -> str:
-        return (
-            f"{self.nll_mean:.4f} ± {self.nll_se:.4f} nats, {self.bpd_mean:.4f} ± "
-            f"{self.bpd_se:.4f} bits/dim over {self.nll.numel()} examples "
-            f"({self.estimator}, dequantization: {self.dequantization})"
-        )
-
-
-ESTIMATORS: tuple[str, ...] = ("ode", "elbo", "scoreflow")
-
-
-def _mean_se(v: Tensor) -> tuple[float, float]:
-    n = v.numel()
-    return float(v.mean()), float(v.std() / math.sqrt(n)) if n > 1 else float("nan")
-
-
-def evaluate_likelihood(
-    score_fn: ScoreFn,
-    schedule: Schedule,
-    batches: Iterable[Tensor | tuple | list],
-    *,
-    estimator: Literal["ode", "elbo", "scoreflow"] = "ode",
-    levels: int | None = None,
-    scale: float | None = None,
-    shift: float | None = None,
-    dequantization: Literal["uniform", "truncated_normal"] = "uniform",
-    n_repeats: int = 1,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    **kwargs,
-) -> EvaluationResult:
-    """Evaluate a data set batch by batch, with a progress bar; the CLI's ``likelihood`` command.
-
-    Two kinds of data:
-
-    - **discrete** (``levels`` given): each batch holds integer levels k ∈ {0..levels−1}; they
-      are dequantized and mapped to model space y = scale·(k + u)/levels + shift by
-      :func:`~sdelab.dequantization.bits_per_dim`, whose accounting gives a bound on −log P(k).
-    - **continuous** (``levels`` None): each batch is model-space data; the result is the
-      density's −log p(x) and bpd = nats / (D log 2) (``dequantization="none"``).
-
-    Args:
-        score_fn, schedule: the model.
-        batches: an iterable of tensors ``(B, ...)`` or of tuples/lists whose first element is
-            the data (a ``DataLoader`` with labels works).
-        estimator: ``"ode"`` (:func:`log_likelihood`), ``"elbo"`` or ``"scoreflow"`` (bounds).
-        levels, scale, shift: discrete data's level count and affine map to model space.
-        dequantization, n_repeats: see :func:`~sdelab.dequantization.bits_per_dim`.
-        generator: randomness (dequantization noise, probes, bound samples).
-        device: move each batch there first (default: leave it).
-        progress: show a tqdm bar.
-        **kwargs: passed to the estimator (e.g. ``rtol``, ``divergence``, ``n_samples``).
-
-    Returns:
-        :class:`EvaluationResult` with per-example nats and bpd and their mean ± standard error.
-
-    Raises:
-        ValueError: unknown estimator, empty data set, ``scale``/``shift`` missing for discrete
-            data, or bad data (see ``bits_per_dim``).
-    """
-    from tqdm.auto import tqdm
-
-    from sdelab.dequantization import bits_per_dim, nats_to_bpd
-
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
-    if levels is not None and (scale is None or shift is None):
-        raise ValueError(
-            "discrete data needs its map to model space: pass scale and shift "
-            "(e.g. scale=2, shift=-1 for a model trained on [-1, 1])"
-        )
-
-    if estimator == "ode":
-        model, model_schedule, model_kwargs = score_fn, schedule, kwargs
-    else:
-        bound = elbo if estimator == "elbo" else scoreflow_bound
-
-        def model(y: Tensor) -> Tensor:  # a lower bound on log p(y) is a valid log-density here
-            return -bound(score_fn, schedule, y, generator=generator, **kwargs).nll_bound
-
-        model_schedule, model_kwargs = None, {}
-
-    nll, nfe, dim = [], 0, 0
-    total = len(batches) if hasattr(batches, "__len__") else None
-    with torch.no_grad():
-        for batch in tqdm(batches, total=total, disable=not progress, desc="likelihood"):
-            data = batch[0] if isinstance(batch, tuple | list) else batch
-            if device is not None:
-                data = data.to(device)
-            if levels is not None:  # discrete: dequantize and account (bits_per_dim checks)
-                res = bits_per_dim(
-                    model,
-                    data,
-                    levels,
-                    scale,
-                    shift,
-                    schedule=model_schedule,
-                    n_repeats=n_repeats,
-                    dequantization=dequantization,
-                    generator=generator,
-                    **model_kwargs,
-                )
-                nll.append(res.nll)
-                nfe += res.nfe
-            elif estimator == "ode":  # continuous: the density itself
-                res = log_likelihood(score_fn, schedule, data, generator=generator, **kwargs)
-                nll.append(res.nll)
-                nfe += res.nfe
-            else:
-                _check_batch(data)
-                nll.append(-model(data))
-            dim = data[0].numel()
-    if not nll:
-        raise ValueError("the data set is empty: batches yielded nothing")
-    nll_all = torch.cat(nll)
-    bpd_all = nats_to_bpd(nll_all, dim)
-    nll_mean, nll_se = _mean_se(nll_all)
-    bpd_mean, bpd_se = _mean_se(bpd_all)
-    return EvaluationResult(
-        nll=nll_all,
-        bpd=bpd_all,
-        nll_mean=nll_mean,
-        nll_se=nll_se,
-        bpd_mean=bpd_mean,
-        bpd_se=bpd_se,
-        estimator=estimator,
-        dequantization="none" if levels is None else dequantization,
-        nfe=nfe,
-    )

@@ -33,6 +33,7 @@ __all__ = [
     "WEIGHTINGS",
     "DSMOutput",
     "TimeSample",
+    "draw_uniforms",
     "dsm_loss",
     "sample_time",
     "sdeflow_dsm",
@@ -60,9 +61,11 @@ class TimeSample:
     weight: Tensor
 
 
-def _uniforms(
+def draw_uniforms(
     n: int, low_discrepancy: bool, generator: torch.Generator | None, device, dtype
 ) -> Tensor:
+    """``n`` draws from U[0, 1): independent, or (``low_discrepancy``) VDM's evenly spaced
+    points u0 + i/n mod 1 with one random offset u0."""
     if low_discrepancy:
         # VDM's antithetic/low-discrepancy draw: one shared offset, evenly spaced in [0, 1).
         u0 = torch.rand((), generator=generator, dtype=dtype, device=device)
@@ -109,7 +112,7 @@ def sample_time(
             f"unknown time sampler {method!r}: choose one of {', '.join(TIME_SAMPLERS)}"
         )
     dtype = dtype or torch.get_default_dtype()
-    u = _uniforms(n, low_discrepancy, generator, device, dtype)
+    u = draw_uniforms(n, low_discrepancy, generator, device, dtype)
     if method == "uniform":
         t = schedule.t_min + (schedule.T - schedule.t_min) * u
         return TimeSample(t, torch.full_like(t, schedule.T - schedule.t_min))

@@ -18,9 +18,12 @@ import torch
 from torch import Tensor
 
 from sdelab.sde import Schedule
-from sdelab.utils import append_dims, batch_time
+from sdelab.utils import ScoreFn, append_dims, batch_time
 
-__all__ = ["GaussianData"]
+__all__ = ["GaussianData", "LogProbFn", "mixture_classifier", "mixture_score_fn"]
+
+#: ``(x, t) -> (B, K)`` log p_t(class | x) of a time-dependent classifier.
+LogProbFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class GaussianData:
@@ -124,3 +127,57 @@ class GaussianData:
         rot = (flat - mean) @ self.evecs
         var = var.expand_as(rot)
         return -0.5 * (torch.log(2 * math.pi * var) + rot**2 / var).sum(dim=1)
+
+
+# ---- Gaussian mixtures: exact classifier and score -------------------------------------------
+def _component_log_probs(
+    x: Tensor, t: Tensor, means: Tensor, std: float, schedule: Schedule, log_w: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """log w_k + log N(x; α μ_k, (α² s² + σ²) I) as ``(B, K)``, plus the diffused means and var."""
+    alpha, sigma = schedule.alpha_sigma(batch_time(t, x))
+    alpha, sigma = append_dims(alpha, 2), append_dims(sigma, 2)  # (B, 1)
+    var = alpha**2 * std**2 + sigma**2  # (B, 1)
+    mu = alpha[:, :, None] * means.to(x)  # (B, K, D)
+    d = x.shape[1]
+    sq = ((x[:, None, :] - mu) ** 2).sum(-1)  # (B, K)
+    logn = -0.5 * (sq / var + d * torch.log(2 * math.pi * var))
+    return log_w.to(x) + logn, mu, var
+
+
+def mixture_classifier(
+    means: Tensor, std: float, schedule: Schedule, weights: Tensor | None = None
+) -> LogProbFn:
+    """The exact time-dependent classifier of an isotropic Gaussian mixture.
+
+    Component k of data N(μ_k, s² I) diffuses to N(α_t μ_k, (α_t² s² + σ_t²) I), so
+    p_t(k | x) = w_k N_k(x) / Σ_j w_j N_j(x). Returns ``log_prob_fn(x, t) -> (B, K)``.
+
+    Args:
+        means: ``(K, D)`` component means.
+        std: the components' common standard deviation s.
+        schedule: the forward process.
+        weights: ``(K,)`` mixture weights (default equal).
+    """
+    k = means.shape[0]
+    log_w = torch.log(torch.full((k,), 1.0 / k) if weights is None else weights / weights.sum())
+
+    def log_prob_fn(x: Tensor, t: Tensor) -> Tensor:
+        terms, _, _ = _component_log_probs(x, t, means, std, schedule, log_w)
+        return torch.log_softmax(terms, dim=1)
+
+    return log_prob_fn
+
+
+def mixture_score_fn(
+    means: Tensor, std: float, schedule: Schedule, weights: Tensor | None = None
+) -> ScoreFn:
+    """The exact score of the diffused mixture: Σ_k p_t(k | x) (α μ_k − x)/(α² s² + σ²)."""
+    k = means.shape[0]
+    log_w = torch.log(torch.full((k,), 1.0 / k) if weights is None else weights / weights.sum())
+
+    def score_fn(x: Tensor, t: Tensor) -> Tensor:
+        terms, mu, var = _component_log_probs(x, t, means, std, schedule, log_w)
+        r = torch.softmax(terms, dim=1)  # (B, K)
+        return ((r[:, :, None] * (mu - x[:, None, :])).sum(1)) / var
+
+    return score_fn

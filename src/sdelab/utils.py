@@ -1,9 +1,19 @@
-"""Small shared helpers: broadcasting, seeding, shape checks."""
+"""Small shared helpers: broadcasting, seeding, validation, statistics, atomic files."""
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import Tensor
+
+#: A score function ``score_fn(x, t) -> ∇_x log p_t(x)``: x ``(B, ...)``, t ``(B,)``.
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:
@@ -57,3 +67,78 @@ def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
 def sum_except_batch(x: Tensor) -> Tensor:
     """Sum over every dim but the first: per-example totals of shape ``(B,)``."""
     return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def derive_seed(seed: int, *stream: int) -> int:
+    """An independent 63-bit seed for sub-stream ``stream`` of run seed ``seed`` (SeedSequence)."""
+    entropy = [int(seed), *(int(s) for s in stream)]
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+def chunk_generator(seed: int, stream: int, i: int, device: torch.device | str) -> torch.Generator:
+    """The generator of work chunk ``i`` (a sample chunk, a test batch) of stream ``stream``.
+
+    Chunk 0 uses ``seed`` itself, so a single chunk draws what one plain call with that seed
+    draws; chunk i > 0 uses :func:`derive_seed` ``(seed, stream, i)``.
+    """
+    value = seed if i == 0 else derive_seed(seed, stream, i)
+    return torch.Generator(device=device).manual_seed(value)
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int, which must be a true integer (not a bool) ``>= minimum``.
+
+    Raises:
+        ValueError: naming ``name``, the value and the bound.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def mean_se(v: Tensor, dim: int | None = None) -> tuple[Tensor, Tensor]:
+    """Mean and standard error (sample std / √n) of ``v``, over all entries or along ``dim``.
+
+    With a single value the standard error is NaN (it cannot be estimated).
+    """
+    v = torch.as_tensor(v)
+    n = v.numel() if dim is None else v.shape[dim]
+    mean = v.mean() if dim is None else v.mean(dim)
+    if n < 2:
+        return mean, torch.full_like(mean, float("nan"))
+    std = v.std() if dim is None else v.std(dim)
+    return mean, std / math.sqrt(n)
+
+
+def mean_se_float(v: Tensor) -> tuple[float, float]:
+    """:func:`mean_se` over all entries, as two floats."""
+    mean, se = mean_se(torch.as_tensor(v).double())
+    return float(mean), float(se)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory so a rename inside it survives a crash (no-op where unsupported)."""
+    with contextlib.suppress(OSError):  # not every platform can open a directory
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` atomically: hidden temp file, fsync, ``os.replace``, fsync dir."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    payload = data.encode() if isinstance(data, str) else data
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_dir(path.parent)

@@ -31,12 +31,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sdelab.losses import TIME_SAMPLERS, TimeSample, _uniforms, dsm_loss, sample_time
+from sdelab.dequantization import to_model_space
+from sdelab.losses import TIME_SAMPLERS, TimeSample, draw_uniforms, dsm_loss, sample_time
 from sdelab.sde import LogSNRSchedule
 from sdelab.utils import append_dims, randn_like, sum_except_batch
 
 __all__ = [
     "VLBResult",
+    "check_vdm_schedule",
     "levels_to_centres",
     "variance_gradient_step",
     "vdm_vlb",
@@ -71,7 +73,7 @@ def levels_to_centres(k: Tensor, levels: int) -> Tensor:
             f"levels must lie in [0, {levels - 1}], got [{int(k.min())}, "
             f"{int(k.max())}]: pass the number of levels of your data"
         )
-    return (2 * k.to(torch.get_default_dtype()) + 1) / levels - 1
+    return to_model_space(k, levels, 2.0, -1.0)
 
 
 def _prior_kl(schedule: LogSNRSchedule, x: Tensor) -> Tensor:
@@ -95,7 +97,7 @@ def _reconstruction(
         std = sigma / alpha
         nll = 0.5 * ((x - z0 / alpha) / std) ** 2 + torch.log(std) + 0.5 * math.log(2 * math.pi)
         return sum_except_batch(nll.expand_as(x))
-    grid = (2 * torch.arange(levels, dtype=x.dtype, device=x.device) + 1) / levels - 1
+    grid = to_model_space(torch.arange(levels, dtype=x.dtype, device=x.device), levels, 2.0, -1.0)
     logits = -0.5 * ((z0.unsqueeze(-1) - alpha.unsqueeze(-1) * grid) / sigma.unsqueeze(-1)) ** 2
     logp = torch.log_softmax(logits, dim=-1).gather(-1, k.long().unsqueeze(-1)).squeeze(-1)
     return -sum_except_batch(logp)
@@ -132,11 +134,11 @@ def vlb_times(
             f"the {n_steps}-step VLB draws its step uniformly: time_sampling must be 'uniform', "
             f"got {time_sampling!r}"
         )
-    u = _uniforms(n, low_discrepancy, generator, device, dtype or torch.get_default_dtype())
+    u = draw_uniforms(n, low_discrepancy, generator, device, dtype or torch.get_default_dtype())
     return (torch.floor(u * n_steps) + 1) / n_steps  # t = i/T, i ∈ {1..T}
 
 
-def _check_vp(schedule: object) -> None:
+def check_vdm_schedule(schedule: object) -> None:
     if not isinstance(schedule, LogSNRSchedule) or schedule.t_min != 0.0 or schedule.T != 1.0:
         raise ValueError(
             "the VDM bound needs a variance-preserving log-SNR schedule on [0, 1] "
@@ -182,7 +184,7 @@ def vdm_vlb(
         :class:`VLBResult` with ``prior``, ``reconstruction``, ``diffusion``, ``total`` and
         ``bpd``, each ``(B,)``.
     """
-    _check_vp(schedule)
+    check_vdm_schedule(schedule)
     if time_sampling not in TIME_SAMPLERS:
         raise ValueError(
             f"unknown time sampler {time_sampling!r}: choose one of {', '.join(TIME_SAMPLERS)}"

@@ -1,10 +1,13 @@
 """Datasets: 2-D toys, the Gaussian oracle, N×D arrays and images (loaders in
 :mod:`sdelab.data.images`, the training adapter :class:`~sdelab.data.image_data.ImageData`).
 
-A dataset has ``name``, ``dim``, ``sample(n, generator) -> (n, D)`` (fresh training points),
-``test_set(n) -> (n, D)`` (fixed for its seed), ``entropy() -> float | None`` (nats),
-``num_classes`` (0: no labels) and ``sample_labeled(n, generator) -> (points, labels)`` (the
-points ``sample`` draws, with their class labels; raises ``ValueError`` without labels).
+A dataset follows the :class:`~sdelab.data.base.Dataset` protocol: ``name``, ``dim``,
+``sample(n, generator) -> (n, D)`` (fresh training points), ``test_set(n) -> (n, D)`` (fixed for
+its seed), ``entropy() -> float | None`` (nats), ``num_classes`` (0: no labels),
+``sample_labeled(n, generator) -> (points, labels)`` (the points ``sample`` draws, with their
+class labels; raises ``ValueError`` without labels), and the capabilities of image data
+(``num_levels``, ``image_shape``, ``scale``/``shift``, ``data_range``, ``test_labels``,
+``load``), which vector data leave at ``None`` (:class:`~sdelab.data.base.VectorData`).
 :data:`DATASETS` maps names to factories ``factory(seed=..., **options)``; :func:`make_dataset`
 builds one and validates the options.
 """
@@ -14,12 +17,10 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Protocol
-
-import torch
-from torch import Tensor
+from typing import Any
 
 from sdelab.data.arrays import ArrayDataset, load_array
+from sdelab.data.base import Dataset, VectorData
 from sdelab.data.image_data import IMAGE_DATA_NAMES, ImageData
 from sdelab.data.toys import (
     TOYS,
@@ -38,28 +39,14 @@ __all__ = [
     "ImageData",
     "OracleDataset",
     "ToyDataset",
+    "VectorData",
+    "dataset_options",
     "load_array",
     "make_dataset",
     "sample_toy",
     "toy_entropy",
     "toy_log_prob",
 ]
-
-
-class Dataset(Protocol):
-    """What the training loop needs from a dataset."""
-
-    name: str
-    dim: int
-    num_classes: int
-
-    def sample(self, n: int, generator: torch.Generator) -> Tensor: ...
-
-    def sample_labeled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]: ...
-
-    def test_set(self, n: int) -> Tensor: ...
-
-    def entropy(self) -> float | None: ...
 
 
 #: Datasets by name: ``factory(seed=0, **options) -> Dataset``. The eight toys take no options;

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sdelab.data.toys import derive_seed
+from sdelab.data.base import VectorData
+from sdelab.utils import derive_seed
 
 __all__ = ["ArrayDataset", "load_array"]
 
@@ -75,7 +76,7 @@ def load_array(path: str | Path) -> np.ndarray:
     return arr.astype(np.float32)
 
 
-class ArrayDataset:
+class ArrayDataset(VectorData):
     """An N×D array as a dataset: rows shuffled once by the seed, the last ``test_fraction`` held
     out as the test set, training batches drawn with replacement from the rest.
 

@@ -32,18 +32,23 @@ import functools
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from sdelab.data.images import DATA_RANGES, IMAGE_DATASETS, ImageDataset, load_digits
+from sdelab.data.images import (
+    DATA_RANGES,
+    IMAGE_DATASETS,
+    ImageDataset,
+    load_digits,
+    random_hflip,
+)
+from sdelab.dequantization import to_model_space
 
 __all__ = [
     "IMAGE_DATA_NAMES",
     "NATIVE_SHAPES",
     "ImageData",
     "image_shape_for",
-    "save_level_grid",
 ]
 
 #: Native (C, H, W) and number of levels of the built-in image datasets (``folder``: unknown).
@@ -201,14 +206,12 @@ class ImageData:
         idx = torch.randint(len(levels), (n,), generator=generator)
         k = levels[idx].to(torch.int64)
         if self.hflip:
-            flip = torch.rand(n, generator=generator) < 0.5
-            k = torch.where(flip[:, None, None, None], k.flip(-1), k)
+            k = random_hflip(k, generator=generator)
         return idx, k
 
     def to_model(self, levels: Tensor, u: Tensor | float = 0.5) -> Tensor:
         """y = a·(k + u)/L + b (``u = ½``: bin centres)."""
-        x = (levels.to(torch.get_default_dtype()) + u) / self.num_levels
-        return self.scale * x + self.shift
+        return to_model_space(levels, self.num_levels, self.scale, self.shift, u)
 
     def to_levels(self, y: Tensor) -> Tensor:
         """Model space back to levels k = ⌊L·(y − b)/a⌋, clamped to 0…L−1 (``int64``)."""
@@ -253,25 +256,3 @@ class ImageData:
             f"ImageData({self.name!r}, shape={self.image_shape}, levels={self.num_levels}, "
             f"range={self.data_range})"
         )
-
-
-def save_level_grid(
-    levels: Tensor, num_levels: int, path: str | Path, *, ncol: int | None = None, pad: int = 1
-) -> Path:
-    """Write integer levels ``(N, C, H, W)`` as one PNG grid (``ncol`` tiles a row, default
-    ⌈√N⌉), scaling level k to round(255·k/(L − 1)); overwrites ``path``."""
-    from PIL import Image
-
-    n, c, h, w = levels.shape
-    ncol = ncol or max(1, math.ceil(math.sqrt(n)))
-    nrow = math.ceil(n / ncol)
-    pix = (levels.to(torch.float64) * 255.0 / (num_levels - 1)).round().clamp(0, 255)
-    tiles = pix.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    grid = np.zeros((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), dtype=np.uint8)
-    for i, tile in enumerate(tiles):
-        y0, x0 = pad + (i // ncol) * (h + pad), pad + (i % ncol) * (w + pad)
-        grid[y0 : y0 + h, x0 : x0 + w] = tile
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path, format="PNG")
-    return path

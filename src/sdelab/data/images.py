@@ -36,6 +36,7 @@ from sdelab.data.image_formats import (
     read_image_file,
     resize_center_crop,
 )
+from sdelab.dequantization import to_model_space
 from sdelab.utils import make_generator, sum_except_batch
 
 __all__ = [
@@ -568,7 +569,7 @@ def levels_to_unit(levels: Tensor, num_levels: int, u: Tensor | float = 0.5) -> 
     likelihood code) or a constant; the default ½ puts each level at its bin centre.
     Returns a float tensor (default dtype) shaped like ``levels``.
     """
-    return (levels.to(torch.get_default_dtype()) + u) / num_levels
+    return to_model_space(levels, num_levels, 1.0, 0.0, u)
 
 
 def unit_to_levels(x: Tensor, num_levels: int) -> Tensor:
@@ -585,7 +586,7 @@ def levels_to_model(
     so −log p_x = −log p_y − D log a; with ``"[-1,1]"``, a = 2.
     """
     a, b = _affine(data_range)
-    return a * levels_to_unit(levels, num_levels, u) + b
+    return to_model_space(levels, num_levels, a, b, u)
 
 
 def model_to_levels(y: Tensor, num_levels: int, *, data_range: str = "[-1,1]") -> Tensor:

@@ -51,12 +51,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sdelab.data.base import VectorData
+from sdelab.oracle import GaussianData
+from sdelab.utils import derive_seed
+
 __all__ = [
     "LABELED_TOYS",
     "TOYS",
     "OracleDataset",
     "ToyDataset",
-    "derive_seed",
+    "eight_gaussians_mixture",
     "sample_toy",
     "toy_entropy",
     "toy_log_prob",
@@ -111,6 +115,13 @@ def _rings_of(
 def _eight_centers() -> np.ndarray:
     angles = np.arange(8) * np.pi / 4
     return 4.0 * np.stack([np.cos(angles), np.sin(angles)], axis=1) / _EIGHT_SCALE  # (8, 2)
+
+
+def eight_gaussians_mixture() -> tuple[Tensor, float]:
+    """The 8gaussians toy as a mixture: means ``(8, 2)`` and the common std (equal weights);
+    with :func:`sdelab.oracle.mixture_score_fn` / ``mixture_classifier`` its exact score and
+    classifier at every noise level."""
+    return torch.tensor(_eight_centers(), dtype=_F32), 0.5 / _EIGHT_SCALE
 
 
 def _eightgaussians(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -407,17 +418,10 @@ def toy_entropy(name: str) -> float | None:
 
 
 # ---- datasets --------------------------------------------------------------------------------
-def derive_seed(seed: int, *stream: int) -> int:
-    """An independent 63-bit seed for sub-stream ``stream`` of run seed ``seed`` (SeedSequence)."""
-    entropy = [int(seed), *(int(s) for s in stream)]
-    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 | int(state[1]) >> 1
-
-
 _TEST_STREAM = 1  # the held-out test set's seed stream
 
 
-class ToyDataset:
+class ToyDataset(VectorData):
     """A 2-D toy as a dataset: fresh training batches from a generator, a fixed test set per seed.
 
     Args:
@@ -485,8 +489,6 @@ class OracleDataset(ToyDataset):
         mean: list[float] | None = None,
         cov: list[list[float]] | list[float] | None = None,
     ) -> None:
-        from sdelab.oracle import GaussianData
-
         mean = [1.0, -0.5] if mean is None else mean
         cov = [[1.0, 0.7], [0.7, 0.8]] if cov is None else cov
         self.gaussian = GaussianData(torch.tensor(mean, dtype=_F32), torch.tensor(cov, dtype=_F32))

@@ -1,21 +1,12 @@
-"""A time-conditioned MLP for vector data (2-D toys, tabular), and ``build_model``."""
+"""A time-conditioned MLP for vector data (2-D toys, tabular)."""
 
 from __future__ import annotations
-
-import math
-from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
 from sdelab.nets.embeddings import TIME_EMBEDDINGS, ClassEmbedding, check_unconditional
-from sdelab.nets.unet import ImageUNet
-from sdelab.parametrization import ScoreModel
-from sdelab.sde import Schedule
 
-if TYPE_CHECKING:
-    from sdelab.train.config import RunConfig
-
-__all__ = ["MLP", "build_model"]
+__all__ = ["MLP"]
 
 
 class MLP(nn.Module):
@@ -85,39 +76,3 @@ class MLP(nn.Module):
         for layer, code in zip(self.hidden, codes):
             h = layer(self.act(h + code))
         return self.out(self.act(h)).reshape(x.shape)
-
-
-#: Network architectures by name (for configs).
-NETS: dict[str, type[nn.Module]] = {"mlp": MLP, "unet": ImageUNet}
-
-
-def build_model(config: RunConfig, schedule: Schedule) -> ScoreModel:
-    """The :class:`~sdelab.parametrization.ScoreModel` a run config describes.
-
-    The network is ``config.model`` (its ``dim`` must be resolved, as in every saved config):
-    an :class:`MLP`, or for ``arch: unet`` an :class:`~sdelab.nets.unet.ImageUNet` of
-    ``model.image_shape``;
-    its output kind is ``config.loss.parametrization`` (eps, score, x0, v or drift). Calling
-    the returned model gives the score; ``model.predict(x, t, kind)`` any other kind. With
-    ``model.num_classes: K`` the network is class-conditional: ``model(x, t, y)``.
-    """
-    m = config.model
-    if m.dim is None:
-        raise ValueError("model.dim is unset: resolve it from the dataset before building")
-    if m.arch == "unet":  # image data: the shape is in the (saved) config
-        from sdelab.nets.unet import build_unet
-
-        net = build_unet(m)  # NETS["unet"] with the shape from the config
-        if math.prod(net.image_shape) != m.dim:
-            raise ValueError(f"model.image_shape={m.image_shape} does not match model.dim={m.dim}")
-        return ScoreModel(net, schedule, output=config.loss.parametrization)
-    net = NETS[m.arch](
-        dim=m.dim,
-        width=m.width,
-        depth=m.depth,
-        embedding=m.embedding,
-        embedding_dim=m.embedding_dim,
-        embedding_scale=m.embedding_scale,
-        num_classes=m.num_classes,
-    )
-    return ScoreModel(net, schedule, output=config.loss.parametrization)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from sdelab.nets.embeddings import TIME_EMBEDDINGS, ClassEmbedding, check_unconditional
 from sdelab.utils import batch_time
 
-__all__ = ["ImageUNet", "UNet", "build_unet", "fourier_features"]
+__all__ = ["ImageUNet", "UNet", "fourier_features"]
 
 
 def fourier_features(x: Tensor, exponents: Sequence[int]) -> Tensor:
@@ -303,35 +303,3 @@ class ImageUNet(UNet):
         if x.ndim == 2 and x.shape[1] == math.prod(self.image_shape):
             return super().forward(x.reshape(x.shape[0], *self.image_shape), t, y).flatten(1)
         return super().forward(x, t, y)
-
-
-def build_unet(model, device: torch.device | str | None = None) -> ImageUNet:
-    """The :class:`ImageUNet` of a ``ModelConfig`` with ``arch: unet`` and ``image_shape`` set
-    (``device="meta"`` builds it without memory, to validate the options)."""
-    if model.image_shape is None:
-        raise ValueError("model.image_shape is unset: resolve it from the image data first")
-    c, h, w = model.image_shape
-    kwargs = {} if model.embedding_scale is None else {"scale": model.embedding_scale}
-    with torch.device(device) if device is not None else _nullcontext():
-        return ImageUNet(
-            (h, w),
-            c,
-            base_channels=model.base_channels,
-            channel_mults=tuple(model.channel_mults),
-            num_res_blocks=model.num_res_blocks,
-            attn_resolutions=tuple(model.attn_resolutions),
-            mid_attention=model.mid_attention,
-            attn_heads=model.attn_heads,
-            dropout=model.dropout,
-            time_embedding=model.embedding,
-            time_embedding_kwargs=kwargs,
-            fourier_features=tuple(model.fourier_features),
-            num_groups=model.num_groups,
-            num_classes=model.num_classes,
-        )
-
-
-def _nullcontext():
-    from contextlib import nullcontext
-
-    return nullcontext()

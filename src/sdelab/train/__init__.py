@@ -1,6 +1,10 @@
-"""Training: typed config, the loop, checkpoints. See :func:`sdelab.train.loop.train`."""
+"""Training and the run folder: typed config (:mod:`~sdelab.train.config`), config → objects
+(:mod:`~sdelab.train.build`), objectives, the loop (:func:`sdelab.train.loop.train`), the run
+folder (:mod:`~sdelab.train.rundir`, :mod:`~sdelab.train.checkpoint`) and noise-conditional
+classifiers (:mod:`~sdelab.train.classifier`)."""
 
-from sdelab.train.checkpoint import CheckpointError, load_checkpoint, load_run
+from sdelab.train.build import Run, build_model, build_run, load_run, make_run_dataset
+from sdelab.train.checkpoint import CheckpointError, load_checkpoint
 from sdelab.train.config import ConfigError, RunConfig, builtin_configs, load_config
 from sdelab.train.loop import (
     EvalContext,
@@ -16,13 +20,17 @@ __all__ = [
     "ConfigError",
     "EvalContext",
     "EvalHook",
+    "Run",
     "RunConfig",
     "TrainResult",
     "TrainingError",
     "TrainingInterrupted",
+    "build_model",
+    "build_run",
     "builtin_configs",
     "load_checkpoint",
     "load_config",
     "load_run",
+    "make_run_dataset",
     "train",
 ]

@@ -16,10 +16,8 @@ Loading verifies the hash and never unpickles anything.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from sdelab.train.config import ConfigError, RunConfig
+from sdelab.train.config import RunConfig
+from sdelab.utils import atomic_write
 
 __all__ = [
     "CKPT_DIR",
@@ -39,7 +38,6 @@ __all__ = [
     "atomic_write",
     "list_checkpoints",
     "load_checkpoint",
-    "load_run",
     "optimizer_state_from_flat",
     "optimizer_state_to_flat",
     "prefixed",
@@ -69,32 +67,6 @@ class Checkpoint:
     @property
     def config(self) -> RunConfig:
         return RunConfig.from_dict(self.meta["config"], source=str(self.path))
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` atomically: hidden temp file, fsync, ``os.replace``, fsync dir."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    payload = data.encode() if isinstance(data, str) else data
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 def _stem(step: int) -> str:
@@ -245,45 +217,3 @@ def prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """The tensors under ``prefix.`` with the prefix removed (a state_dict)."""
     cut = len(prefix) + 1
     return {k[cut:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-
-
-def load_run(
-    run_dir: str | Path,
-    which: str = "ema",
-    *,
-    step: int | None = None,
-    device: str | torch.device = "cpu",
-):
-    """Load a trained run for sampling and likelihood: ``(config, model, schedule)``.
-
-    Args:
-        run_dir: a run folder written by ``sdelab train``.
-        which: ``"ema"`` (the exponential moving average, usually better) or ``"raw"``.
-        step: which checkpoint (default: the newest).
-        device: where to put the model.
-
-    Returns:
-        ``config`` (:class:`~sdelab.train.config.RunConfig`, from the checkpoint), ``model``
-        (a :class:`~sdelab.parametrization.ScoreModel` in eval mode with frozen parameters —
-        call ``model.requires_grad_(True)`` to fine-tune; call it for the score,
-        ``model.predict(x, t, kind)`` for eps/x0/v/drift) and ``schedule`` (its SDE).
-
-    Raises:
-        CheckpointError: no checkpoint or a corrupt one. ValueError: bad ``which``.
-    """
-    from sdelab.nets.mlp import build_model
-    from sdelab.sde import make_schedule
-
-    if which not in ("ema", "raw"):
-        raise ValueError(f"unknown weights {which!r}: choose one of ema, raw")
-    ckpt = load_checkpoint(run_dir, step)
-    try:
-        config = ckpt.config
-    except ConfigError as e:
-        raise CheckpointError(f"checkpoint {ckpt.path} holds an invalid config: {e}") from None
-    schedule = make_schedule(config.sde.name, **config.sde.kwargs)
-    model = build_model(config, schedule)
-    model.load_state_dict(prefixed(ckpt.tensors, "ema" if which == "ema" else "model"))
-    # for inference: frozen, so likelihood and samplers build no graph over the parameters
-    model.requires_grad_(False)
-    return config, model.to(device).eval(), schedule

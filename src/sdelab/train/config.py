@@ -36,11 +36,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sdelab.data import DATASETS, dataset_options
+from sdelab.data.image_data import IMAGE_DATA_NAMES, image_shape_for
 from sdelab.losses import TIME_SAMPLERS, WEIGHTINGS
 from sdelab.nets.embeddings import TIME_EMBEDDINGS
+from sdelab.nets.unet import ImageUNet
 from sdelab.parametrization import KINDS
 from sdelab.sde import SCHEDULES, make_schedule
 
@@ -90,16 +94,12 @@ class DataConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from sdelab.data import DATASETS
-
         if v not in DATASETS:
             raise _choose("dataset", v, DATASETS)
         return v
 
     @model_validator(mode="after")
     def _path_for_arrays(self) -> DataConfig:
-        from sdelab.data import dataset_options
-
         if (self.name == "array") != (self.path is not None):
             raise ValueError("set data.path (a .npy/.csv file) exactly when data.name is 'array'")
         valid = [o for o in dataset_options(self.name) if o != "path"]
@@ -200,6 +200,30 @@ class ModelConfig(_Section):
         if v not in TIME_EMBEDDINGS:
             raise _choose("time embedding", v, TIME_EMBEDDINGS)
         return v
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        """The :class:`~sdelab.nets.unet.ImageUNet` arguments of ``arch: unet`` (``image_shape``
+        must be set)."""
+        if self.image_shape is None:
+            raise ValueError("model.image_shape is unset: resolve it from the image data first")
+        c, h, w = self.image_shape
+        scale = {} if self.embedding_scale is None else {"scale": self.embedding_scale}
+        return dict(
+            image_size=(h, w),
+            in_channels=c,
+            base_channels=self.base_channels,
+            channel_mults=tuple(self.channel_mults),
+            num_res_blocks=self.num_res_blocks,
+            attn_resolutions=tuple(self.attn_resolutions),
+            mid_attention=self.mid_attention,
+            attn_heads=self.attn_heads,
+            dropout=self.dropout,
+            time_embedding=self.embedding,
+            time_embedding_kwargs=scale,
+            fourier_features=tuple(self.fourier_features),
+            num_groups=self.num_groups,
+            num_classes=self.num_classes,
+        )
 
 
 class LossConfig(_Section):
@@ -380,8 +404,6 @@ class RunConfig(_Section):
                 f"loss.time_sampling={loss.time_sampling} with loss.objective=vdm: {why}; "
                 "set loss.time_sampling=uniform"
             )
-        from sdelab.data.image_data import IMAGE_DATA_NAMES
-
         data_range = self.data.options.get("data_range", "[-1,1]")
         if self.data.name in IMAGE_DATA_NAMES and data_range != "[-1,1]":
             raise ValueError(
@@ -396,8 +418,6 @@ class RunConfig(_Section):
         build the U-Net on the meta device so bad sizes/levels fail here, in one line."""
         if self.model.arch != "unet":
             return self
-        from sdelab.data.image_data import IMAGE_DATA_NAMES, image_shape_for
-
         if self.data.name not in IMAGE_DATA_NAMES:
             raise ValueError(
                 f"model.arch=unet needs image data: data.name is {self.data.name!r}, choose "
@@ -416,9 +436,8 @@ class RunConfig(_Section):
             )
         if given is None:
             self.model.image_shape = list(shape)
-        from sdelab.nets.unet import build_unet
-
-        build_unet(self.model, device="meta")  # raises ValueError naming the bad option
+        with torch.device("meta"):  # builds no memory, only validates the options
+            ImageUNet(**self.model.unet_kwargs())  # raises ValueError naming the bad option
         return self
 
     # ---- (de)serialisation ------------------------------------------------------------------

@@ -6,7 +6,9 @@ from collections.abc import Mapping
 
 import torch
 
+from sdelab.evaluation import evaluate_likelihood
 from sdelab.likelihood import elbo, log_likelihood
+from sdelab.train.build import dequantization_options
 from sdelab.train.loop import EvalContext
 
 __all__ = ["likelihood_hook"]
@@ -47,11 +49,7 @@ def likelihood_hook(ctx: EvalContext) -> Mapping[str, float]:
 def _image_hook(ctx: EvalContext, k: torch.Tensor, tol: tuple[float, float]) -> dict[str, float]:
     """Test bits/dim of integer levels: ODE (one Hutchinson probe) and the ELBO, uniformly
     dequantized with the dataset's levels and map to model space."""
-    from sdelab.likelihood import evaluate_likelihood
-    from sdelab.report import image_levels
-    from sdelab.train.loop import make_run_dataset
-
-    deq = image_levels(make_run_dataset(ctx.config))
+    deq = dequantization_options(ctx.dataset)
     common = dict(generator=ctx.generator, progress=False, **deq)
     ode = evaluate_likelihood(
         ctx.model,

@@ -1,7 +1,8 @@
-"""Run-level operations behind the CLI: sample a trained run, measure its likelihood, plot it.
+"""Run-level operations behind the CLI: sample a trained run (also class-guided), measure its
+likelihood or VDM bound, plot it.
 
 Each takes a run folder written by ``sdelab train`` and loads it with
-:func:`sdelab.train.checkpoint.load_run` (no pickles; the config comes from the checkpoint).
+:func:`sdelab.train.build.load_run` (no pickles; the config comes from the checkpoint).
 
 :func:`sample_run` and :func:`run_likelihood` scale out: launched by ``torchrun`` /
 ``accelerate launch`` (:mod:`sdelab.distributed`), each process takes every N-th chunk of
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,43 +26,42 @@ import torch
 from tqdm.auto import tqdm
 
 from sdelab import distributed
-from sdelab.data.toys import derive_seed
-from sdelab.dequantization import nats_to_bpd
-from sdelab.likelihood import EvaluationResult, evaluate_likelihood
+from sdelab.controllable import cfg_score_fn, guided_score_fn
+from sdelab.data import TOYS, toy_log_prob
+from sdelab.evaluation import EvaluationResult, evaluate_sharded
+from sdelab.plots import plot_density, plot_loss, plot_samples, plot_trajectories
 from sdelab.samplers import SampleResult, sample
-from sdelab.train.checkpoint import load_run
-from sdelab.train.loop import make_run_dataset
+from sdelab.train.build import dequantization_options, load_run, make_run_dataset, resolve_device
+from sdelab.train.classifier import load_classifier
+from sdelab.utils import chunk_generator, mean_se_float
+from sdelab.vdm import check_vdm_schedule, vdm_vlb
 
 __all__ = [
+    "METHODS",
     "LikelihoodRow",
     "VLBEvaluation",
-    "evaluate_sharded",
-    "image_levels",
+    "format_table",
+    "guided_sample_run",
     "likelihood_table",
     "plot_run",
     "run_likelihood",
     "run_vlb",
     "sample_run",
+    "save_samples",
+    "write_json",
 ]
 
 #: Likelihood estimators by CLI name.
 METHODS = ("ode", "elbo", "scoreflow")
-# Seed streams: sample chunk i > 0 and likelihood batch i use derive_seed(seed, stream, i).
-_SAMPLE_STREAM, _LIKELIHOOD_STREAM, _VLB_STREAM = 20, 21, 22
+# Seed streams: sample chunk i > 0 and VLB batch i use derive_seed(seed, stream, i) (likelihood
+# batches: sdelab.evaluation.LIKELIHOOD_STREAM = 21).
+_SAMPLE_STREAM, _VLB_STREAM = 20, 22
 
 
 def _eval_device(info: distributed.DistInfo) -> torch.device:
     """CPU with one process (as always); ``cuda:LOCAL_RANK`` for each of many when CUDA is
     available."""
-    if info.enabled and torch.cuda.is_available():
-        return torch.device("cuda", info.local_rank)
-    return torch.device("cpu")
-
-
-def _chunk_generator(seed: int, stream: int, i: int, device: torch.device) -> torch.Generator:
-    # chunk 0 uses the seed itself, so a single chunk draws what one call to sample() did
-    value = seed if i == 0 else derive_seed(seed, stream, i)
-    return torch.Generator(device=device).manual_seed(value)
+    return resolve_device("auto" if info.enabled else "cpu", info)
 
 
 def sample_run(
@@ -80,7 +80,7 @@ def sample_run(
     """Draw ``n`` samples from a trained run with any sampler in ``sdelab.samplers.SAMPLERS``.
 
     ``guide(config, model, schedule) -> score_fn`` (optional) replaces the run's score by
-    another built from it, e.g. classifier guidance (:func:`sdelab.controllable.guided_sample_run`);
+    another built from it, e.g. classifier guidance (:func:`guided_sample_run`);
     it may raise ``ValueError`` when the run does not fit.
 
     The samples are drawn in chunks of ``batch_size`` (default: all ``n`` at once); chunk i
@@ -111,7 +111,7 @@ def sample_run(
                 (b, *shape),
                 sampler=sampler,
                 steps=steps,
-                generator=_chunk_generator(seed, _SAMPLE_STREAM, i, device),
+                generator=chunk_generator(seed, _SAMPLE_STREAM, i, device),
                 device=device,
                 return_trajectory=return_trajectory,
                 **(options or {}),
@@ -164,7 +164,7 @@ def run_likelihood(
     data = dataset.test_set(n)
     # Image data: the test set is integer levels; evaluate_likelihood dequantizes them
     # uniformly, maps y = scale·(k + u)/L + shift and accounts for both in bits/dim.
-    discrete = image_levels(dataset)
+    discrete = dequantization_options(dataset)
     kwargs: dict[str, Any] = {}
     if method == "ode":
         kwargs = dict(rtol=rtol, atol=atol)
@@ -183,6 +183,83 @@ def run_likelihood(
         progress=progress,
         **discrete,
         **kwargs,
+    )
+
+
+def guided_sample_run(
+    run_dir: str | Path,
+    classifier_dir: str | Path | None,
+    label: int,
+    *,
+    scale: float = 1.0,
+    n: int = 1000,
+    sampler: str = "euler_maruyama",
+    steps: int = 1000,
+    seed: int = 0,
+    which: str = "ema",
+    options: dict[str, Any] | None = None,
+    batch_size: int | None = None,
+) -> SampleResult:
+    """Class-conditional samples of a trained run, drawn by :func:`sample_run`
+    (same chunking, device and processes).
+
+    With ``classifier_dir`` (from :func:`sdelab.train.classifier.train_classifier`): classifier
+    guidance of the run's (unconditional) score, s + scale · ∇ log p_t(label | x). Without it
+    the run must be class-conditional (``model.num_classes``): classifier-free guidance
+    s(x, t, ∅) + scale · (s(x, t, label) − s(x, t, ∅))
+    (:func:`sdelab.controllable.cfg_score_fn`). ``scale`` means the same in both: 0
+    unconditional, 1 conditional, > 1 guided.
+
+    Raises ValueError for a class index out of range, a classifier trained for another
+    schedule or data dimension, no classifier for an unconditional run, or a scale other than
+    1 on a conditional run trained without label dropout.
+    """
+    if n < 1:
+        raise ValueError(f"--n must be a positive number of samples, got {n}")
+    net, meta = load_classifier(classifier_dir) if classifier_dir is not None else (None, {})
+    if net is not None and not 0 <= label < meta["num_classes"]:
+        raise ValueError(
+            f"class index {label} out of range: the classifier has {meta['num_classes']} classes"
+        )
+
+    def guide(config, model, schedule):
+        k = config.model.num_classes
+        if net is None:
+            if not k:
+                raise ValueError(
+                    f"run {run_dir} is unconditional (model.num_classes=0): pass --classifier "
+                    "DIR from sdelab train-classifier for classifier guidance, or train with "
+                    "model.num_classes=K for classifier-free guidance"
+                )
+            if not 0 <= label < k:
+                raise ValueError(
+                    f"class index {label} out of range: the run has {k} classes (0…{k - 1})"
+                )
+            if scale != 1 and config.model.label_dropout == 0:
+                raise ValueError(
+                    f"run {run_dir} was trained without label dropout (model.label_dropout=0), "
+                    "so its null class is untrained: use --guidance 1 (the conditional score) "
+                    "or retrain with model.label_dropout=0.1"
+                )
+            return cfg_score_fn(model, label, scale, num_classes=k)
+        if meta["dim"] != config.model.dim:
+            raise ValueError(
+                f"classifier for data dimension {meta['dim']}, run of dimension {config.model.dim}"
+            )
+        if meta["sde"] != {"name": config.sde.name, "kwargs": config.sde.kwargs}:
+            raise ValueError(f"classifier trained with sde {meta['sde']}, run uses {config.sde}")
+        return guided_score_fn(model, net, label, scale, num_classes=meta["num_classes"])
+
+    return sample_run(
+        run_dir,
+        n=n,
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        which=which,
+        options=options,
+        batch_size=batch_size,
+        guide=guide,
     )
 
 
@@ -207,8 +284,7 @@ class VLBEvaluation:
             v = v / (self.dims * math.log(2))
         elif unit != "nats":
             raise ValueError(f"unknown unit {unit!r}: choose nats or bpd")
-        n = v.numel()
-        return float(v.mean()), float(v.std() / math.sqrt(n)) if n > 1 else float("nan")
+        return mean_se_float(v)
 
     def table(self) -> str:
         """A markdown table of the terms, nats and bits/dim (mean ± SE)."""
@@ -250,8 +326,6 @@ def run_vlb(
     Raises:
         ValueError: a schedule that is not VP on [0, 1], image data outside [-1, 1], bad sizes.
     """
-    from sdelab.vdm import _check_vp, vdm_vlb
-
     if steps is not None and steps < 0:
         raise ValueError(f"--steps must be 0 (continuous time) or a positive T, got {steps}")
     if n < 1 or batch_size < 1:
@@ -261,14 +335,14 @@ def run_vlb(
     device = _eval_device(info)
     config, model, schedule = load_run(run_dir, which, device=device)
     try:
-        _check_vp(schedule)
+        check_vdm_schedule(schedule)
     except ValueError:
         raise ValueError(
             f"the VLB needs a VDM schedule on [0, 1], but {run_dir} uses sde.name="
             f"{config.sde.name}: use --method ode/elbo/scoreflow, or train with sde.name=vdm"
         ) from None
     dataset = make_run_dataset(config)
-    levels = getattr(dataset, "num_levels", None)
+    levels = dataset.num_levels
     if levels is not None and (dataset.scale, dataset.shift) != (2.0, -1.0):
         raise ValueError(
             f"the VLB's decoder puts levels at bin centres in [-1, 1], but {run_dir} trained on "
@@ -287,7 +361,7 @@ def run_vlb(
                 levels=levels,
                 n_steps=steps,
                 low_discrepancy=True,
-                generator=_chunk_generator(seed, _VLB_STREAM, i, device),
+                generator=chunk_generator(seed, _VLB_STREAM, i, device),
             )
             terms = dict(
                 diffusion=vlb.diffusion,
@@ -299,88 +373,6 @@ def run_vlb(
     parts = distributed.gather_indexed(local, info)
     cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     return VLBEvaluation(terms=cat, dims=batches[0][0].numel(), steps=steps, levels=levels)
-
-
-def evaluate_sharded(
-    score_fn,
-    schedule,
-    data: torch.Tensor,
-    *,
-    estimator: str = "ode",
-    batch_size: int = 1000,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    progress: bool = False,
-    **kwargs,
-) -> EvaluationResult:
-    """:func:`~sdelab.likelihood.evaluate_likelihood` of ``data`` ``(N, ...)`` (integer levels with
-    ``levels``/``scale``/``shift`` in ``kwargs``)
-    split over the launched processes (one process: all of it, in order).
-
-    Batch i (rows ``i·batch_size …``) is evaluated by process i mod N alone with a generator
-    seeded by (seed, i); no collective runs until every process has finished its batches, so
-    batches needing very different numbers of adaptive steps cannot deadlock. Every process
-    returns the full result, per-example values in data order, equal to the single-process one.
-    ``kwargs`` go to the estimator (``rtol``, ``divergence``, ...).
-    """
-    info = distributed.get_info()
-    batches = data.split(batch_size)
-    mine = distributed.shard(len(batches), info)
-    local = []
-    bar = tqdm(mine, disable=not (progress and info.is_main), desc="likelihood", unit="batch")
-    with torch.no_grad():  # inference: the estimators enable grad internally where needed
-        for i in bar:
-            res = evaluate_likelihood(
-                score_fn,
-                schedule,
-                [batches[i].to(device)],
-                estimator=estimator,
-                generator=_chunk_generator(seed, _LIKELIHOOD_STREAM, i, torch.device(device)),
-                progress=False,
-                **kwargs,
-            )
-            local.append((i, res))
-    parts = distributed.gather_indexed([(i, _to_cpu(r)) for i, r in local], info)
-    return _concat(parts, dim=data[0].numel())
-
-
-def _to_cpu(res: EvaluationResult) -> EvaluationResult:
-    return replace(res, nll=res.nll.cpu(), bpd=res.bpd.cpu())
-
-
-def _concat(parts: list[EvaluationResult], dim: int) -> EvaluationResult:
-    """One result from per-batch ones (in order): per-example values, mean ± SE, total NFE."""
-    nll = torch.cat([p.nll for p in parts])
-    bpd = nats_to_bpd(nll, dim)
-    n = nll.numel()
-
-    def se(v: torch.Tensor) -> float:
-        return float(v.std() / math.sqrt(n)) if n > 1 else float("nan")
-
-    return EvaluationResult(
-        nll=nll,
-        bpd=bpd,
-        nll_mean=float(nll.mean()),
-        nll_se=se(nll),
-        bpd_mean=float(bpd.mean()),
-        bpd_se=se(bpd),
-        estimator=parts[0].estimator,
-        dequantization=parts[0].dequantization,
-        nfe=sum(p.nfe for p in parts),
-    )
-
-
-def image_levels(dataset: Any) -> dict[str, Any]:
-    """``levels``/``scale``/``shift``/``dequantization`` for :func:`evaluate_likelihood` when
-    ``dataset`` serves integer levels (image data), else ``{}``."""
-    if getattr(dataset, "num_levels", None) is None:
-        return {}
-    return dict(
-        levels=dataset.num_levels,
-        scale=dataset.scale,
-        shift=dataset.shift,
-        dequantization="uniform",
-    )
 
 
 @dataclass(frozen=True)
@@ -427,9 +419,6 @@ def plot_run(
     """Write the standard plots of a 2-D run: loss curve, data vs samples (probability-flow ODE
     and reverse SDE), the model density from the ODE likelihood, and λ = 0 / λ = 1 trajectories.
     Returns the written paths."""
-    from sdelab.data import TOYS, toy_log_prob
-    from sdelab.plots import plot_density, plot_loss, plot_samples, plot_trajectories
-
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
     config, model, schedule = load_run(run_dir)

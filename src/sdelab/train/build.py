@@ -1,0 +1,288 @@
+"""Config → objects: the one place where a :class:`~sdelab.train.config.RunConfig` or a run
+folder becomes a dataset, a schedule, a network and a training :class:`Run`.
+
+Everything above (the loop, ``runs``, the CLI) builds through here; everything below (maths,
+networks, data) never sees a config.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdelab.data import Dataset, make_dataset
+from sdelab.data.toys import no_labels_error
+from sdelab.distributed import DistInfo
+from sdelab.nets.mlp import MLP
+from sdelab.nets.unet import ImageUNet
+from sdelab.parametrization import ScoreModel
+from sdelab.sde import Schedule, make_schedule
+from sdelab.train.checkpoint import CheckpointError, load_checkpoint, prefixed
+from sdelab.train.config import ConfigError, RunConfig
+from sdelab.utils import derive_seed
+
+__all__ = [
+    "Run",
+    "build_model",
+    "build_run",
+    "check_world",
+    "dequantization_options",
+    "load_run",
+    "make_run_dataset",
+    "resolve_config",
+    "resolve_device",
+    "schedule_from",
+]
+
+# Seed streams of train.seed (the data test set uses stream 1, array splits stream 2).
+INIT_STREAM, DATA_STREAM, LOSS_STREAM, EVAL_STREAM = 10, 11, 12, 13
+
+
+@dataclass
+class Run:
+    """Everything a training run holds; ``step`` counts completed optimizer steps."""
+
+    config: RunConfig
+    run_dir: Path
+    device: torch.device
+    dataset: Dataset
+    schedule: Schedule
+    model: ScoreModel  # the trained weights
+    ema: ScoreModel  # their exponential moving average
+    optimizer: torch.optim.Optimizer
+    data_gen: torch.Generator  # training batches (CPU)
+    loss_gen: torch.Generator  # times and noise of the loss (on device)
+    step: int = 0
+    dist: DistInfo = field(default_factory=DistInfo)  # this process's rank of how many
+    ddp: torch.nn.Module | None = None  # DistributedDataParallel(model.net) with > 1 process
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+
+
+def resolve_device(name: str = "auto", info: DistInfo | None = None) -> torch.device:
+    """The device a command runs on.
+
+    ``auto`` means cuda if available else cpu; an unavailable device is a
+    :class:`~sdelab.train.config.ConfigError`. Under a launcher (``info.enabled``) a CUDA
+    device becomes ``cuda:LOCAL_RANK``.
+    """
+    if name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but CUDA is not available: use train.device=cpu")
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.device=mps but MPS is not available: use train.device=cpu")
+    else:
+        device = torch.device(name)
+    if info is not None and info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    return device
+
+
+def make_run_dataset(config: RunConfig) -> Dataset:
+    """The dataset a run trains on (its test set is fixed by ``train.seed``)."""
+    options = dict(config.data.options)
+    if config.data.path is not None:
+        options["path"] = config.data.path
+    return make_dataset(config.data.name, seed=config.train.seed, **options)
+
+
+def resolve_config(config: RunConfig, dataset: Dataset | None = None) -> RunConfig:
+    """Fill in what the data decides (``model.dim``), checking it against a set value, and
+    check that a class-conditional net (``model.num_classes``) fits the data's labels.
+    ``dataset``: the run's dataset if already built (default: built here)."""
+    dataset = dataset if dataset is not None else make_run_dataset(config)
+    k, have = config.model.num_classes, dataset.num_classes
+    if k and not have:
+        raise ConfigError(
+            f"model.num_classes={k}: {no_labels_error(config.data.name)}, or set "
+            "model.num_classes=0"
+        )
+    if k and k != have:
+        raise ConfigError(
+            f"model.num_classes={k} but dataset {config.data.name!r} has {have} classes: "
+            f"set model.num_classes={have}"
+        )
+    if config.model.dim not in (None, dataset.dim):
+        raise ConfigError(
+            f"model.dim={config.model.dim} but dataset {config.data.name!r} has dimension "
+            f"{dataset.dim}: remove model.dim or set it to {dataset.dim}"
+        )
+    return config.model_copy(update={"model": config.model.model_copy(update={"dim": dataset.dim})})
+
+
+def check_world(config: RunConfig, info: DistInfo) -> None:
+    """The global batch must split evenly over processes and micro-batches."""
+    tc = config.train
+    parts = info.world_size * tc.grad_accum
+    if tc.batch_size % parts:
+        raise ConfigError(
+            f"train.batch_size={tc.batch_size} does not split over {info.world_size} "
+            f"process(es) x train.grad_accum={tc.grad_accum}: use a multiple of {parts}"
+        )
+
+
+def schedule_from(config: RunConfig) -> Schedule:
+    """The schedule (SDE) of ``config.sde``."""
+    return make_schedule(config.sde.name, **config.sde.kwargs)
+
+
+def build_model(config: RunConfig, schedule: Schedule) -> ScoreModel:
+    """The :class:`~sdelab.parametrization.ScoreModel` a run config describes.
+
+    The network is ``config.model`` (its ``dim`` must be resolved, as in every saved config):
+    an :class:`~sdelab.nets.mlp.MLP`, or for ``arch: unet`` an
+    :class:`~sdelab.nets.unet.ImageUNet` of ``model.image_shape``; its output kind is
+    ``config.loss.parametrization`` (eps, score, x0, v or drift). Calling the returned model
+    gives the score; ``model.predict(x, t, kind)`` any other kind. With ``model.num_classes: K``
+    the network is class-conditional: ``model(x, t, y)``.
+    """
+    m = config.model
+    if m.dim is None:
+        raise ValueError("model.dim is unset: resolve it from the dataset before building")
+    if m.arch == "unet":  # image data: the shape is in the (saved) config
+        net = ImageUNet(**m.unet_kwargs())
+        if math.prod(net.image_shape) != m.dim:
+            raise ValueError(f"model.image_shape={m.image_shape} does not match model.dim={m.dim}")
+    else:
+        net = MLP(
+            dim=m.dim,
+            width=m.width,
+            depth=m.depth,
+            embedding=m.embedding,
+            embedding_dim=m.embedding_dim,
+            embedding_scale=m.embedding_scale,
+            num_classes=m.num_classes,
+        )
+    return ScoreModel(net, schedule, output=config.loss.parametrization)
+
+
+def _generator(seed: int, stream: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, stream))
+
+
+def _param_groups(model: ScoreModel) -> list[dict[str, Any]]:
+    """The network's parameters, then a learned schedule's (if any) without weight decay: decay
+    would pull γ's end points towards 0, which is no regularisation of the model."""
+    schedule = list(model.schedule.parameters())
+    if not schedule:
+        return [{"params": list(model.parameters())}]
+    ids = {id(p) for p in schedule}
+    net = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": net}, {"params": schedule, "weight_decay": 0.0}]
+
+
+def build_run(
+    config: RunConfig,
+    run_dir: str | Path,
+    info: DistInfo | None = None,
+    dataset: Dataset | None = None,
+) -> Run:
+    """Dataset, schedule, model, EMA, optimizer and generators at step 0 for ``config``.
+
+    ``info``: this process's place in a process group (:func:`sdelab.distributed.init`); with
+    more than one process the network is wrapped in ``DistributedDataParallel`` and a CUDA
+    device becomes ``cuda:LOCAL_RANK``. ``dataset``: the run's dataset when the caller has
+    built it already (:func:`make_run_dataset`).
+    """
+    info = info or DistInfo()
+    check_world(config, info)
+    device = resolve_device(config.train.device, info)
+    precision = config.train.mixed_precision
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            f"train.mixed_precision=fp16 needs CUDA, but the run is on {device}: use bf16 or no"
+        )
+    dataset = dataset if dataset is not None else make_run_dataset(config)
+    config = resolve_config(config, dataset)
+    schedule = schedule_from(config).to(device)
+    seed = config.train.seed
+    with torch.random.fork_rng(devices=[]):  # initialise from the run seed, leave global RNG be
+        torch.manual_seed(derive_seed(seed, INIT_STREAM))
+        model = build_model(config, schedule).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    o = config.optim
+    opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(
+        _param_groups(model), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+    )
+    ddp = None
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = DistributedDataParallel(model.net, device_ids=ids)
+    return Run(
+        config=config,
+        run_dir=Path(run_dir),
+        device=device,
+        dataset=dataset,
+        schedule=schedule,
+        model=model,
+        ema=ema,
+        optimizer=optimizer,
+        data_gen=_generator(seed, DATA_STREAM, torch.device("cpu")),
+        loss_gen=_generator(seed, LOSS_STREAM, device),
+        dist=info,
+        ddp=ddp,
+        scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
+    )
+
+
+def load_run(
+    run_dir: str | Path,
+    which: str = "ema",
+    *,
+    step: int | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[RunConfig, ScoreModel, Schedule]:
+    """Load a trained run for sampling and likelihood: ``(config, model, schedule)``.
+
+    The checkpoint is read (and its hash checked) once.
+
+    Args:
+        run_dir: a run folder written by ``sdelab train``.
+        which: ``"ema"`` (the exponential moving average, usually better) or ``"raw"``.
+        step: which checkpoint (default: the newest).
+        device: where to put the model.
+
+    Returns:
+        ``config`` (:class:`~sdelab.train.config.RunConfig`, from the checkpoint), ``model``
+        (a :class:`~sdelab.parametrization.ScoreModel` in eval mode with frozen parameters —
+        call ``model.requires_grad_(True)`` to fine-tune; call it for the score,
+        ``model.predict(x, t, kind)`` for eps/x0/v/drift) and ``schedule`` (its SDE).
+
+    Raises:
+        CheckpointError: no checkpoint or a corrupt one. ValueError: bad ``which``.
+    """
+    if which not in ("ema", "raw"):
+        raise ValueError(f"unknown weights {which!r}: choose one of ema, raw")
+    ckpt = load_checkpoint(run_dir, step)
+    try:
+        config = ckpt.config
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {ckpt.path} holds an invalid config: {e}") from None
+    schedule = schedule_from(config)
+    model = build_model(config, schedule)
+    model.load_state_dict(prefixed(ckpt.tensors, "ema" if which == "ema" else "model"))
+    # for inference: frozen, so likelihood and samplers build no graph over the parameters
+    model.requires_grad_(False)
+    return config, model.to(device).eval(), schedule
+
+
+def dequantization_options(dataset: Dataset) -> dict[str, Any]:
+    """``levels``/``scale``/``shift``/``dequantization`` for
+    :func:`~sdelab.evaluation.evaluate_likelihood` when ``dataset`` serves integer levels
+    (image data), else ``{}``."""
+    if dataset.num_levels is None:
+        return {}
+    return dict(
+        levels=dataset.num_levels,
+        scale=dataset.scale,
+        shift=dataset.shift,
+        dequantization="uniform",
+    )
