@@ -20,7 +20,7 @@ from sdelab.losses import dsm_loss, sample_time
 from sdelab.nets.mlp import MLP
 from sdelab.parametrization import KINDS, ScoreModel
 from sdelab.sde import make_schedule
-from sdelab.train import loop, objectives
+from sdelab.train import objectives
 from sdelab.train.build import build_model, build_run, load_run, resolve_config
 from sdelab.train.checkpoint import (
     CheckpointError,
