@@ -27,22 +27,27 @@ from tqdm.auto import tqdm
 
 from sdelab import distributed
 from sdelab.controllable import cfg_score_fn, guided_score_fn
-from sdelab.data import TOYS, toy_log_prob
+from sdelab.data import TOYS, Dataset, toy_log_prob
 from sdelab.evaluation import EvaluationResult, evaluate_sharded
+from sdelab.parametrization import ScoreModel
 from sdelab.plots import plot_density, plot_loss, plot_samples, plot_trajectories
 from sdelab.samplers import SampleResult, sample
+from sdelab.sde import Schedule
 from sdelab.train.build import dequantization_options, load_run, make_run_dataset, resolve_device
 from sdelab.train.classifier import load_classifier
+from sdelab.train.config import RunConfig
 from sdelab.utils import chunk_generator, mean_se_float
 from sdelab.vdm import check_vdm_schedule, vdm_vlb
 
 __all__ = [
     "METHODS",
     "LikelihoodRow",
+    "LoadedRun",
     "VLBEvaluation",
     "format_table",
     "guided_sample_run",
     "likelihood_table",
+    "open_run",
     "plot_run",
     "run_likelihood",
     "run_vlb",
@@ -64,8 +69,33 @@ def _eval_device(info: distributed.DistInfo) -> torch.device:
     return resolve_device("auto" if info.enabled else "cpu", info)
 
 
+@dataclass(frozen=True)
+class LoadedRun:
+    """A trained run read once (checkpoint loaded and hash-checked a single time): its folder,
+    config, model (EMA or raw weights, on this process's evaluation device) and schedule."""
+
+    run_dir: Path
+    config: RunConfig
+    model: ScoreModel
+    schedule: Schedule
+
+    @property
+    def dataset(self) -> Dataset:
+        """The run's dataset (its test set is fixed by the run's seed)."""
+        return make_run_dataset(self.config)
+
+
+def open_run(run: str | Path | LoadedRun, which: str = "ema") -> LoadedRun:
+    """Load a run folder for evaluation (a :class:`LoadedRun` passes through unchanged, so one
+    load can serve several operations)."""
+    if isinstance(run, LoadedRun):
+        return run
+    config, model, schedule = load_run(run, which, device=_eval_device(distributed.get_info()))
+    return LoadedRun(Path(run), config, model, schedule)
+
+
 def sample_run(
-    run_dir: str | Path,
+    run: str | Path | LoadedRun,
     *,
     n: int,
     sampler: str = "euler_maruyama",
@@ -97,8 +127,9 @@ def sample_run(
     n_chunks = math.ceil(n / size)
     if return_trajectory and (n_chunks > 1 or info.enabled):
         raise ValueError("return_trajectory needs one chunk (batch_size >= n) and one process")
-    device = _eval_device(info)
-    config, model, schedule = load_run(run_dir, which, device=device)
+    loaded = open_run(run, which)
+    config, model, schedule = loaded.config, loaded.model, loaded.schedule
+    device = next(iter(model.parameters())).device
     shape = config.model.image_shape or [config.model.dim]  # U-Net runs sample (n, C, H, W)
     score_fn = model if guide is None else guide(config, model, schedule)
     local = []
@@ -124,7 +155,7 @@ def sample_run(
 
 
 def run_likelihood(
-    run_dir: str | Path,
+    run: str | Path | LoadedRun,
     *,
     method: str = "ode",
     n: int = 2000,
@@ -157,10 +188,10 @@ def run_likelihood(
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
-    info = distributed.get_info()
-    device = _eval_device(info)
-    config, model, schedule = load_run(run_dir, which, device=device)
-    dataset = make_run_dataset(config)
+    loaded = open_run(run, which)
+    model, schedule = loaded.model, loaded.schedule
+    device = next(iter(model.parameters())).device
+    dataset = loaded.dataset
     data = dataset.test_set(n)
     # Image data: the test set is integer levels; evaluate_likelihood dequantizes them
     # uniformly, maps y = scale·(k + u)/L + shift and accounts for both in bits/dim.
@@ -187,7 +218,7 @@ def run_likelihood(
 
 
 def guided_sample_run(
-    run_dir: str | Path,
+    run: str | Path | LoadedRun,
     classifier_dir: str | Path | None,
     label: int,
     *,
@@ -216,6 +247,7 @@ def guided_sample_run(
     """
     if n < 1:
         raise ValueError(f"--n must be a positive number of samples, got {n}")
+    loaded = open_run(run, which)
     net, meta = load_classifier(classifier_dir) if classifier_dir is not None else (None, {})
     if net is not None and not 0 <= label < meta["num_classes"]:
         raise ValueError(
@@ -227,9 +259,9 @@ def guided_sample_run(
         if net is None:
             if not k:
                 raise ValueError(
-                    f"run {run_dir} is unconditional (model.num_classes=0): pass --classifier "
-                    "DIR from sdelab train-classifier for classifier guidance, or train with "
-                    "model.num_classes=K for classifier-free guidance"
+                    f"run {loaded.run_dir} is unconditional (model.num_classes=0): pass "
+                    "--classifier DIR from sdelab train-classifier for classifier guidance, or "
+                    "train with model.num_classes=K for classifier-free guidance"
                 )
             if not 0 <= label < k:
                 raise ValueError(
@@ -237,9 +269,9 @@ def guided_sample_run(
                 )
             if scale != 1 and config.model.label_dropout == 0:
                 raise ValueError(
-                    f"run {run_dir} was trained without label dropout (model.label_dropout=0), "
-                    "so its null class is untrained: use --guidance 1 (the conditional score) "
-                    "or retrain with model.label_dropout=0.1"
+                    f"run {loaded.run_dir} was trained without label dropout "
+                    "(model.label_dropout=0), so its null class is untrained: use --guidance 1 "
+                    "(the conditional score) or retrain with model.label_dropout=0.1"
                 )
             return cfg_score_fn(model, label, scale, num_classes=k)
         if meta["dim"] != config.model.dim:
@@ -251,7 +283,7 @@ def guided_sample_run(
         return guided_score_fn(model, net, label, scale, num_classes=meta["num_classes"])
 
     return sample_run(
-        run_dir,
+        loaded,
         n=n,
         sampler=sampler,
         steps=steps,
@@ -301,7 +333,7 @@ class VLBEvaluation:
 
 
 def run_vlb(
-    run_dir: str | Path,
+    run: str | Path | LoadedRun,
     *,
     steps: int | None = None,
     n: int = 2000,
@@ -332,8 +364,9 @@ def run_vlb(
         raise ValueError(f"--n and --batch-size must be positive, got {n}, {batch_size}")
     steps = steps or None
     info = distributed.get_info()
-    device = _eval_device(info)
-    config, model, schedule = load_run(run_dir, which, device=device)
+    loaded = open_run(run, which)
+    config, model, schedule, run_dir = loaded.config, loaded.model, loaded.schedule, loaded.run_dir
+    device = next(iter(model.parameters())).device
     try:
         check_vdm_schedule(schedule)
     except ValueError:
@@ -341,7 +374,7 @@ def run_vlb(
             f"the VLB needs a VDM schedule on [0, 1], but {run_dir} uses sde.name="
             f"{config.sde.name}: use --method ode/elbo/scoreflow, or train with sde.name=vdm"
         ) from None
-    dataset = make_run_dataset(config)
+    dataset = loaded.dataset
     levels = dataset.num_levels
     if levels is not None and (dataset.scale, dataset.shift) != (2.0, -1.0):
         raise ValueError(
@@ -385,20 +418,20 @@ class LikelihoodRow:
 
 
 def likelihood_table(
-    run_dir: str | Path, *, n: int = 2000, progress: bool = True, seed: int = 0
+    run: str | Path | LoadedRun, *, n: int = 2000, progress: bool = True, seed: int = 0
 ) -> list[LikelihoodRow]:
     """Test NLL by the exact-trace ODE, the ELBO and the ScoreFlow bound, and the data's true
     entropy when known (the NLL a perfect model attains), each in nats."""
+    loaded = open_run(run)
     rows = []
     for method, label in (
         ("ode", "NLL, probability-flow ODE (exact trace)"),
         ("elbo", "NLL bound, ELBO of the reverse SDE (sdeflow)"),
         ("scoreflow", "NLL bound, likelihood-weighted DSM (ScoreFlow)"),
     ):
-        res = run_likelihood(run_dir, method=method, n=n, progress=progress, seed=seed)
+        res = run_likelihood(loaded, method=method, n=n, progress=progress, seed=seed)
         rows.append(LikelihoodRow(label, res.nll_mean, res.nll_se))
-    config, _, _ = load_run(run_dir)
-    entropy = make_run_dataset(config).entropy()
+    entropy = loaded.dataset.entropy()
     if entropy is not None:
         rows.append(LikelihoodRow("true entropy of the data (the floor)", entropy, 0.0))
     return rows
@@ -419,9 +452,9 @@ def plot_run(
     """Write the standard plots of a 2-D run: loss curve, data vs samples (probability-flow ODE
     and reverse SDE), the model density from the ODE likelihood, and λ = 0 / λ = 1 trajectories.
     Returns the written paths."""
-    run_dir = Path(run_dir)
+    loaded = open_run(run_dir)
+    run_dir, config, model, schedule = loaded.run_dir, loaded.config, loaded.model, loaded.schedule
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
-    config, model, schedule = load_run(run_dir)
     if config.model.dim != 2:
         raise ValueError(f"plot draws 2-D runs; this run's data has {config.model.dim} dims")
     dataset = make_run_dataset(config)
@@ -430,7 +463,7 @@ def plot_run(
     if (run_dir / "metrics.jsonl").exists():
         paths.append(plot_loss(run_dir / "metrics.jsonl", out / "loss.png"))
     for sampler, steps in (("ode", 200), ("euler_maruyama", 1000)):
-        res = sample_run(run_dir, n=n, sampler=sampler, steps=steps, seed=seed)
+        res = sample_run(loaded, n=n, sampler=sampler, steps=steps, seed=seed)
         paths.append(
             plot_samples(
                 test,

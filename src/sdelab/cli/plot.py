@@ -1,0 +1,25 @@
+"""``sdelab plot``: the standard plots of a 2-D run."""
+
+from __future__ import annotations
+
+import argparse
+
+from sdelab.runs import (
+    plot_run,
+)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    """Write a 2-D run's plots: loss, samples vs data, model density, λ=0/λ=1 trajectories."""
+    for path in plot_run(args.run, args.out, seed=args.seed):
+        print(path)
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add this module's subcommands to ``sub``."""
+    p = sub.add_parser("plot", help="plot a trained 2-D run", description=_plot.__doc__)
+    p.add_argument("run", metavar="RUN", help="run folder written by sdelab train")
+    p.add_argument("--out", default=None, help="output folder (default RUN/plots)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=_plot)

@@ -1,0 +1,147 @@
+"""``sdelab sample``: draw samples from a trained run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sdelab.cli.common import CLIError, join_launched_group, parse_options
+from sdelab.data.images import model_to_levels
+from sdelab.data.png import save_level_grid
+from sdelab.plots import plot_samples
+from sdelab.runs import (
+    guided_sample_run,
+    open_run,
+    sample_run,
+    save_samples,
+)
+from sdelab.samplers import SAMPLERS
+
+
+def _sample(args: argparse.Namespace) -> int:
+    """Draw samples from a trained run with any sampler; save them as .npy/.csv (+ a PNG)."""
+    info = join_launched_group()
+    out = Path(args.out)
+    if out.exists():
+        raise CLIError(f"{out} exists: choose another --out or delete it first")
+    kwargs = dict(n=args.n, sampler=args.sampler, steps=args.steps, seed=args.seed)
+    options = parse_options(args.option)
+    run = open_run(args.run, args.weights)  # the checkpoint is read once
+    if args.class_ is not None or args.classifier is not None:
+        if args.class_ is None:
+            raise CLIError("--classifier needs --class K (the class to sample)")
+        res = guided_sample_run(
+            run,
+            args.classifier,
+            args.class_,
+            scale=args.guidance,
+            options=options,
+            batch_size=args.batch_size,
+            **kwargs,
+        )
+    else:
+        res = sample_run(run, options=options, batch_size=args.batch_size, **kwargs)
+    if not info.is_main:
+        return 0
+    dataset = run.dataset
+    if dataset.image_shape is not None:  # image run: .npy + PNG grid
+        print(_save_image_samples(res, dataset, out, args))
+        return 0
+    save_samples(res.samples, out)
+    msg = f"{args.n} samples ({args.sampler}, NFE {res.nfe}) -> {out}"
+    if res.samples.shape[1] == 2:
+        test = dataset.test_set(min(args.n, 5000))
+        png = plot_samples(
+            test,
+            res.samples,
+            out.with_suffix(".png"),
+            titles=("test data", f"samples ({args.sampler})"),
+        )
+        msg += f", plot {png}"
+    print(msg)
+    return 0
+
+
+def _save_image_samples(res, dataset, out: Path, args: argparse.Namespace) -> str:
+    """Image runs: model-space samples (N, C, H, W) to ``out.npy`` and their pixel levels
+    (``model_to_levels``) as a PNG grid to ``out.png``, whichever of the two ``--out`` names."""
+    npy, png = out.with_suffix(".npy"), out.with_suffix(".png")
+    for path in (npy, png):
+        if path.exists():
+            raise CLIError(f"{path} exists: choose another --out or delete it first")
+    samples = res.samples.reshape(len(res.samples), *dataset.image_shape)
+    save_samples(samples, npy)
+    levels = model_to_levels(samples, dataset.num_levels, data_range=dataset.data_range)
+    save_level_grid(levels, dataset.num_levels, png)
+    return f"{args.n} samples ({args.sampler}, NFE {res.nfe}) -> {npy}, grid {png}"
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add this module's subcommands to ``sub``."""
+    p = sub.add_parser(
+        "sample",
+        help="draw samples from a trained run",
+        description=_sample.__doc__,
+        epilog="examples:\n  sdelab sample runs/checker --sampler ode --n 5000 --out s.npy\n"
+        "  sdelab sample runs/checker --sampler pc --option predictor=reverse_diffusion "
+        "--option snr=0.16 --n 2000 --out pc.npy\n"
+        "  sdelab sample runs/digits --sampler ode --n 64 --out grid.png   # + grid.npy\n"
+        "  sdelab sample runs/moons-cond --class 1 --guidance 2 --out m1.npy   # CFG\n"
+        "  sdelab sample runs/8g --class 3 --classifier runs/8g-clf --out c3.npy",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run", metavar="RUN", help="run folder written by sdelab train")
+    p.add_argument(
+        "--sampler",
+        default="euler_maruyama",
+        choices=sorted(SAMPLERS),
+        help="sampler (default euler_maruyama)",
+    )
+    p.add_argument(
+        "--n",
+        "--num-samples",  # under torchrun, whose own options swallow the abbreviation --n
+        dest="n",
+        type=int,
+        default=1000,
+        help="number of samples (default 1000)",
+    )
+    p.add_argument("--steps", type=int, default=1000, help="time steps (default 1000)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="samples per chunk, the unit split over processes (default: all at once)",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="sampler option, repeatable (snr=0.16, lam=0.5, method=rk4, ...)",
+    )
+    p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw weights")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--class", dest="class_", type=int, metavar="K", help="class-conditional: class index"
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="guidance scale with --class: 0 unconditional, 1 conditional (default), >1 "
+        "sharper; classifier-free on a run with model.num_classes, else classifier guidance",
+    )
+    p.add_argument(
+        "--classifier",
+        metavar="DIR",
+        help="folder from sdelab train-classifier: classifier guidance (needed for "
+        "unconditional runs)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="output .npy or .csv; image runs write FILE.npy and a PNG grid FILE.png",
+    )
+    p.set_defaults(func=_sample)
