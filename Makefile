@@ -21,12 +21,14 @@ demo: $(STAMP)
 	$(BIN)/sdelab demo --out runs/demo
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q -m slow
 
 lint: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 

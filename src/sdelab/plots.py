@@ -10,6 +10,9 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from sdelab.likelihood import log_likelihood
+from sdelab.samplers import sample
+
 __all__ = [
     "density_grid",
     "plot_density",
@@ -111,8 +114,6 @@ def density_grid(
 
     ``lim`` is (x_min, x_max, y_min, y_max). Returns (xs, ys, logp) with logp of shape (n, n).
     """
-    from sdelab.likelihood import log_likelihood
-
     xs = np.linspace(lim[0], lim[1], n)
     ys = np.linspace(lim[2], lim[3], n)
     grid = torch.tensor(np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2), dtype=torch.float32)
@@ -183,8 +184,6 @@ def plot_trajectories(
     λ = 0 the reverse SDE, λ = 1 the probability-flow ODE). One row per λ, ``snapshots``
     scatter plots at evenly spaced steps, the same prior draw for every λ, and the paths of a
     few particles in the last panel. Returns the path."""
-    from sdelab.samplers import sample
-
     x_init = schedule.prior_sample((n, 2), generator=torch.Generator().manual_seed(seed))
     fig = Figure(figsize=(2.4 * (snapshots + 1), 2.5 * len(lams)))
     for row, lam in enumerate(lams):

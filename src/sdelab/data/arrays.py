@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from sdelab.data.base import VectorData
+from sdelab.data.toys import no_labels_error
 from sdelab.utils import derive_seed
 
 __all__ = ["ArrayDataset", "load_array"]
@@ -109,8 +110,6 @@ class ArrayDataset(VectorData):
 
     def sample_labeled(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Arrays have no labels: always raises ``ValueError``."""
-        from sdelab.data.toys import no_labels_error
-
         raise no_labels_error(self.name)
 
     def test_set(self, n: int) -> Tensor:

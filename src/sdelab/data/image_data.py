@@ -42,6 +42,7 @@ from sdelab.data.images import (
     load_digits,
     random_hflip,
 )
+from sdelab.data.toys import no_labels_error
 from sdelab.dequantization import to_model_space
 
 __all__ = [
@@ -237,8 +238,6 @@ class ImageData:
             return self.to_model(k, u), None
         labels = self._split("train").labels
         if labels is None:
-            from sdelab.data.toys import no_labels_error
-
             raise no_labels_error(self.name)
         return self.to_model(k, u), labels[idx]
 
