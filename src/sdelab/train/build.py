@@ -29,10 +29,12 @@ from sdelab.utils import derive_seed
 __all__ = [
     "Run",
     "build_model",
+    "build_resolved_run",
     "build_run",
     "check_world",
     "dequantization_options",
     "load_run",
+    "local_device",
     "make_run_dataset",
     "resolve_config",
     "resolve_device",
@@ -78,8 +80,13 @@ def resolve_device(name: str = "auto", info: DistInfo | None = None) -> torch.de
         raise ConfigError("train.device=mps but MPS is not available: use train.device=cpu")
     else:
         device = torch.device(name)
-    if info is not None and info.enabled and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+    return device if info is None else local_device(device, info)
+
+
+def local_device(device: torch.device, info: DistInfo) -> torch.device:
+    """This process's device under a launcher: ``cuda:LOCAL_RANK`` for a CUDA device."""
+    if info.enabled and device.type == "cuda":
+        return torch.device("cuda", info.local_rank)
     return device
 
 
@@ -187,18 +194,32 @@ def build_run(
     ``info``: this process's place in a process group (:func:`sdelab.distributed.init`); with
     more than one process the network is wrapped in ``DistributedDataParallel`` and a CUDA
     device becomes ``cuda:LOCAL_RANK``. ``dataset``: the run's dataset when the caller has
-    built it already (:func:`make_run_dataset`).
+    built it already (:func:`make_run_dataset`). The config is resolved against the data and
+    the process group checked here; :func:`build_resolved_run` skips both.
     """
     info = info or DistInfo()
+    dataset = dataset if dataset is not None else make_run_dataset(config)
+    config = resolve_config(config, dataset)
     check_world(config, info)
-    device = resolve_device(config.train.device, info)
+    return build_resolved_run(
+        config, run_dir, info, dataset, resolve_device(config.train.device, info)
+    )
+
+
+def build_resolved_run(
+    config: RunConfig,
+    run_dir: str | Path,
+    info: DistInfo,
+    dataset: Dataset,
+    device: torch.device,
+) -> Run:
+    """:func:`build_run` for a config already resolved (:func:`resolve_config`) and checked
+    (:func:`check_world`) on ``device`` (:func:`resolve_device`)."""
     precision = config.train.mixed_precision
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError(
             f"train.mixed_precision=fp16 needs CUDA, but the run is on {device}: use bf16 or no"
         )
-    dataset = dataset if dataset is not None else make_run_dataset(config)
-    config = resolve_config(config, dataset)
     schedule = schedule_from(config).to(device)
     seed = config.train.seed
     with torch.random.fork_rng(devices=[]):  # initialise from the run seed, leave global RNG be

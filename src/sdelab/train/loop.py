@@ -49,8 +49,9 @@ from sdelab.sde import Schedule
 from sdelab.train.build import (
     EVAL_STREAM,
     Run,
-    build_run,
+    build_resolved_run,
     check_world,
+    local_device,
     make_run_dataset,
     resolve_config,
     resolve_device,
@@ -284,7 +285,9 @@ def train(
         TrainingInterrupted: SIGTERM/SIGINT, after saving a checkpoint.
     """
     run_dir = Path(run_dir)
-    info = distributed.init(resolve_device(config.train.device))
+    device = resolve_device(config.train.device)  # resolved once, for the group and the run
+    info = distributed.init(device)
+    device = local_device(device, info)  # cuda:LOCAL_RANK under a launcher
     check_run_dir(run_dir, resume)
     distributed.barrier(info)  # every rank has checked the folder before rank 0 writes to it
     if config.train.tensorboard:
@@ -296,7 +299,7 @@ def train(
     has_ckpt = resume and bool(list_checkpoints(run_dir))
     if has_ckpt:
         config = merge_for_resume(load_checkpoint(run_dir).config, config, run_dir)
-    run = build_run(config, run_dir, info, dataset=dataset)
+    run = build_resolved_run(config, run_dir, info, dataset, device)
     if has_ckpt:
         restore(run)
     if info.is_main:
