@@ -41,6 +41,9 @@ def test_streamed_stats_equal_the_moments_of_all_rows():
     assert n == 1000
     assert torch.allclose(mu, mu_ref, rtol=0, atol=1e-9)
     assert torch.allclose(sigma, sigma_ref, rtol=1e-9, atol=1e-9)
+    mu5, sigma5, n5 = feature_stats(IdentityFeatures(), batches, max_n=150)
+    assert n5 == 150 and torch.allclose(mu5, x[:150].mean(0), atol=1e-9)
+    assert torch.allclose(sigma5, feature_moments(x[:150])[1], atol=1e-9)
     with pytest.raises(ValueError, match="at least 2 rows"):
         feature_stats(IdentityFeatures(), [x[:1]])
 

@@ -232,7 +232,9 @@ def collect_features(
     return Features(torch.cat(feats), torch.cat(ps) if probs else None)
 
 
-def feature_stats(extractor: FeatureExtractor, batches: Iterable[Tensor]) -> FeatureStats:
+def feature_stats(
+    extractor: FeatureExtractor, batches: Iterable[Tensor], *, max_n: int | None = None
+) -> FeatureStats:
     """Mean and covariance of the extractor's features over all batches, streamed in float64.
 
     The sums are taken around the first batch's mean, so large feature offsets do not cancel
@@ -241,6 +243,7 @@ def feature_stats(extractor: FeatureExtractor, batches: Iterable[Tensor]) -> Fea
     Args:
         extractor: a :class:`FeatureExtractor`, e.g. ``IdentityFeatures()``.
         batches: tensors ``(B, ...)`` or ``(x, labels, ...)`` tuples (a data loader).
+        max_n: stop after this many rows (the last batch is cut).
 
     Returns:
         ``FeatureStats(mu (F,), sigma (F, F), n)``; unpacks as ``mu, sigma, n``.
@@ -250,10 +253,13 @@ def feature_stats(extractor: FeatureExtractor, batches: Iterable[Tensor]) -> Fea
     """
     n, shift, total, outer = 0, None, None, None
     for batch in batches:
-        f = extractor(_batch_tensor(batch))
+        x = _batch_tensor(batch)
+        if max_n is not None:
+            x = x[: max_n - n]
+        if x.shape[0] == 0:
+            break
+        f = extractor(x)
         f = f.detach().reshape(f.shape[0], -1).to(torch.float64).cpu()
-        if f.shape[0] == 0:
-            continue
         if shift is None:
             shift = f.mean(0)
             total = torch.zeros_like(shift)
