@@ -16,6 +16,7 @@ from sdelab.quality import (
     ClassifierFeatures,
     IdentityFeatures,
     InceptionFeatures,
+    check_metrics,
     collect_features,
     evaluate_quality,
     feature_stats,
@@ -118,6 +119,9 @@ def test_evaluate_quality_errors_name_the_fix():
     with pytest.raises(ValueError, match="gives no class probabilities"):
         collect_features(IdentityFeatures(), [x], probs=True)
     assert set(METRICS) == {"fd", "kid", "is", "pr", "energy", "mmd", "sw2"}
+    assert check_metrics(" fd, kid ") == ("fd", "kid")
+    with pytest.raises(ValueError, match="none given"):
+        check_metrics("")
 
 
 @pytest.mark.parametrize(

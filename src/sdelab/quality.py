@@ -33,6 +33,7 @@ from sdelab.nets.inception import FIDInceptionV3
 
 __all__ = [
     "METRICS",
+    "NEEDS_REFERENCE_FEATURES",
     "ClassifierFeatures",
     "FeatureExtractor",
     "FeatureStats",
@@ -41,6 +42,7 @@ __all__ = [
     "InceptionFeatures",
     "ProbabilisticExtractor",
     "QualityResult",
+    "check_metrics",
     "collect_features",
     "evaluate_quality",
     "feature_stats",
@@ -342,7 +344,10 @@ class QualityResult:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def _check_metrics(metrics: Iterable[str]) -> tuple[str, ...]:
+def check_metrics(metrics: Iterable[str] | str) -> tuple[str, ...]:
+    """Metric names (a list or one comma-separated string such as ``"fd,kid"``) as a tuple;
+    ``ValueError`` listing the valid names for an unknown or empty choice. Call it before
+    drawing samples to fail early."""
     if isinstance(metrics, str):
         metrics = [m.strip() for m in metrics.split(",") if m.strip()]
     names = tuple(metrics)
@@ -394,7 +399,7 @@ def evaluate_quality(
             probabilities; a metric needing reference features given only statistics; feature
             sizes that differ.
     """
-    names = _check_metrics(metrics)
+    names = check_metrics(metrics)
     if isinstance(sample_features, Features):
         sample_features, probs = sample_features
         sample_probs = sample_probs if sample_probs is not None else probs
