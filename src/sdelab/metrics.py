@@ -188,8 +188,9 @@ def kid(
     a subset) of ``min(subset_size, n, m)`` rows of ``x`` ``(n, F)`` and ``y`` ``(m, F)``.
 
     Returns:
-        ``(mean, sd)`` over subsets (sd 0 for a single subset). Conventionally reported ×10³
-        for Inception features.
+        ``(mean, sd)`` over subsets; the sd divides by the number of subsets (numpy's
+        ``std``, as in the reference implementations). Conventionally reported ×10³ for
+        Inception features.
     """
     x, y = _flat64(x, "x"), _flat64(y, "y")
     if num_subsets < 1 or subset_size < 2:
@@ -203,7 +204,7 @@ def kid(
         iy = torch.randperm(y.shape[0], generator=generator)[:size]
         values.append(mmd2_unbiased(x[ix], y[iy], polynomial_kernel))
     v = torch.tensor(values, dtype=D64)
-    return float(v.mean()), float(v.std()) if num_subsets > 1 else 0.0
+    return float(v.mean()), float(v.std(correction=0))
 
 
 def mmd2_gaussian(x: Tensor, y: Tensor, bandwidth: float | None = None) -> float:
@@ -279,8 +280,10 @@ def inception_score(probs: Tensor, splits: int = 10) -> tuple[float, float]:
     mean prediction.
 
     Returns:
-        ``(mean, sd)`` over splits (sd 0 for one split). 1 for uniform predictions, C for
-        confident predictions spread evenly over C classes within each split.
+        ``(mean, sd)`` over splits, the sd dividing by the number of splits (numpy's ``std``,
+        as in the original code). 1 for uniform predictions, C for confident predictions
+        spread evenly over C classes within each split. Splits are consecutive chunks: shuffle
+        beforehand if the rows are ordered (by class, say).
     """
     p = _flat64(probs, "probs")
     if splits < 1 or p.shape[0] < splits:
@@ -293,7 +296,7 @@ def inception_score(probs: Tensor, splits: int = 10) -> tuple[float, float]:
         kl = torch.where(chunk > 0, chunk * (chunk.log() - marginal.log()), 0).sum(1)
         scores.append(math.exp(float(kl.mean())))
     s = torch.tensor(scores, dtype=D64)
-    return float(s.mean()), float(s.std()) if splits > 1 else 0.0
+    return float(s.mean()), float(s.std(correction=0))
 
 
 def _knn_radii(x: Tensor, k: int, batch: int) -> Tensor:
