@@ -112,6 +112,8 @@ def test_evaluate_quality_errors_name_the_fix():
     stats = feature_stats(IdentityFeatures(), [x])
     with pytest.raises(ValueError, match="need reference features"):
         evaluate_quality(x, stats, ("fd", "kid"))
+    with pytest.raises(ValueError, match="rows of class probabilities"):
+        evaluate_quality(x, x, ["is"], sample_probs=torch.full((5, 2), 0.5))
     with pytest.raises(ValueError, match="same feature extractor"):
         evaluate_quality(x, x[:, :2], ("fd",))
     with pytest.raises(ValueError, match="NaN"):

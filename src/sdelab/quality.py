@@ -409,7 +409,7 @@ def evaluate_quality(
         reference = reference.features
     if isinstance(reference, FeatureStats):
         ref_stats, y, n_ref = reference, None, reference.n
-        ref_dim = reference.mu.numel()
+        ref_dim = torch.as_tensor(reference.mu).numel()
     else:
         y = torch.as_tensor(reference).detach().to(torch.float64).cpu()
         y = y.reshape(y.shape[0], -1)
@@ -431,6 +431,11 @@ def evaluate_quality(
         raise ValueError(
             "metric 'is' needs class probabilities: collect features with probs=True from "
             "ClassifierFeatures or InceptionFeatures (or pass sample_probs=), or drop 'is'"
+        )
+    if "is" in names and sample_probs.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{sample_probs.shape[0]} rows of class probabilities for {x.shape[0]} samples: "
+            "pass the probabilities of the same samples"
         )
 
     result = QualityResult(n_samples=x.shape[0], n_reference=n_ref)
