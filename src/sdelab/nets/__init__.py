@@ -1,1 +1,1 @@
-"""Networks: time embeddings, MLP, U-Net."""
+"""Networks: time embeddings, MLP, U-Net, classifiers, the FID Inception-v3."""

@@ -1,8 +1,9 @@
 """Time-dependent (noise-conditional) classifiers p_t(y | x_t) for classifier guidance.
 
 Both return logits ``(B, K)`` for x_t of shape ``(B, D)`` (MLP) or ``(B, C, H, W)`` (conv net)
-and times ``(B,)``; they are trained on noised data with the score model's schedule
-(:func:`sdelab.controllable.train_classifier`).
+and times ``(B,)``, as ``classify(features(x, t))``: the penultimate ``features`` of a clean
+classifier are what :mod:`sdelab.quality` compares samples with. They are trained on noised
+data with the score model's schedule (:func:`sdelab.controllable.train_classifier`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from sdelab.nets.embeddings import TIME_EMBEDDINGS
+from sdelab.utils import append_dims
 
 __all__ = ["ConvClassifier", "TimeClassifier"]
 
@@ -61,12 +63,20 @@ class TimeClassifier(nn.Module):
         self.act = nn.SiLU()
         self.num_classes = num_classes
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def features(self, x: Tensor, t: Tensor) -> Tensor:
+        """Penultimate features ``(B, width)``: the activations the linear head reads."""
         code = self.time_embed(t)  # (B, width)
         h = self.inp(x.reshape(x.shape[0], -1))
         for layer in self.hidden:
             h = layer(self.act(h + code))
-        return self.out(self.act(h))  # (B, K)
+        return self.act(h)
+
+    def classify(self, features: Tensor) -> Tensor:
+        """Logits ``(B, K)`` from :meth:`features`."""
+        return self.out(features)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.classify(self.features(x, t))  # (B, K)
 
 
 class ConvClassifier(nn.Module):
@@ -107,11 +117,20 @@ class ConvClassifier(nn.Module):
         self.widths = widths
         self.num_classes = num_classes
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def features(self, x: Tensor, t: Tensor) -> Tensor:
+        """Penultimate features ``(B, 2·channels)``: the globally pooled last stage the linear
+        head reads (for a clean classifier, the features of a Fréchet distance on CPU)."""
         if x.ndim == 2 and self.image_shape is not None:
             x = x.reshape(x.shape[0], *self.image_shape)
         codes = self.time_embed(t).split(self.widths, dim=1)  # per stage (B, c)
         h = x
         for conv, norm, code in zip(self.convs, self.norms, codes):
-            h = self.act(norm(conv(h)) + code[:, :, None, None])  # (B, c, H', W')
-        return self.head(h.mean(dim=(2, 3)))  # (B, K)
+            h = self.act(norm(conv(h)) + append_dims(code, h.ndim))  # (B, c, H', W')
+        return h.mean(dim=(2, 3))  # (B, 2·channels)
+
+    def classify(self, features: Tensor) -> Tensor:
+        """Logits ``(B, K)`` from :meth:`features`."""
+        return self.head(features)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.classify(self.features(x, t))  # (B, K)
