@@ -1,7 +1,8 @@
 """The ``sdelab`` command line: one module per subcommand group, each adding its parsers.
 
 ``sdelab demo | train`` (:mod:`~sdelab.cli.train`), ``sample`` (:mod:`~sdelab.cli.sample`),
-``likelihood`` (:mod:`~sdelab.cli.likelihood`), ``plot`` (:mod:`~sdelab.cli.plot`),
+``likelihood`` (:mod:`~sdelab.cli.likelihood`), ``stats | evaluate`` (:mod:`~sdelab.cli.quality`),
+``plot`` (:mod:`~sdelab.cli.plot`),
 ``inpaint | colorize | train-classifier`` (:mod:`~sdelab.cli.control`). Every error the user can
 fix is one line on stderr (``sdelab CMD: error: ...``) with exit code 2.
 """
@@ -13,13 +14,13 @@ import sys
 
 import torch.distributed as dist
 
-from sdelab.cli import control, likelihood, plot, sample, train
+from sdelab.cli import control, likelihood, plot, quality, sample, train
 from sdelab.cli.common import CLIError
 
 __all__ = ["CLIError", "build_parser", "main"]
 
 #: The subcommand modules, in the order ``--help`` lists them.
-_MODULES = (train, sample, likelihood, plot, control)
+_MODULES = (train, sample, likelihood, quality, plot, control)
 
 
 def build_parser() -> argparse.ArgumentParser:
