@@ -9,7 +9,7 @@ Tables:
 1. DPM-Solver++ 2M vs 3M at equal NFE (5 … 100), log-SNR grid, VP and VE, D = 2 and 64,
    from the prior and from the exact p_T (discretisation error alone): the crossover behind
    ``DPM_3M_FROM_NFE``.
-2. Lower-order final steps on / off at few steps: ``DPM_LOWER_ORDER_FINAL_BELOW``.
+2. Lower-order final steps on / off at few steps: ``DPM_LOWER_ORDER_FINAL_STEPS``.
 3. The step-ratio guard ``min_step_ratio`` on grids with uneven steps (uniform t, edm), every
    schedule: ``DPM_MIN_STEP_RATIO``.
 4. Old defaults (uniform-t grid, 2M) against the new ones for every sampler with an exact
@@ -162,15 +162,16 @@ def lower_order_final(steps_list) -> list[str]:
 
 
 def _with_threshold(below, data, schedule, n, order, lof) -> float:
+    """W2 with the final orders lowered at every step count below ``below`` (or never)."""
     from sdelab.samplers import ode
 
-    saved = ode.DPM_LOWER_ORDER_FINAL_BELOW
-    ode.DPM_LOWER_ORDER_FINAL_BELOW = below
+    saved = ode.DPM_LOWER_ORDER_FINAL_STEPS
+    ode.DPM_LOWER_ORDER_FINAL_STEPS = range(1, below)
     try:
         opts = {"order": order, "lower_order_final": lof}
         return exact_w2(data, schedule, "dpm_solver", n, opts)[0]
     finally:
-        ode.DPM_LOWER_ORDER_FINAL_BELOW = saved
+        ode.DPM_LOWER_ORDER_FINAL_STEPS = saved
 
 
 # ---- 3. the step-ratio guard -----------------------------------------------------------------
@@ -179,7 +180,7 @@ def ratio_guard(ratios, steps_list) -> list[str]:
     lines = [
         "### 3. Step-ratio guard `min_step_ratio` on uneven grids (README data, exact-law W2)",
         "",
-        "Default order (2M below 20 NFE, 3M from 20). Each cell: worst / median over the 8",
+        "Default order (2M below 15 NFE, 3M from 15). Each cell: worst / median over the 8",
         "schedules (6 built-in, OU, σ = t) of the exact-law W2 from the prior.",
         "",
         "| grid | steps | " + " | ".join(f"r_min = {r}" for r in ratios) + " |",
@@ -219,8 +220,8 @@ def old_vs_new(nfes) -> list[str]:
         "### 4. Old defaults vs new defaults (README data, from the prior, exact-law W2)",
         "",
         'Old: `grid="uniform"`, DPM-Solver `order=2`. New: `DEFAULT_GRIDS` (log-SNR for',
-        "DPM-Solver, edm for the rest), DPM-Solver's order by NFE, lower-order final steps,",
-        "step-ratio guard. Cells: old → new at "
+        "DPM-Solver, the probed grid for the rest), DPM-Solver's order by NFE, lower-order",
+        "final steps, step-ratio guard. Cells: old → new at "
         + " / ".join(str(n) for n in nfes)
         + " NFE; ⚠ marks a call on which `sample` warns.",
         "",

@@ -19,7 +19,7 @@ from sdelab.samplers.grids import GRIDS, time_grid
 from sdelab.samplers.ode import (
     ADAPTIVE_METHODS,
     DPM_3M_FROM_NFE,
-    DPM_LOWER_ORDER_FINAL_BELOW,
+    DPM_LOWER_ORDER_FINAL_STEPS,
     DPM_MIN_STEP_RATIO,
     ODE_METHODS,
     TABLEAUX,
@@ -53,7 +53,7 @@ __all__ = [
     "CORRECTORS",
     "DEFAULT_GRIDS",
     "DPM_3M_FROM_NFE",
-    "DPM_LOWER_ORDER_FINAL_BELOW",
+    "DPM_LOWER_ORDER_FINAL_STEPS",
     "DPM_MIN_STEP_RATIO",
     "GRIDS",
     "ODE_METHODS",

@@ -136,8 +136,8 @@ def sample(
               ``rk4``, ``dopri5``, ``dopri8``, ``bosh3``, ``fehlberg2``, ``adaptive_heun``),
               ``rtol``, ``atol`` for the adaptive ones.
             - ``dpm_solver``: DPM-Solver++ in log-SNR time (Lu et al. 2022), ``order``
-              (``None``: 2M below 20 NFE, 3M from 20), ``lower_order_final`` = True (fewer
-              than 15 steps: the last steps lower their order), ``min_step_ratio`` = 0.2 (a
+              (``None``: 2M below 15 NFE, 3M from 15), ``lower_order_final`` = True (8 to 14
+              steps: the last steps lower their order), ``min_step_ratio`` = 0.2 (a
               step whose step-size ratio h_prev/h is smaller drops an order).
 
         steps: number of grid intervals N (for adaptive ODE solvers: output times only).
@@ -165,7 +165,7 @@ def sample(
 
     Warns:
         UserWarning: for a combination measured to go wrong (benchmarks/RESULTS.md):
-            DPM-Solver++(3M) below 20 NFE, a grid whose step-size ratios make DPM-Solver lower
+            DPM-Solver++(3M) below 15 NFE, a grid whose step-size ratios make DPM-Solver lower
             its order, or an ``ode`` (fixed-step), ``dpm_solver``, ``euler_maruyama`` or
             ``lambda`` run whose output scale on Gaussian test data misses the exact one by
             more than 50 % (:func:`~sdelab.samplers.linear_probe`: too few steps for this

@@ -143,6 +143,7 @@ def linear_probe(name: str, schedule: Schedule, ts: Tensor, options: dict) -> fl
         |s − s*|/s* (``inf`` when non-finite), or ``None`` where no probe applies (adaptive
         solvers, annealed Langevin, invalid options).
     """
+    options = {k: v for k, v in options.items() if k not in ("denoise", "rho")}  # not the sampler's
     with torch.no_grad():  # a learned schedule's parameters need no graph here
         return _linear_probe(name, schedule, ts, options)
 
