@@ -1,21 +1,20 @@
 r"""Measured defaults of the samplers and warnings for combinations measured to go wrong.
 
 The numbers behind every choice come from ``benchmarks/bench_sampler_defaults.py`` on the
-Gaussian oracle (exact output laws; tables in ``benchmarks/RESULTS.md``):
+Gaussian oracle (exact output laws; tables in ``benchmarks/RESULTS.md``), over the six
+built-in schedules and the README's two user-defined ones:
 
-- ``DEFAULT_GRIDS``: the grid each sampler uses when ``sample`` gets no ``grid``. DPM-Solver++
-  takes equal steps in log-SNR (its own time variable; on a uniform-t grid the multistep
-  correction blows up on VP, sub-VP, cosine, OU and σ = t schedules). Every other sampler takes
-  Karras et al.'s ρ-ramp (``edm``): over the built-in and user-defined schedules it has the
-  smallest worst case at 10, 20 and 50 NFE, where the uniform-t grid diverges on σ = t ∈
-  [0.002, 80] (Euler–Maruyama's covariance off by 371 at 10 steps) and fixed-step ODE solvers
-  on uniform t blow up on VE with few steps. On VP-type schedules ``grid="uniform"`` is 1.5–6×
-  more accurate for the SDE samplers; pass it explicitly there.
-- :func:`linear_probe`: before a fixed-step deterministic sampler runs, it is run once on the
-  linear test problem (data N(0, v) in three dimensions v = 0.1, 1, 10, whose score is known
-  in closed form, float64) on the same schedule and grid; if its output scale misses the exact
-  flow's by more than a factor ``PROBE_FACTOR`` the combination is unstable (e.g. RK4 with
-  2–3 steps on VE, Heun on uniform t for σ = t) and ``sample`` warns.
+- :func:`linear_probe` scores a sampler on one schedule and grid by its exact output law on
+  Gaussian test data N(1, diag(0.1, 1, 10)) with a closed-form score (float64, a few ms).
+- ``DEFAULT_GRIDS``: DPM-Solver++ takes equal steps in log-SNR, its own time variable (on a
+  uniform-t grid its multistep correction blows up on VP, sub-VP, cosine, OU and σ = t). No
+  one grid suits the other samplers on every schedule — uniform t is the most accurate on VP,
+  sub-VP and cosine but diverges on σ = t ∈ [0.002, 80] (Euler–Maruyama's exact-law W2 is 26
+  at 10 steps) and blows up fixed-step ODE solvers on VE with few steps, where the ρ-ramp of
+  Karras et al. (``edm``) is best — so each picks the grid its probe (or, for the
+  discrete-chain samplers, Euler–Maruyama's) finds most accurate on the schedule at hand.
+- :func:`resolve_options` fills DPM-Solver's order by step count, records the per-step orders
+  and warns (``UserWarning``) where a combination is in a measured bad region.
 """
 
 from __future__ import annotations
@@ -61,9 +60,9 @@ DEFAULT_GRIDS: dict[str, str] = {
     "dpm_solver": "logsnr",
 }
 #: Candidates of the probed default, in order of preference on ties; also the fallback
-#: (the first) where no probe applies (adaptive ODE solvers, more than ``PROBE_MAX_STEPS``).
+#: (the first) where no probe applies (adaptive ODE solvers, more than ``PROBE_MAX_NFE``).
 PROBE_GRIDS: tuple[str, ...] = ("edm", "logsnr", "uniform")
-#: ``sample`` warns when the probe's relative error of the output scale exceeds this.
+#: ``sample`` warns when the probe's error (in standard deviations of the target) exceeds this.
 PROBE_TOL = 0.5
 #: Probes run up to this many NFE (instabilities of fixed-step schemes show at few steps;
 #: a probe costs as many evaluations of a closed-form score on a (2, 3) state, ~0.5 ms each).
@@ -212,8 +211,9 @@ def resolve_options(
     Fills the defaults that depend on the step count (DPM-Solver's ``order``), records the
     per-step orders of DPM-Solver (``step_orders``) and warns (``UserWarning``) where the
     combination is in a measured bad region: DPM-Solver++(3M) below ``DPM_3M_FROM_NFE`` NFE, a
-    grid whose step-size ratios force DPM-Solver to lower its order, or a fixed-step
-    deterministic sampler that fails :func:`linear_probe`.
+    grid whose step-size ratios force DPM-Solver to lower its order, or an ``ode``
+    (fixed-step), ``dpm_solver``, ``euler_maruyama`` or ``lambda`` run whose
+    :func:`linear_probe` error exceeds ``PROBE_TOL``.
 
     ``errors``: probe scores by grid name already computed by :func:`default_grid`.
 
@@ -237,7 +237,8 @@ def resolve_options(
                 stacklevel=3,
             )
         if run["order"] in (1, 2, 3):
-            ell = 0.5 * schedule.log_snr(ts.detach().to(device="cpu", dtype=D64))
+            with torch.no_grad():
+                ell = 0.5 * schedule.log_snr(ts.detach().to(device="cpu", dtype=D64))
             common = {"order": run["order"], "lower_order_final": run["lower_order_final"]}
             orders = dpm_solver_orders(ell, min_step_ratio=run["min_step_ratio"], **common)
             unguarded = dpm_solver_orders(ell, min_step_ratio=0.0, **common)
