@@ -107,8 +107,9 @@ def steps_for(sampler: str, nfe: int) -> int:
 # Budget on max |Cov_out − Σ| (Σ has unit scale) per sampler and NFE, as (a, b): the bound is
 # a + b s² with s² the prior variance (2500 on VE, 6400 for σ = t, 97 on tutorial): b > 0 only
 # where the method cannot converge in so few NFE and the claim is "contracts, never diverges".
-# Budgets are the worst exact-law (or sampled) error over the 8 schedules, measured with
-# benchmarks/bench_sampler_defaults.py and tests/ of issue 15, rounded up by ≈ 1.5×:
+# Budgets are the worst error over the 8 schedules of exactly this computation (exact laws;
+# sampled at seed 0) at the defaults of issue 15, rounded up by ≈ 1.5× (the exact laws are
+# deterministic, so the margin guards against float round-off and small default changes):
 # - dpm_solver: ≤ 0.09 at 10 and 20 NFE, ≤ 0.015 at 50.
 # - ode (RK4): 2 steps at 10 NFE are too few on VE (149 ≈ 6 % of s², the run warns); 5 and 12
 #   steps: ≤ 0.19, ≤ 0.015.

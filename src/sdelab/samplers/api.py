@@ -145,7 +145,7 @@ def sample(
             decreasing tensor of times; see :func:`~sdelab.samplers.time_grid`. ``None``
             (default): the sampler's measured default (``DEFAULT_GRIDS``): ``"logsnr"`` for
             ``dpm_solver``, ``"edm"`` for ``annealed_langevin`` and adaptive ODE solvers, and
-            for the others (up to 200 steps) whichever of ``"edm"``, ``"logsnr"``,
+            for the others (up to 200 NFE) whichever of ``"edm"``, ``"logsnr"``,
             ``"uniform"`` is most accurate for this sampler and schedule on Gaussian test
             data (:func:`~sdelab.samplers.linear_probe`). ``SampleResult.grid`` says which.
         generator: a ``torch.Generator`` or an integer seed; the same seed gives the same
@@ -167,9 +167,9 @@ def sample(
         UserWarning: for a combination measured to go wrong (benchmarks/RESULTS.md):
             DPM-Solver++(3M) below 15 NFE, a grid whose step-size ratios make DPM-Solver lower
             its order, or an ``ode`` (fixed-step), ``dpm_solver``, ``euler_maruyama`` or
-            ``lambda`` run whose output scale on Gaussian test data misses the exact one by
-            more than 50 % (:func:`~sdelab.samplers.linear_probe`: too few steps for this
-            grid and schedule).
+            ``lambda`` run whose output law on Gaussian test data misses the exact one by more
+            than 0.5 standard deviations (:func:`~sdelab.samplers.linear_probe`: too few
+            steps for this grid and schedule).
 
     Raises:
         ValueError: unknown sampler, unknown option (the message lists the valid ones), an

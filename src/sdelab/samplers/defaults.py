@@ -184,6 +184,8 @@ def default_grid(
     choice = DEFAULT_GRIDS[name]
     if choice != "probe":
         return choice
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        return PROBE_GRIDS[0]  # time_grid raises the error
     if _probe_nfe(name, steps, options) > PROBE_MAX_NFE:
         return PROBE_GRIDS[0]
     scores = {}
