@@ -33,27 +33,29 @@ from sdelab.sde import Schedule, VESchedule, VPSchedule
 
 D64 = torch.float64
 
-# (label, sampler, options, steps)
+# (label, sampler, options, steps). Issue 4's table: the grids and orders are spelled out, as
+# they were the defaults then (uniform t; 2M); issue 15's defaults: bench_sampler_defaults.py.
+U = {"grid": "uniform"}
 ROWS = [
-    ("Euler–Maruyama", "euler_maruyama", {}, 1000),
-    ("Euler–Maruyama", "euler_maruyama", {}, 50),
-    ("reverse diffusion", "reverse_diffusion", {}, 1000),
-    ("ancestral", "ancestral", {}, 1000),
-    ("PC: reverse diffusion + Langevin", "pc", {"snr": 0.16}, 500),
+    ("Euler–Maruyama", "euler_maruyama", U, 1000),
+    ("Euler–Maruyama", "euler_maruyama", U, 50),
+    ("reverse diffusion", "reverse_diffusion", U, 1000),
+    ("ancestral", "ancestral", U, 1000),
+    ("PC: reverse diffusion + Langevin", "pc", {**U, "snr": 0.16}, 500),
     (
         "annealed Langevin (10/level, snr 0.5)",
         "annealed_langevin",
-        {"n_corrector_steps": 10, "snr": 0.5},
+        {**U, "n_corrector_steps": 10, "snr": 0.5},
         100,
     ),
-    ("λ-family λ = 0.5", "lambda", {"lam": 0.5}, 1000),
-    ("PF-ODE Euler", "ode", {"method": "euler"}, 100),
-    ("PF-ODE Heun", "ode", {"method": "heun"}, 50),
-    ("PF-ODE RK4", "ode", {"method": "rk4"}, 25),
-    ("PF-ODE dopri5 (rtol = atol = 1e-5)", "ode", {"method": "dopri5"}, 1),
-    ("DPM-Solver++(2M), log-SNR grid", "dpm_solver", {"grid": "logsnr"}, 10),
-    ("DPM-Solver++(2M), log-SNR grid", "dpm_solver", {"grid": "logsnr"}, 20),
-    ("DPM-Solver++(2M), log-SNR grid", "dpm_solver", {"grid": "logsnr"}, 50),
+    ("λ-family λ = 0.5", "lambda", {**U, "lam": 0.5}, 1000),
+    ("PF-ODE Euler", "ode", {**U, "method": "euler"}, 100),
+    ("PF-ODE Heun", "ode", {**U, "method": "heun"}, 50),
+    ("PF-ODE RK4", "ode", {**U, "method": "rk4"}, 25),
+    ("PF-ODE dopri5 (rtol = atol = 1e-5)", "ode", {**U, "method": "dopri5"}, 1),
+    ("DPM-Solver++(2M), log-SNR grid", "dpm_solver", {"grid": "logsnr", "order": 2}, 10),
+    ("DPM-Solver++(2M), log-SNR grid", "dpm_solver", {"grid": "logsnr", "order": 2}, 20),
+    ("DPM-Solver++(2M), log-SNR grid", "dpm_solver", {"grid": "logsnr", "order": 2}, 50),
     ("DPM-Solver++(3M), log-SNR grid", "dpm_solver", {"grid": "logsnr", "order": 3}, 19),
     ("DPM-Solver++(3M), log-SNR grid", "dpm_solver", {"grid": "logsnr", "order": 3}, 49),
 ]
@@ -177,14 +179,14 @@ def from_exact_prior(data, schedule, d: int, name: str) -> list[str]:
     start = data.marginal(schedule, schedule.T)
     cells = []
     for label, sampler, options, steps in [
-        ("EM", "euler_maruyama", {}, 1000),
-        ("DPM++2M", "dpm_solver", {"grid": "logsnr"}, 20),
-        ("DPM++2M", "dpm_solver", {"grid": "logsnr"}, 50),
-        ("DPM++2M", "dpm_solver", {"grid": "logsnr"}, 100),
+        ("EM", "euler_maruyama", U, 1000),
+        ("DPM++2M", "dpm_solver", {"grid": "logsnr", "order": 2}, 20),
+        ("DPM++2M", "dpm_solver", {"grid": "logsnr", "order": 2}, 50),
+        ("DPM++2M", "dpm_solver", {"grid": "logsnr", "order": 2}, 100),
         ("DPM++3M", "dpm_solver", {"grid": "logsnr", "order": 3}, 19),
         ("DPM++3M", "dpm_solver", {"grid": "logsnr", "order": 3}, 49),
-        ("RK4", "ode", {"method": "rk4"}, 12),
-        ("RK4", "ode", {"method": "rk4"}, 25),
+        ("RK4", "ode", {**U, "method": "rk4"}, 12),
+        ("RK4", "ode", {**U, "method": "rk4"}, 25),
     ]:
         exact = exact_w2(data, schedule, sampler, steps, options, start)
         nfe = steps * (4 if options.get("method") == "rk4" else 1) + (options.get("order") == 3)

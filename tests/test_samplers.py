@@ -196,12 +196,12 @@ def _slope(steps, errors) -> float:
 @pytest.mark.parametrize(
     ("sampler", "options", "steps", "order"),
     [
-        ("ode", {"method": "euler"}, [40, 80, 160, 320], 1),
-        ("ode", {"method": "heun"}, [10, 20, 40, 80], 2),
-        ("ode", {"method": "midpoint"}, [10, 20, 40, 80], 2),
-        ("ode", {"method": "rk4"}, [5, 10, 20, 40], 4),
+        ("ode", {"method": "euler", "grid": "uniform"}, [40, 80, 160, 320], 1),
+        ("ode", {"method": "heun", "grid": "uniform"}, [10, 20, 40, 80], 2),
+        ("ode", {"method": "midpoint", "grid": "uniform"}, [10, 20, 40, 80], 2),
+        ("ode", {"method": "rk4", "grid": "uniform"}, [5, 10, 20, 40], 4),
         ("dpm_solver", {"grid": "logsnr", "order": 1}, [40, 80, 160, 320], 1),
-        ("dpm_solver", {"grid": "logsnr"}, [20, 40, 80, 160], 2),
+        ("dpm_solver", {"grid": "logsnr", "order": 2}, [20, 40, 80, 160], 2),
         ("dpm_solver", {"grid": "logsnr", "order": 3}, [40, 80, 160, 320], 3),
     ],
 )
@@ -364,7 +364,8 @@ def test_nfe_and_trajectory(sampler, options, nfe):
     assert isinstance(res, SampleResult)
     assert res.nfe == nfe
     assert res.trajectory.shape == (11, 8, 2) and res.times.shape == (11,)
-    torch.testing.assert_close(res.times, time_grid(schedule, 10))
+    torch.testing.assert_close(res.times, time_grid(schedule, 10, res.grid))
+    assert torch.equal(res.times, res.grid_times)
     if not options.get("denoise"):
         torch.testing.assert_close(res.trajectory[-1], res.samples)
     assert bool(torch.isfinite(res.samples).all())
@@ -541,9 +542,9 @@ def test_every_sampler_has_one_signature():
         ({"sampler": "lambda", "lam": 1.5}, r"lam must lie in \[0, 1\]"),
         ({"sampler": "ode", "method": "rk45"}, "unknown ODE method 'rk45'.*dopri5"),
         ({"sampler": "ode", "rtol": 0.0}, "rtol and atol must be > 0"),
-        ({"sampler": "dpm_solver", "order": 4}, "order must be 1, 2 or 3, got 4"),
+        ({"sampler": "dpm_solver", "order": 4}, r"order must be 1, 2 or 3 \(or None.*got 4"),
         ({"grid": "cosine"}, "unknown grid 'cosine': choose one of uniform, logsnr, edm"),
-        ({"rho": 7.0}, "rho is an option of grid='edm' only"),
+        ({"grid": "uniform", "rho": 7.0}, "rho is an option of grid='edm' only"),
         ({"steps": 0}, "steps must be an integer >= 1"),
         ({"grid": torch.tensor([0.5, 0.9])}, "strictly decreasing"),
         ({"x_init": torch.zeros(3, 2)}, r"x_init has shape \(3, 2\), expected \(4, 2\)"),

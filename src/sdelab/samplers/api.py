@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sdelab.samplers.defaults import default_grid, resolve_options
 from sdelab.samplers.grids import time_grid
 from sdelab.samplers.ode import sample_dpm_solver, sample_ode
 from sdelab.samplers.stochastic import (
@@ -55,12 +56,22 @@ class SampleResult:
         trajectory: ``None``, or ``(n_saved, B, ...)`` states at ``times`` (from x_T at T to
             the state at t_min, before denoising) when ``return_trajectory=True``.
         times: ``None`` or ``(n_saved,)`` the matching times.
+        grid: name of the time grid used (``"uniform"``, ``"logsnr"``, ``"edm"``, or
+            ``"custom"`` for a tensor of times), the sampler's default when none was given.
+        grid_times: ``(steps + 1,)`` the grid's times, from T down to t_min.
+        options: every option the sampler ran with, defaults filled in, including the
+            common ``denoise`` and ``rho``; for ``dpm_solver`` the resolved ``order`` and
+            ``step_orders``, the order of each step (3M's first step, the midpoint start,
+            counts as 2).
     """
 
     samples: Tensor
     nfe: int
     trajectory: Tensor | None = None
     times: Tensor | None = None
+    grid: str | None = None
+    grid_times: Tensor | None = None
+    options: dict | None = None
 
 
 class _CountingScore:
@@ -93,7 +104,7 @@ def sample(
     *,
     sampler: str = "euler_maruyama",
     steps: int = 1000,
-    grid: str | Tensor = "uniform",
+    grid: str | Tensor | None = None,
     generator: torch.Generator | int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
@@ -124,11 +135,19 @@ def sample(
             - ``ode``: probability-flow ODE, ``method`` (``euler``, ``heun``, ``midpoint``,
               ``rk4``, ``dopri5``, ``dopri8``, ``bosh3``, ``fehlberg2``, ``adaptive_heun``),
               ``rtol``, ``atol`` for the adaptive ones.
-            - ``dpm_solver``: DPM-Solver++(2M) in log-SNR time (Lu et al. 2022).
+            - ``dpm_solver``: DPM-Solver++ in log-SNR time (Lu et al. 2022), ``order``
+              (``None``: 2M below 15 NFE, 3M from 15), ``lower_order_final`` = True (8 to 14
+              steps: the last steps lower their order), ``min_step_ratio`` = 0.2 (a
+              step whose step-size ratio h_prev/h is smaller drops an order).
 
         steps: number of grid intervals N (for adaptive ODE solvers: output times only).
         grid: ``"uniform"`` in t, ``"logsnr"``, ``"edm"`` (option ``rho`` = 7), or a
-            decreasing tensor of times; see :func:`~sdelab.samplers.time_grid`.
+            decreasing tensor of times; see :func:`~sdelab.samplers.time_grid`. ``None``
+            (default): the sampler's measured default (``DEFAULT_GRIDS``): ``"logsnr"`` for
+            ``dpm_solver``, ``"edm"`` for ``annealed_langevin`` and adaptive ODE solvers, and
+            for the others (up to 200 NFE) whichever of ``"edm"``, ``"logsnr"``,
+            ``"uniform"`` is most accurate for this sampler and schedule on Gaussian test
+            data (:func:`~sdelab.samplers.linear_probe`). ``SampleResult.grid`` says which.
         generator: a ``torch.Generator`` or an integer seed; the same seed gives the same
             samples. ``None`` uses torch's global generator.
         device, dtype: of the samples (default: ``x_init``'s, else CPU and torch's default).
@@ -141,7 +160,16 @@ def sample(
             Score-SDE) and ``rho`` for ``grid="edm"``. ``sampler_options(name)`` lists them.
 
     Returns:
-        :class:`SampleResult` with ``samples``, ``nfe`` and optionally ``trajectory``/``times``.
+        :class:`SampleResult` with ``samples``, ``nfe``, the ``grid``, ``grid_times`` and
+        ``options`` actually used, and optionally ``trajectory``/``times``.
+
+    Warns:
+        UserWarning: for a combination measured to go wrong (benchmarks/RESULTS.md):
+            DPM-Solver++(3M) below 15 NFE, a grid whose step-size ratios make DPM-Solver lower
+            its order, or an ``ode`` (fixed-step), ``dpm_solver``, ``euler_maruyama`` or
+            ``lambda`` run whose output law on Gaussian test data misses the exact one by more
+            than 0.5 standard deviations (:func:`~sdelab.samplers.linear_probe`: too few
+            steps for this grid and schedule).
 
     Raises:
         ValueError: unknown sampler, unknown option (the message lists the valid ones), an
@@ -152,8 +180,8 @@ def sample(
         data = GaussianData(torch.zeros(2), torch.eye(2))
         sde = VPSchedule()
         res = sample(data.score_fn(sde), sde, (512, 2), sampler="dpm_solver", steps=20,
-                     grid="logsnr", generator=0)
-        res.samples.shape, res.nfe   # (512, 2), 20
+                     generator=0)
+        res.samples.shape, res.nfe, res.grid, res.options["order"]   # (512, 2), 21, logsnr, 3
     """
     valid = sampler_options(sampler)
     unknown = sorted(set(options) - set(valid))
@@ -173,7 +201,17 @@ def sample(
     elif shape is None:
         raise ValueError("pass the sample shape (B, ...) or an x_init")
     dtype = dtype or torch.get_default_dtype()
+    probed: dict = {}  # probe scores of the grids default_grid tried
+    if grid is None:  # rho belongs to the edm grid; otherwise the sampler's measured default
+        own = {**{k: v for k, v in valid.items() if k not in COMMON_OPTIONS}, **options}
+        if rho is not None:
+            grid = "edm"
+        else:
+            grid = default_grid(sampler, schedule, steps, own, errors=probed)
+    grid_name = "custom" if torch.is_tensor(grid) else grid
     ts = time_grid(schedule, steps, grid, rho=rho, device=device, dtype=dtype)
+    run_options, record = resolve_options(sampler, schedule, ts, grid_name, options, errors=probed)
+    record.update(denoise=do_denoise, rho=7.0 if rho is None and grid_name == "edm" else rho)
     gen = make_generator(generator, device or "cpu")
     if x_init is not None:
         x = x_init.detach().to(device=device, dtype=dtype).clone()
@@ -192,10 +230,16 @@ def sample(
             generator=gen,
             constraint=constraint,
             callback=callback,
-            **options,
+            **run_options,
         )
         if do_denoise:
             x = denoise(counted, schedule, x, ts[-1])
-    if not return_trajectory:
-        return SampleResult(samples=x, nfe=counted.calls)
-    return SampleResult(samples=x, nfe=counted.calls, trajectory=torch.stack(saved), times=ts)
+    return SampleResult(
+        samples=x,
+        nfe=counted.calls,
+        trajectory=torch.stack(saved) if return_trajectory else None,
+        times=ts if return_trajectory else None,
+        grid=grid_name,
+        grid_times=ts,
+        options=record,
+    )

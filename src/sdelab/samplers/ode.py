@@ -38,9 +38,14 @@ from sdelab.sde import Schedule
 
 __all__ = [
     "ADAPTIVE_METHODS",
+    "DPM_3M_FROM_NFE",
+    "DPM_LOWER_ORDER_FINAL_STEPS",
+    "DPM_MIN_STEP_RATIO",
     "ODE_METHODS",
     "TABLEAUX",
     "ButcherTableau",
+    "dpm_solver_default_order",
+    "dpm_solver_orders",
     "rk_step",
     "sample_dpm_solver",
     "sample_ode",
@@ -155,19 +160,93 @@ def sample_ode(
     return xs[-1]
 
 
+# ---- DPM-Solver++: measured defaults --------------------------------------------------------
+# All three are measured on the Gaussian oracle by benchmarks/bench_sampler_defaults.py
+# (exact-law W2, VP and VE, D = 2 and 64; tables in benchmarks/RESULTS.md).
+
+#: ``order=None`` picks 3M from this many NFE on, 2M below: up to 12 NFE 3M is worse than 2M
+#: (its quadratic extrapolation over three wide steps overshoots: 3.6× 2M's W2 at 10 NFE on
+#: VP), from 15 NFE it wins on VP and VE in D = 2 and 64 at every NFE measured (up to 100).
+DPM_3M_FROM_NFE = 15
+#: Step counts at which the last steps lower their order (Lu et al. 2022's
+#: "lower_order_final"): the final step is first order, the one before at most second. It
+#: helps 2M from 8 steps (up to 17 % lower W2), is neutral from 20, hurts at 4–6 steps.
+DPM_LOWER_ORDER_FINAL_STEPS = range(8, 15)
+#: A multistep correction divides differences of x̂_0 by r = h_prev/h (in ℓ = log(α/σ)); a
+#: step whose r falls below this drops to the next lower order instead (the error constant
+#: grows like 1/r: a small step followed by a huge one, as on a uniform-t grid near t_min).
+DPM_MIN_STEP_RATIO = 0.2
+
+
+def dpm_solver_default_order(steps: int) -> int:
+    """The order ``order=None`` resolves to: 3 (3M, steps + 1 NFE) when that reaches
+    ``DPM_3M_FROM_NFE``, else 2 (2M)."""
+    return 3 if steps + 1 >= DPM_3M_FROM_NFE else 2
+
+
+def dpm_solver_orders(
+    ell: Tensor,
+    order: int,
+    *,
+    lower_order_final: bool = True,
+    min_step_ratio: float = DPM_MIN_STEP_RATIO,
+) -> tuple[int, ...]:
+    """The order DPM-Solver++ uses at each of its ``len(ell) − 1`` steps.
+
+    Args:
+        ell: ``(N + 1,)`` half-log-SNR ℓ = λ/2 of the grid, increasing.
+        order: the method's order, 1, 2 or 3. Order 3 starts with a midpoint step in ℓ
+            (reported as order 2), so its step 1 already has three x̂_0 values.
+        lower_order_final: with N in ``DPM_LOWER_ORDER_FINAL_STEPS`` (8 to 14) steps, step i
+            uses at most order N − i (the last step is DDIM).
+        min_step_ratio: a step of order k ≥ 2 whose spacing ratios r = (ℓ_j − ℓ_{j−1})/h
+            (over the x̂_0 values it extrapolates from) include one below this uses order
+            k − 1, and so on; 0 disables the guard.
+
+    Returns:
+        the N orders, e.g. ``(1, 2, 2, …)`` for 2M.
+    """
+    ell = ell.detach().to(torch.float64).cpu()
+    n = ell.numel() - 1
+    # ℓ of the x̂_0 evaluations in order: the grid points, plus the midpoint of the first
+    # interval that 3M's start evaluates (it joins the history before ℓ_1).
+    nodes = [float(v) for v in ell[:-1]]
+    if order == 3:
+        nodes.insert(1, float(ell[0] + 0.5 * (ell[1] - ell[0])))
+    orders = []
+    for i in range(n):
+        if order == 3 and i == 0:
+            orders.append(2)  # the midpoint start
+            continue
+        j = i + 1 if order == 3 else i  # index of ℓ_i among the nodes
+        h = float(ell[i + 1] - ell[i])
+        k = min(order, j + 1)
+        if lower_order_final and n in DPM_LOWER_ORDER_FINAL_STEPS:
+            k = min(k, n - i)
+        while k >= 2:
+            ratios = [(nodes[j - m] - nodes[j - m - 1]) / h for m in range(k - 1)]
+            if min(ratios) >= min_step_ratio:
+                break
+            k -= 1
+        orders.append(k)
+    return tuple(orders)
+
+
 def sample_dpm_solver(
     score_fn: ScoreFn,
     schedule: Schedule,
     x: Tensor,
     ts: Tensor,
     *,
-    order: int = 2,
+    order: int | None = None,
+    lower_order_final: bool = True,
+    min_step_ratio: float = DPM_MIN_STEP_RATIO,
     generator: torch.Generator | None = None,
     constraint: Constraint | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
     """DPM-Solver++ (Lu et al. 2022): multistep exponential integrator of the probability-flow
-    ODE in log-SNR time with data prediction x̂_0, for any schedule. NFE = steps.
+    ODE in log-SNR time with data prediction x̂_0, for any schedule.
 
     With ℓ = log(α/σ) and h = ℓ_s − ℓ_t, the exact step is
     x_s = (σ_s/σ_t) x_t + α_s ∫ e^{−(ℓ_s−ℓ)} x̂_0(ℓ) dℓ; ``order=2`` (2M) extrapolates x̂_0 from
@@ -176,19 +255,29 @@ def sample_dpm_solver(
     update). ``order=1`` is DDIM. 2M starts with one DDIM step (its O(h²) local error keeps
     global order 2). A multistep method of order 3 needs a start that accurate too, so 3M
     starts with one midpoint step in ℓ (DPM-Solver-2, one extra evaluation at ℓ_0 + h/2 whose
-    x̂_0 joins the history): NFE = steps for orders 1 and 2, steps + 1 for order 3. Best with
-    ``grid="logsnr"`` or ``"edm"``.
+    x̂_0 joins the history): NFE = steps for orders 1 and 2, steps + 1 for order 3.
+
+    ``order=None`` picks :func:`dpm_solver_default_order` (3M from ``DPM_3M_FROM_NFE`` NFE).
+    The order of each step comes from :func:`dpm_solver_orders`: lower at the end for 8 to 14
+    steps (``lower_order_final``) and wherever the step-size ratio is below
+    ``min_step_ratio``. Best with ``grid="logsnr"`` (the default in :func:`sample`).
     """
+    if order is None:
+        order = dpm_solver_default_order(len(ts) - 1)
     if isinstance(order, bool) or order not in (1, 2, 3):
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+        raise ValueError(f"order must be 1, 2 or 3 (or None for the default), got {order!r}")
+    if not 0 <= min_step_ratio < 1:
+        raise ValueError(f"min_step_ratio must be in [0, 1), got {min_step_ratio}")
     vals = schedule(ts)
     alpha, sigma, ell = vals.alpha, vals.sigma, 0.5 * vals.log_snr  # ℓ = log(α/σ)
+    orders = dpm_solver_orders(
+        ell, order, lower_order_final=lower_order_final, min_step_ratio=min_step_ratio
+    )
     hist: list[tuple[Tensor, Tensor]] = []  # (x̂_0, ℓ) of the last evaluations, newest last
-    for i in range(len(ts) - 1):
+    for i, k in enumerate(orders):
         x0 = x0_from_score(score_at(score_fn, x, ts[i]), schedule, x, ts[i])
         h, ell_i = ell[i + 1] - ell[i], ell[i]
         phi1 = torch.expm1(-h)
-        k = min(order, len(hist) + 1)
         x_next = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * phi1 * x0
         if order == 3 and i == 0:  # midpoint start: local error O(h³)
             ell_m = ell[0] + 0.5 * h
