@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from sdelab.sde import Schedule
+from sdelab.utils import check_int
 
 __all__ = [
     "DEQUANTIZATIONS",
@@ -78,10 +79,7 @@ def check_levels(k: Tensor, levels: int, dtype: torch.dtype | None = None) -> Te
         ValueError: ``levels`` not an integer >= 2; data not a batch; NaN/inf; non-integer values
             (data already scaled or dequantized); values outside [0, levels − 1].
     """
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
-        raise ValueError(
-            f"levels must be an integer >= 2 (e.g. 256 for 8-bit data), got {levels!r}"
-        )
+    check_int("levels", levels, 2, " (e.g. 256 for 8-bit data)")
     k = torch.as_tensor(k)
     if k.ndim < 2 or k.shape[0] == 0:
         raise ValueError(f"data must be a non-empty batch of shape (B, ...), got {tuple(k.shape)}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -172,9 +172,15 @@ def sample_run(
             )
             if return_trajectory:
                 return res
-            local.append((i, (res.samples.cpu(), res.nfe)))
+            local.append((i, replace(res, samples=res.samples.cpu())))
     parts = distributed.gather_indexed(local, info)
-    return SampleResult(samples=torch.cat([s for s, _ in parts]), nfe=max(nfe for _, nfe in parts))
+    # every chunk ran the same grid and options; nfe is the largest (the work per sample)
+    return replace(
+        parts[0],
+        samples=torch.cat([p.samples for p in parts]),
+        nfe=max(p.nfe for p in parts),
+        grid_times=None if parts[0].grid_times is None else parts[0].grid_times.cpu(),
+    )
 
 
 def run_likelihood(

@@ -86,14 +86,15 @@ def chunk_generator(seed: int, stream: int, i: int, device: torch.device | str) 
     return torch.Generator(device=device).manual_seed(value)
 
 
-def check_int(name: str, value: object, minimum: int) -> int:
+def check_int(name: str, value: object, minimum: int, hint: str = "") -> int:
     """``value`` as an int, which must be a true integer (not a bool) ``>= minimum``.
 
     Raises:
-        ValueError: naming ``name``, the value and the bound.
+        ValueError: naming ``name``, the bound, ``hint`` (e.g. ``" (e.g. 256 for 8-bit
+            data)"``) and the value.
     """
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= {minimum}{hint}, got {value!r}")
     return int(value)
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from sdelab.sde import Schedule
+from sdelab.utils import check_int
 
 __all__ = ["GRIDS", "edm_grid", "logsnr_grid", "time_grid", "uniform_grid"]
 
@@ -92,8 +93,7 @@ def time_grid(
         return ts.to(device=device, dtype=dtype)
     if kind not in GRIDS:
         raise ValueError(f"unknown grid {kind!r}: choose one of {', '.join(GRIDS)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    check_int("steps", steps, 1)
     if rho is not None and kind != "edm":
         raise ValueError(f"rho is an option of grid='edm' only, not of grid={kind!r}")
     if rho is not None and not rho > 0:

@@ -30,7 +30,7 @@ from sdelab.samplers.stochastic import (
     Callback,
     Constraint,
     ScoreFn,
-    _apply,
+    apply_constraint,
     score_at,
     x0_from_score,
 )
@@ -134,7 +134,7 @@ def sample_ode(
         tableau = TABLEAUX[method]
         for i in range(len(ts) - 1):
             x = rk_step(tableau, velocity, x, ts[i], ts[i + 1] - ts[i])
-            x = _apply(constraint, x, ts[i + 1])
+            x = apply_constraint(constraint, x, ts[i + 1])
             if callback is not None:
                 callback(x, ts[i + 1])
         return x
@@ -284,7 +284,7 @@ def sample_dpm_solver(
             t_m = schedule.t_of_log_snr(2 * ell_m).to(ts.dtype)
             v_m = schedule(t_m)
             x_m = (v_m.sigma / sigma[0]) * x - v_m.alpha * torch.expm1(-0.5 * h) * x0
-            x_m = _apply(constraint, x_m, t_m)
+            x_m = apply_constraint(constraint, x_m, t_m)
             x0_m = x0_from_score(score_at(score_fn, x_m, t_m), schedule, x_m, t_m)
             x_next = (sigma[1] / sigma[0]) * x - alpha[1] * phi1 * x0_m
             hist = [(x0, ell[0])]
@@ -302,7 +302,7 @@ def sample_dpm_solver(
             phi2 = phi1 / h + 1
             phi3 = phi2 / h - 0.5
             x_next = x_next + alpha[i + 1] * (phi2 * d1 - phi3 * d2)
-        x = _apply(constraint, x_next, ts[i + 1])
+        x = apply_constraint(constraint, x_next, ts[i + 1])
         hist = [*hist[-1:], (x0, ell_i)]
         if callback is not None:
             callback(x, ts[i + 1])

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from sdelab.parametrization import from_eps, to_eps
 from sdelab.sde import Schedule
-from sdelab.utils import append_dims, batch_time, randn_like
+from sdelab.utils import ScoreFn, append_dims, batch_time, check_int, randn_like
 
 __all__ = [
     "CORRECTORS",
@@ -59,7 +59,6 @@ __all__ = [
     "sample_reverse_diffusion",
 ]
 
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
 Constraint = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[Tensor, Tensor], None]
 
@@ -84,7 +83,7 @@ def x0_from_score(score: Tensor, schedule: Schedule, x: Tensor, t: Tensor) -> Te
     return from_eps(to_eps(score, "score", x, vals), "x0", x, vals)
 
 
-def _apply(constraint: Constraint | None, x: Tensor, t: Tensor) -> Tensor:
+def apply_constraint(constraint: Constraint | None, x: Tensor, t: Tensor) -> Tensor:
     return x if constraint is None else constraint(x, times_like(t, x))
 
 
@@ -255,16 +254,15 @@ def sample_pc(
     correct = _choose(CORRECTORS, corrector, "corrector")
     if not (math.isfinite(snr) and snr > 0):
         raise ValueError(f"snr must be a finite number > 0, got {snr}")
-    if isinstance(n_corrector_steps, bool) or not isinstance(n_corrector_steps, int):
-        raise ValueError(f"n_corrector_steps must be an integer >= 0, got {n_corrector_steps!r}")
-    if n_corrector_steps < 0:
-        raise ValueError(f"n_corrector_steps must be an integer >= 0, got {n_corrector_steps}")
+    check_int("n_corrector_steps", n_corrector_steps, 0)
     for i in range(len(ts) - 1):
         t, s = ts[i], ts[i + 1]
-        x = _apply(constraint, predict(score_fn, schedule, x, t, s, generator=generator), s)
+        x = apply_constraint(
+            constraint, predict(score_fn, schedule, x, t, s, generator=generator), s
+        )
         for _ in range(n_corrector_steps if correct is not None else 0):
             x = correct(score_fn, schedule, x, s, t, snr=snr, generator=generator)
-            x = _apply(constraint, x, s)
+            x = apply_constraint(constraint, x, s)
         if callback is not None:
             callback(x, s)
     return x
