@@ -3,7 +3,7 @@
 For a trained run (e.g. ``sdelab train images/digits``) and a clean classifier of its data
 (``sdelab train-classifier RUN --clean``, trained here when ``--classifier`` is not given), it
 prints a markdown table of the Fréchet distance of the classifier's penultimate features and
-KID against the test split for Euler–Maruyama (1000 steps), predictor–corrector, DPM-Solver++
+KID (100 subsets of ``--kid-subset-size`` rows) against the test split for Euler–Maruyama (1000 steps), predictor–corrector, DPM-Solver++
 at about 20 and 50 NFE and the probability-flow ODE (RK4), and the floor: the same metrics of
 the training split against the test split (real data against real data).
 
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--clf-steps", type=int, default=1500)
     parser.add_argument("--n", type=int, default=None, help="samples (default: test split size)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kid-subset-size", type=int, default=100)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     loaded = open_run(args.run)
@@ -56,7 +57,11 @@ def main() -> None:
     ref = collect_features(extractor, test.split(500))
     train = data_split(dataset, "train", n)
     floor = evaluate_quality(
-        collect_features(extractor, train.split(500), probs=True), ref, "fd,kid,is", generator=gen
+        collect_features(extractor, train.split(500), probs=True),
+        ref,
+        "fd,kid,is",
+        kid_subset_size=args.kid_subset_size,
+        generator=gen,
     )
     print(
         f"# Sample quality per sampler — {date.today()}, {platform.machine()}, "
@@ -84,6 +89,7 @@ def main() -> None:
             steps=steps,
             seed=args.seed,
             options=options,
+            kid_subset_size=args.kid_subset_size,
             progress=False,
         )
         r = ev.result

@@ -660,6 +660,7 @@ def run_quality(
     stats: str | Path | None = None,
     reference_split: str = "test",
     n_reference: int | None = None,
+    kid_subset_size: int = 1000,
     progress: bool = True,
 ) -> QualityEvaluation:
     """Sample-quality metrics of a trained run (``sdelab evaluate``).
@@ -668,7 +669,8 @@ def run_quality(
     like ``sdelab sample``), extracts their features, and compares them with the reference:
     the features of the run's own data set split ``reference_split`` (all of it, or the first
     ``n_reference`` points), or — for ``fd`` alone — a statistics file ``stats`` (keys ``mu``,
-    ``sigma``, from ``sdelab stats`` or ScoreFlow's ``*_stats.npz``).
+    ``sigma``, from ``sdelab stats`` or ScoreFlow's ``*_stats.npz``). KID uses 100 subsets of
+    ``kid_subset_size`` rows (at most the smaller set's size).
 
     Raises:
         ValueError: unknown metrics (checked before sampling), metrics needing reference
@@ -718,7 +720,11 @@ def run_quality(
         samples = samples.reshape(len(samples), *dataset.image_shape)
     feats = collect_features(extractor, _batches(samples), probs=need_probs)
     result = evaluate_quality(
-        feats, reference, names, generator=torch.Generator().manual_seed(seed)
+        feats,
+        reference,
+        names,
+        kid_subset_size=kid_subset_size,
+        generator=torch.Generator().manual_seed(seed),
     )
     n_ref = reference.n if isinstance(reference, FeatureStats) else len(reference.features)
     return QualityEvaluation(result=result, nfe=res.nfe, n_samples=len(samples), n_reference=n_ref)

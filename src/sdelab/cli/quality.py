@@ -65,6 +65,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise CLIError(f"--n must be at least 2 samples, got {args.n}")
     if args.steps < 1:
         raise CLIError(f"--steps must be a positive number of steps, got {args.steps}")
+    if args.kid_subset_size < 2:
+        raise CLIError(f"--kid-subset-size must be at least 2, got {args.kid_subset_size}")
     run = open_run(args.run, args.weights)
     ev = run_quality(
         run,
@@ -81,6 +83,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         stats=args.stats,
         reference_split=args.reference_split,
         n_reference=args.n_reference,
+        kid_subset_size=args.kid_subset_size,
     )
     if not info.is_main:
         return 0
@@ -189,6 +192,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="the run's data split to compare with (default test)",
     )
     p.add_argument("--n-reference", type=int, default=None, help="reference points (all)")
+    p.add_argument(
+        "--kid-subset-size", type=int, default=1000, help="rows per KID subset (default 1000)"
+    )
     p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw weights")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=_evaluate)
