@@ -3,7 +3,8 @@
 For a trained run (e.g. ``sdelab train images/digits``) and a clean classifier of its data
 (``sdelab train-classifier RUN --clean``, trained here when ``--classifier`` is not given), it
 prints a markdown table of the Fréchet distance of the classifier's penultimate features and
-KID (100 subsets of ``--kid-subset-size`` rows) against the test split for Euler–Maruyama (1000 steps), predictor–corrector, DPM-Solver++
+KID (100 subsets of ``--kid-subset-size`` rows) against the test split for Euler–Maruyama
+(1000 steps), predictor–corrector, DPM-Solver++
 at about 20 and 50 NFE and the probability-flow ODE (RK4), and the floor: the same metrics of
 the training split against the test split (real data against real data).
 
