@@ -196,7 +196,9 @@ def test_bad_data_raise_errors_naming_the_fix():
             bits_per_dim(*args)
     with pytest.raises(ValueError, match="schedule"):
         bits_per_dim(logp, k, 256, 2.0, -1.0, dequantization="truncated_normal")
-    with pytest.raises(ValueError, match="uniform, truncated_normal"):
+    with pytest.raises(ValueError, match="uniform, truncated_normal, variational"):
+        bits_per_dim(logp, k, 256, 2.0, -1.0, dequantization="bogus")
+    with pytest.raises(ValueError, match="needs dequantizer"):
         bits_per_dim(logp, k, 256, 2.0, -1.0, dequantization="variational")
     with pytest.raises(ValueError, match="n_repeats"):
         bits_per_dim(logp, k, 256, 2.0, -1.0, n_repeats=0)

@@ -378,7 +378,9 @@ def test_folder_errors(tmp_path):
 
 
 def test_registry_errors():
-    assert set(IMAGE_DATASETS) == {"digits", "mnist", "fashion-mnist", "cifar10", "folder"}
+    assert set(IMAGE_DATASETS) == {
+        "digits", "mnist", "fashion-mnist", "cifar10", "imagenet32", "imagenet64", "folder",
+    }  # fmt: skip
     with pytest.raises(ValueError, match="choose one of"):
         load_image_dataset("imagenet")
     with pytest.raises(ValueError, match="split"):

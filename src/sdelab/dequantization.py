@@ -27,6 +27,17 @@ and bits/dim is that bound divided by D log 2. Two choices of q:
 
       H = D [½ log(2πe) + log σ + log Z − τ φ(τ) / Z].
 
+- **variational** (Flow++, Ho et al. 2019; ScoreFlow's trained dequantizer): u ~ q(· | k), a
+  conditional flow on (0, 1)^D (:class:`~sdelab.nets.dequantizer.Dequantizer`), trained after
+  the score model to shrink the gap. In model space q_y(y | k) = q(u | k)·(L/a)^D, so the bound
+  reads
+
+      −log P(k) ≤ E_{u ~ q}[−log p_y(y) + log q(u | k)] − D log a + D log L,
+
+  and :func:`variational_dequantize` returns the one-draw estimate −log q_y(y | k) =
+  −log q(u | k) + D log(a/L) in the place of the entropy (its expectation is H(q_y(·|k))). The
+  gap to −log P(k) is KL(q(·|k) ‖ p(·|k)), p(u | k) ∝ p_y(a(k + u)/L + b) on the bin.
+
 A negative bits/dim is impossible for the exact expectation (P(k) ≤ 1); every function here
 takes the *integer* data and dequantizes it itself, so a forgotten dequantization cannot happen.
 """
@@ -50,6 +61,7 @@ __all__ = [
     "dequantize",
     "nats_to_bpd",
     "to_model_space",
+    "variational_dequantize",
 ]
 
 DEQUANTIZATIONS: tuple[str, ...] = ("uniform", "truncated_normal")
@@ -194,3 +206,52 @@ def dequantize(
     h1 = 0.5 * math.log(2 * math.pi * math.e) + math.log(sigma) + math.log(z_mass)
     entropy = d * (h1 - tau * phi / z_mass)
     return Dequantized(y, torch.full((b,), entropy, dtype=kf.dtype, device=kf.device))
+
+
+def variational_dequantize(
+    k: Tensor,
+    levels: int,
+    scale: float,
+    shift: float,
+    dequantizer: torch.nn.Module,
+    *,
+    generator: torch.Generator | None = None,
+) -> Dequantized:
+    r"""Dequantize integer data with a trained conditional flow u ~ q(· | k) and map to model
+    space, y = scale·(k + u)/levels + shift (module docstring).
+
+    Args:
+        k: integer levels in {0..levels−1}, shape ``(B, C, H, W)``.
+        levels: the number of levels L; must equal ``dequantizer.levels``.
+        scale, shift: the map y = scale·x + shift from the unit cube to model space.
+        dequantizer: a :class:`~sdelab.nets.dequantizer.Dequantizer` (any ``nn.Module`` with
+            ``levels``, ``image_shape`` and ``dequantizer(k, generator) -> (u, log_q)``).
+        generator: the source of the base noise.
+
+    Returns:
+        :class:`Dequantized` whose ``y`` is differentiable w.r.t. the dequantizer's parameters
+        and whose ``entropy`` is the one-draw estimate −log q(u | k) + D log(scale/levels),
+        ``(B,)``; so ``−log p_y(y) − entropy`` is a one-draw estimate of the bound on −log P(k)
+        (nats), whose expectation over u is ≥ −log P(k).
+
+    Raises:
+        ValueError: bad data (:func:`check_levels`), bad scale/shift, or a dequantizer made for
+            another level count or image shape (the message names the mismatch).
+    """
+    _check_map(scale, shift)
+    if levels != dequantizer.levels:
+        raise ValueError(
+            f"the dequantizer was trained for {dequantizer.levels} levels but the data has "
+            f"levels={levels}: train a dequantizer for this data"
+        )
+    dtype = next(dequantizer.parameters()).dtype
+    kf = check_levels(k, levels, dtype)
+    if tuple(kf.shape[1:]) != tuple(dequantizer.image_shape):
+        raise ValueError(
+            f"the dequantizer was trained on images of shape {tuple(dequantizer.image_shape)} "
+            f"but the data has shape {tuple(kf.shape[1:])}: train a dequantizer for this data"
+        )
+    out = dequantizer(kf, generator=generator)
+    d = kf[0].numel()
+    y = to_model_space(kf, levels, scale, shift, out.u)
+    return Dequantized(y, -out.log_q + d * math.log(scale / levels))

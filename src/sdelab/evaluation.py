@@ -25,7 +25,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sdelab import distributed
-from sdelab.dequantization import dequantize, nats_to_bpd
+from sdelab.dequantization import (
+    DEQUANTIZATIONS,
+    dequantize,
+    nats_to_bpd,
+    variational_dequantize,
+)
 from sdelab.likelihood import elbo, log_likelihood, scoreflow_bound
 from sdelab.sde import Schedule
 from sdelab.utils import ScoreFn, check_int, chunk_generator, mean_se, mean_se_float
@@ -54,6 +59,8 @@ class BPDResult:
         se: standard error of ``bpd`` over repeats, ``(B,)`` (NaN when ``n_repeats == 1``).
         nfe: total ODE function evaluations (0 for a plain log-density).
         levels, scale, shift, dequantization: the accounting used, to report beside the number.
+        per_repeat: ``(R, B)`` nats of every repeat (for
+            :func:`sdelab.repeats.repeat_statistics` of ``per_repeat.T``).
     """
 
     bpd: Tensor
@@ -64,6 +71,7 @@ class BPDResult:
     scale: float
     shift: float
     dequantization: str
+    per_repeat: Tensor | None = None
 
 
 def bits_per_dim(
@@ -75,7 +83,8 @@ def bits_per_dim(
     *,
     schedule: Schedule | None = None,
     n_repeats: int = 1,
-    dequantization: Literal["uniform", "truncated_normal"] = "uniform",
+    dequantization: Literal["uniform", "truncated_normal", "variational"] = "uniform",
+    dequantizer: torch.nn.Module | None = None,
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
     t_min: float | None = None,
@@ -96,7 +105,10 @@ def bits_per_dim(
             ``scale=2, shift=-1`` for [−1, 1], ``scale=1, shift=0`` for [0, 1]).
         schedule: see ``model``; required for ``"truncated_normal"``.
         n_repeats: dequantization draws per example, averaged (ScoreFlow's ``num_repeats``).
-        dequantization: ``"uniform"`` or ``"truncated_normal"`` (i-DODE).
+        dequantization: ``"uniform"``, ``"truncated_normal"`` (i-DODE) or ``"variational"``
+            (a trained flow q(u | k), ``dequantizer``; the bound then subtracts its one-draw
+            −log q(u | k): :func:`~sdelab.dequantization.variational_dequantize`).
+        dequantizer: the :class:`~sdelab.nets.dequantizer.Dequantizer` of ``"variational"``.
         generator: randomness for dequantization and Hutchinson probes.
         dtype: floating dtype for the dequantized data (default: torch's default).
         t_min: time of the data for the ODE and the truncated normal (default schedule.t_min).
@@ -112,6 +124,16 @@ def bits_per_dim(
             truncated normal without a schedule; each message names the fix.
     """
     check_int("n_repeats", n_repeats, 1)
+    if dequantization not in (*DEQUANTIZATIONS, "variational"):
+        raise ValueError(
+            f"unknown dequantization {dequantization!r}: choose one of "
+            f"{', '.join((*DEQUANTIZATIONS, 'variational'))}"
+        )
+    if (dequantization == "variational") != (dequantizer is not None):
+        raise ValueError(
+            "dequantization='variational' needs dequantizer=... (a trained flow), and a "
+            "dequantizer needs dequantization='variational'"
+        )
     if likelihood_kwargs and schedule is None:
         raise ValueError(
             f"options {sorted(likelihood_kwargs)} apply to the ODE likelihood: pass schedule=... "
@@ -119,17 +141,23 @@ def bits_per_dim(
         )
     nlls, nfe = [], 0
     for _ in range(n_repeats):
-        dq = dequantize(
-            k,
-            levels,
-            scale,
-            shift,
-            method=dequantization,
-            schedule=schedule,
-            t_min=t_min,
-            generator=generator,
-            dtype=dtype,
-        )
+        if dequantizer is not None:
+            with torch.no_grad():
+                dq = variational_dequantize(
+                    k, levels, scale, shift, dequantizer, generator=generator
+                )
+        else:
+            dq = dequantize(
+                k,
+                levels,
+                scale,
+                shift,
+                method=dequantization,
+                schedule=schedule,
+                t_min=t_min,
+                generator=generator,
+                dtype=dtype,
+            )
         if schedule is None:
             logp = model(dq.y)
         else:
@@ -150,6 +178,7 @@ def bits_per_dim(
         scale=float(scale),
         shift=float(shift),
         dequantization=dequantization,
+        per_repeat=per_repeat,
     )
 
 
@@ -197,7 +226,8 @@ def evaluate_likelihood(
     levels: int | None = None,
     scale: float | None = None,
     shift: float | None = None,
-    dequantization: Literal["uniform", "truncated_normal"] = "uniform",
+    dequantization: Literal["uniform", "truncated_normal", "variational"] = "uniform",
+    dequantizer: torch.nn.Module | None = None,
     n_repeats: int = 1,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
@@ -221,7 +251,7 @@ def evaluate_likelihood(
         estimator: ``"ode"`` (:func:`~sdelab.likelihood.log_likelihood`), ``"elbo"`` or
             ``"scoreflow"`` (bounds).
         levels, scale, shift: discrete data's level count and affine map to model space.
-        dequantization, n_repeats: see :func:`bits_per_dim`.
+        dequantization, dequantizer, n_repeats: see :func:`bits_per_dim`.
         generator: randomness (dequantization noise, probes, bound samples).
         device: move each batch there first (default: leave it).
         progress: show a tqdm bar.
@@ -269,6 +299,7 @@ def evaluate_likelihood(
                     schedule=model_schedule,
                     n_repeats=n_repeats,
                     dequantization=dequantization,
+                    dequantizer=dequantizer,
                     generator=generator,
                     **model_kwargs,
                 )

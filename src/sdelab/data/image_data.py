@@ -1,8 +1,8 @@
 r"""Image datasets for the training loop: the :class:`~sdelab.data.Dataset` protocol over
 :mod:`sdelab.data.images`.
 
-:class:`ImageData` is what ``data: {name: digits | fashion_mnist | mnist | cifar10 | folder}``
-builds. It keeps the integer levels k ∈ {0, …, L−1} and hands out
+:class:`ImageData` is what ``data: {name: digits | fashion_mnist | mnist | cifar10 | imagenet32 |
+imagenet64 | folder}`` builds. It keeps the integer levels k ∈ {0, …, L−1} and hands out
 
 - ``sample(n, generator)``: a training minibatch drawn uniformly with replacement, optionally
   flipped left–right, **uniformly dequantized** and mapped to model space,
@@ -58,9 +58,18 @@ NATIVE_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
     "mnist": ((1, 28, 28), 256),
     "fashion_mnist": ((1, 28, 28), 256),
     "cifar10": ((3, 32, 32), 256),
+    "imagenet32": ((3, 32, 32), 256),
+    "imagenet64": ((3, 64, 64), 256),
 }
+#: Number of classes of the built-in sets (known without reading files).
+NUM_CLASSES: dict[str, int] = {
+    "digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10,
+    "imagenet32": 1000, "imagenet64": 1000,
+}  # fmt: skip
 #: Dataset names (keys of ``sdelab.data.DATASETS``) served by :class:`ImageData`.
-IMAGE_DATA_NAMES: tuple[str, ...] = ("digits", "fashion_mnist", "mnist", "cifar10", "folder")
+IMAGE_DATA_NAMES: tuple[str, ...] = (
+    "digits", "fashion_mnist", "mnist", "cifar10", "imagenet32", "imagenet64", "folder",
+)  # fmt: skip
 _LOADER = {"fashion_mnist": "fashion-mnist"}
 _SPLITS = ("train", "test")
 
@@ -107,7 +116,8 @@ class ImageData:
     """An image dataset as the training loop sees it (see the module docstring).
 
     Args:
-        name: ``digits``, ``fashion_mnist``, ``mnist``, ``cifar10`` or ``folder``.
+        name: ``digits``, ``fashion_mnist``, ``mnist``, ``cifar10``, ``imagenet32``,
+            ``imagenet64`` or ``folder``.
         seed: the run seed (unused: minibatches come from the loop's generator; the digits
             split is fixed).
         root: folder with the files (``digits`` needs none; ``fashion_mnist`` defaults to
@@ -193,10 +203,11 @@ class ImageData:
 
     @property
     def num_classes(self) -> int:
-        """Number of classes: 10 for the built-in sets (known without reading files); for a
+        """Number of classes: :data:`NUM_CLASSES` for the built-in sets (known without reading
+        files: 10, or 1000 for ImageNet); for a
         folder, its class sub-folders (0 without labels)."""
-        if self.name in NATIVE_SHAPES:
-            return 10
+        if self.name in NUM_CLASSES:
+            return NUM_CLASSES[self.name]
         data = self._split("train")
         return 0 if data.labels is None else len(data.classes or ()) or int(data.labels.max()) + 1
 

@@ -1,4 +1,5 @@
-"""Low-level readers for the on-disk image formats: IDX (MNIST), CIFAR-10 pickles, image files.
+"""Low-level readers for the on-disk image formats: IDX (MNIST), CIFAR-10 pickles, downsampled
+ImageNet batches (npz or pickle), image files.
 
 Each reader returns numpy arrays exactly as stored and raises
 
@@ -27,6 +28,7 @@ __all__ = [
     "read_cifar_pickle",
     "read_idx",
     "read_image_file",
+    "read_imagenet_batch",
 ]
 
 #: IDX type codes (third byte of the magic number) → big-endian numpy dtype.
@@ -175,6 +177,86 @@ def read_cifar_pickle(path: str | Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Downsampled ImageNet (Chrabaszcz, Loshchilov & Hutter 2017): npz or pickled batches
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def read_imagenet_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read one downsampled-ImageNet batch file (``train_data_batch_<i>[.npz]``, ``val_data``).
+
+    The files of https://image-net.org/download-images (“Downsampled ImageNet 32×32 / 64×64”)
+    come as ``.npz`` archives or as pickles of the same dict; both hold ``data``, ``uint8``
+    rows of ``3·R·R`` values (the red, then green, then blue R×R plane, each row-major, as in
+    CIFAR-10), and ``labels``, the class indices **1 … 1000** (train batches also hold
+    ``mean``, unused here). The format is told from the file's first bytes (zip magic: npz);
+    npz is read with ``allow_pickle=False`` and pickles with :class:`RestrictedUnpickler`.
+
+    Returns:
+        ``(data, labels)``: ``data`` as stored, ``(N, 3·R·R)`` ``uint8``; ``labels`` ``(N,)``
+        ``int64`` as stored (1-based).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is truncated or corrupt, lacks ``data``/``labels``, or they have
+            the wrong dtype or shape (the message names the file).
+    """
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ImageNet batch file not found: {path}")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic == _ZIP_MAGIC:
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if "data" not in npz.files or "labels" not in npz.files:
+                    raise ValueError(
+                        f"{path}: not a downsampled-ImageNet batch (has keys {npz.files}, needs "
+                        "'data' and 'labels')"
+                    )
+                data, labels = npz["data"], npz["labels"]
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+            raise ValueError(f"{path}: corrupt or truncated npz file ({e})") from None
+        except ValueError as e:
+            if str(e).startswith(str(path)):
+                raise
+            raise ValueError(f"{path}: corrupt or truncated npz file ({e})") from None
+    else:
+        try:
+            obj = RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        except UnsafePickleError as e:
+            raise UnsafePickleError(f"{path}: {e}") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError) as e:
+            raise ValueError(
+                f"{path}: neither an npz archive nor a readable pickle: corrupt or truncated "
+                f"({type(e).__name__}: {e})"
+            ) from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
+        obj = {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
+        if "data" not in obj or "labels" not in obj:
+            raise ValueError(
+                f"{path}: not a downsampled-ImageNet batch (has keys {sorted(obj)}, needs "
+                "'data' and 'labels')"
+            )
+        data, labels = obj["data"], obj["labels"]
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 2:
+        raise ValueError(
+            f"{path}: 'data' must be uint8 rows (N, 3·R·R), got {data.dtype} {data.shape}"
+        )
+    try:
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: 'labels' must be integers") from None
+    if labels.shape != (data.shape[0],):
+        raise ValueError(f"{path}: {len(labels)} labels for {data.shape[0]} images")
+    return data, labels
 
 
 # ----------------------------------------------------------------------------------------------
