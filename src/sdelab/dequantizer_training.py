@@ -31,7 +31,12 @@ from sdelab.likelihood import scoreflow_bound
 from sdelab.nets.dequantizer import Dequantizer
 from sdelab.sde import Schedule
 
-__all__ = ["DequantizerTrainResult", "dequantization_bound", "train_dequantizer"]
+__all__ = [
+    "DequantizerTrainResult",
+    "dequantization_bound",
+    "dequantizer_step",
+    "train_dequantizer",
+]
 
 
 def dequantization_bound(
@@ -119,6 +124,47 @@ def _batches(data: Iterable) -> Callable[[], Tensor]:
     return next_batch
 
 
+def dequantizer_step(
+    model: Callable[[Tensor], Tensor] | Callable[[Tensor, Tensor], Tensor],
+    schedule: Schedule | None,
+    k: Tensor,
+    dequantizer: Dequantizer,
+    optimizer: torch.optim.Optimizer,
+    *,
+    levels: int,
+    scale: float,
+    shift: float,
+    grad_clip: float | None = 1.0,
+    n_samples: int = 2,
+    time_sampling: Literal["uniform", "importance"] = "importance",
+    generator: torch.Generator | None = None,
+) -> float:
+    """One optimiser step of the dequantizer on integer batch ``k`` against the frozen model
+    (the minibatch mean of :func:`dequantization_bound`); returns the loss in bits/dim.
+    Arguments as :func:`train_dequantizer`."""
+    check_levels(k, levels)
+    params = [p for p in dequantizer.parameters() if p.requires_grad]
+    nll = dequantization_bound(
+        model,
+        schedule,
+        k,
+        levels,
+        scale,
+        shift,
+        dequantizer,
+        n_samples=n_samples,
+        time_sampling=time_sampling,
+        generator=generator,
+    )
+    loss = nll.mean() / (dequantizer.dim * math.log(2.0))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward(inputs=params)  # the frozen model accumulates no gradient
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
 def train_dequantizer(
     model: Callable[[Tensor], Tensor] | Callable[[Tensor, Tensor], Tensor],
     schedule: Schedule | None,
@@ -172,7 +218,6 @@ def train_dequantizer(
     if optimizer is None:
         optimizer = torch.optim.Adam(params, lr=lr)
     next_batch = _batches(data)
-    d = dequantizer.dim
     losses: list[float] = []
     was_training = dequantizer.training
     dequantizer.train()
@@ -181,26 +226,22 @@ def train_dequantizer(
             k = next_batch()
             if device is not None:
                 k = k.to(device)
-            check_levels(k, levels)
-            nll = dequantization_bound(
-                model,
-                schedule,
-                k,
-                levels,
-                scale,
-                shift,
-                dequantizer,
-                n_samples=n_samples,
-                time_sampling=time_sampling,
-                generator=generator,
+            losses.append(
+                dequantizer_step(
+                    model,
+                    schedule,
+                    k,
+                    dequantizer,
+                    optimizer,
+                    levels=levels,
+                    scale=scale,
+                    shift=shift,
+                    grad_clip=grad_clip,
+                    n_samples=n_samples,
+                    time_sampling=time_sampling,
+                    generator=generator,
+                )
             )
-            loss = nll.mean() / (d * math.log(2.0))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward(inputs=params)  # the frozen model accumulates no gradient
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
-            losses.append(float(loss.detach()))
             if callback is not None:
                 callback(step, losses[-1], dequantizer)
     finally:

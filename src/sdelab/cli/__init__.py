@@ -3,7 +3,8 @@
 ``sdelab demo | train`` (:mod:`~sdelab.cli.train`), ``sample`` (:mod:`~sdelab.cli.sample`),
 ``likelihood`` (:mod:`~sdelab.cli.likelihood`), ``stats | evaluate`` (:mod:`~sdelab.cli.quality`),
 ``plot`` (:mod:`~sdelab.cli.plot`),
-``inpaint | colorize | train-classifier`` (:mod:`~sdelab.cli.control`). Every error the user can
+``inpaint | colorize | train-classifier`` (:mod:`~sdelab.cli.control`), ``train-dequantizer``
+(:mod:`~sdelab.cli.dequantizer`). Every error the user can
 fix is one line on stderr (``sdelab CMD: error: ...``) with exit code 2.
 """
 
@@ -14,13 +15,13 @@ import sys
 
 import torch.distributed as dist
 
-from sdelab.cli import control, likelihood, plot, quality, sample, train
+from sdelab.cli import control, dequantizer, likelihood, plot, quality, sample, train
 from sdelab.cli.common import CLIError
 
 __all__ = ["CLIError", "build_parser", "main"]
 
 #: The subcommand modules, in the order ``--help`` lists them.
-_MODULES = (train, sample, likelihood, quality, plot, control)
+_MODULES = (train, sample, likelihood, quality, plot, control, dequantizer)
 
 
 def build_parser() -> argparse.ArgumentParser:

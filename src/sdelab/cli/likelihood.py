@@ -40,6 +40,7 @@ def _likelihood(args: argparse.Namespace) -> int:
         which=args.weights,
         rtol=args.rtol,
         atol=args.rtol,
+        dequantizer=args.dequantizer,
     )
     if not info.is_main:
         return 0
@@ -53,12 +54,14 @@ def _likelihood(args: argparse.Namespace) -> int:
         "bpd_se": res.bpd_se,
         "divergence": "exact" if args.probes is None else f"hutchinson x{args.probes}",
         "dequantization": res.dequantization,
+        "dequantizer": None if args.dequantizer is None else str(Path(args.dequantizer)),
         "nfe": res.nfe,
         "seed": args.seed,
         "batch_size": args.batch_size,
         "processes": info.world_size,
     }
-    write_json(Path(args.run) / f"likelihood_{args.method}.json", record)
+    suffix = "" if args.dequantizer is None else "_variational"
+    write_json(Path(args.run) / f"likelihood_{args.method}{suffix}.json", record)
     return 0
 
 
@@ -148,6 +151,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=1000, help="batch size (default 1000)")
     p.add_argument("--rtol", type=float, default=1e-5, help="ODE rtol = atol (default 1e-5)")
+    p.add_argument(
+        "--dequantizer",
+        metavar="DIR",
+        help="image runs: a folder from sdelab train-dequantizer (variational dequantization "
+        "instead of uniform)",
+    )
     p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw weights")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=_likelihood)

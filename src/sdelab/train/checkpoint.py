@@ -119,7 +119,7 @@ def save_checkpoint(
     tensors: dict[str, Tensor],
     meta: dict[str, Any],
     *,
-    config: RunConfig,
+    config: RunConfig | dict[str, Any],
     keep_last: int | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically and keep only the newest ``keep_last``.
@@ -129,7 +129,8 @@ def save_checkpoint(
         step: completed optimizer steps.
         tensors: name -> tensor (moved to CPU; must not share storage).
         meta: JSON-able scalars (optimizer hyper-parameters, metrics, ...).
-        config: the resolved config, stored in both files.
+        config: the resolved config (or a plain JSON-able dict, for folders that are not
+            score-model runs, e.g. a dequantizer's), stored in both files.
         keep_last: how many checkpoints to keep (``None``: all).
 
     Returns:
@@ -137,7 +138,8 @@ def save_checkpoint(
     """
     folder = Path(run_dir) / CKPT_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    config_json = json.dumps(config.to_dict())
+    config_dict = config.to_dict() if isinstance(config, RunConfig) else dict(config)
+    config_json = json.dumps(config_dict)
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     blob = save_safetensors(
         cpu, metadata={"format": FORMAT, "step": str(step), "config": config_json}
@@ -150,7 +152,7 @@ def save_checkpoint(
         "step": step,
         "tensors": f"{stem}.safetensors",
         "sha256": hashlib.sha256(blob).hexdigest(),
-        "config": config.to_dict(),
+        "config": config_dict,
         **meta,
     }
     json_path = folder / f"{stem}.json"

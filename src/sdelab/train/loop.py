@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import math
 import signal
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -63,6 +61,7 @@ from sdelab.train.rundir import (
     EVAL_FILE,
     METRICS_FILE,
     MetricsLog,
+    StopOnSignal,
     check_run_dir,
     merge_for_resume,
     require_tensorboard,
@@ -232,30 +231,6 @@ def evaluate(run: Run, hook: EvalHook) -> dict[str, float]:
         run.ema.train()
 
 
-# ---- signals ---------------------------------------------------------------------------------
-class _StopOnSignal:
-    """Context manager turning SIGTERM/SIGINT into a flag the loop checks between steps."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def __enter__(self) -> _StopOnSignal:
-        if threading.current_thread() is threading.main_thread():  # signals need the main thread
-            for s in self.SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
-
-
 # ---- the loop --------------------------------------------------------------------------------
 def train(
     config: RunConfig,
@@ -332,7 +307,7 @@ def _loop(
         unit="step",
     )
     t_last, step_last = time.perf_counter(), run.step
-    with _StopOnSignal() as stop, bar:
+    with StopOnSignal() as stop, bar:
         while run.step < tc.steps:
             try:
                 stats = train_step(run)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ __all__ = [
     "METRICS_FILE",
     "RESUMABLE_KEYS",
     "MetricsLog",
+    "StopOnSignal",
     "check_run_dir",
     "flat_config",
     "merge_for_resume",
@@ -192,3 +195,26 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 def write_config(run_dir: Path, config: RunConfig) -> None:
     atomic_write(run_dir / "config.yaml", config.to_yaml())
     atomic_write(run_dir / "config.json", config.to_json() + "\n")
+
+
+class StopOnSignal:
+    """Context manager turning SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # signals need the main thread
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)

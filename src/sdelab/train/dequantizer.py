@@ -1,0 +1,273 @@
+"""Variational dequantizer runs: train a flow q(u | k) against a frozen trained run, in a
+folder of its own with the conventions of ``sdelab train``.
+
+A dequantizer folder holds ``dequantizer.json`` (format, the score run it belongs to, the data's
+levels / image shape / map to model space, the flow's size and the training options),
+``metrics.jsonl`` (step, loss in bits/dim, steps/s) and ``checkpoints/`` (safetensors + JSON,
+written atomically: ``flow.*``, ``ema.*``, ``optim.*`` and the generator states), so a run
+killed at any moment resumes exactly with ``--resume``; SIGTERM/SIGINT save and stop.
+
+The score model stays frozen (ScoreFlow's ``--mode=train_deq``): the flow minimises the
+ScoreFlow bound of −log p_model(a(k+u)/L + b) + log q(u | k)
+(:func:`sdelab.dequantizer_training.dequantizer_step`); evaluation uses the exact ODE
+likelihood (``sdelab likelihood RUN --dequantizer DIR``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdelab.dequantizer_training import dequantizer_step
+from sdelab.nets.dequantizer import DEQUANTIZER_PRESETS, Dequantizer, DequantizerConfig
+from sdelab.train.build import load_run, make_run_dataset
+from sdelab.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    optimizer_state_from_flat,
+    optimizer_state_to_flat,
+    prefixed,
+    save_checkpoint,
+)
+from sdelab.train.loop import update_ema
+from sdelab.train.rundir import METRICS_FILE, MetricsLog, StopOnSignal, truncate_jsonl
+from sdelab.utils import atomic_write, check_int, derive_seed
+
+__all__ = [
+    "DEQUANTIZER_FILE",
+    "DEQUANTIZER_FORMAT",
+    "DequantizerInterrupted",
+    "check_dequantizer_fits",
+    "load_dequantizer",
+    "train_dequantizer_run",
+]
+
+DEQUANTIZER_FORMAT = "sdelab-dequantizer"
+DEQUANTIZER_FILE = "dequantizer.json"
+_DATA_STREAM, _LOSS_STREAM = 30, 31
+
+
+class DequantizerInterrupted(Exception):
+    """SIGTERM/SIGINT: a checkpoint was saved at ``step``; resume with ``--resume``."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(
+            f"stopped after step {step}; checkpoint saved to {checkpoint}; continue with --resume"
+        )
+
+
+def _record(run_dir: Path, dataset: Any, flow: Dequantizer, options: dict[str, Any]) -> dict:
+    return {
+        "format": DEQUANTIZER_FORMAT,
+        "run": str(run_dir.resolve()),
+        "levels": flow.levels,
+        "image_shape": list(flow.image_shape),
+        "scale": float(dataset.scale),
+        "shift": float(dataset.shift),
+        "data_range": dataset.data_range,
+        "flow": asdict(flow.config),
+        "training": options,
+    }
+
+
+def train_dequantizer_run(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    steps: int = 2000,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    preset: str = "small",
+    ema_decay: float = 0.999,
+    n_samples: int = 2,
+    ckpt_every: int = 500,
+    log_every: int = 50,
+    seed: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train a variational dequantizer for a trained image run and save it in ``out``.
+
+    Args:
+        run_dir: a run folder of ``sdelab train`` on image data (integer levels); its EMA
+            score model is used, frozen.
+        out: the dequantizer folder (new or empty, unless ``resume``).
+        steps, batch_size, lr: Adam on the ScoreFlow bound of training images (levels drawn
+            from the run's training split).
+        preset: the flow's size (:data:`~sdelab.nets.dequantizer.DEQUANTIZER_PRESETS`:
+            ``small`` for CPUs, ``flowpp`` the seed's Flow++ size).
+        ema_decay: the exponential moving average of the flow's weights (evaluation uses it).
+        n_samples: Monte-Carlo draws of the bound per image and step.
+        ckpt_every, log_every: checkpoint and log cadence (steps).
+        seed: the flow's initialisation, the batches and the bound's noise.
+        resume: continue from the newest checkpoint in ``out`` (options must match).
+
+    Returns:
+        The folder's ``dequantizer.json``.
+
+    Raises:
+        ValueError: a run without integer levels, an unknown preset, bad sizes, a non-empty
+            ``out`` without ``resume``, or resuming with other options.
+        DequantizerInterrupted: SIGTERM/SIGINT, after saving a checkpoint.
+    """
+    for name, value, low in (
+        ("steps", steps, 1),
+        ("batch_size", batch_size, 1),
+        ("ckpt_every", ckpt_every, 1),
+        ("log_every", log_every, 1),
+        ("n_samples", n_samples, 2),
+    ):
+        check_int(name, value, low)
+    if not lr > 0 or not 0 <= ema_decay < 1:
+        raise ValueError(f"need lr > 0 and 0 <= ema_decay < 1, got lr={lr}, ema_decay={ema_decay}")
+    if preset not in DEQUANTIZER_PRESETS:
+        raise ValueError(
+            f"unknown preset {preset!r}: choose one of {', '.join(DEQUANTIZER_PRESETS)}"
+        )
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        raise ValueError(f"{out} is not empty: pass --resume to continue it, or a new --out")
+    config, model, schedule = load_run(run_dir)
+    dataset = make_run_dataset(config)
+    if dataset.num_levels is None:
+        raise ValueError(
+            f"run {run_dir} trains on continuous data: a dequantizer needs image data with "
+            "integer levels"
+        )
+    dataset.load()
+    options = dict(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        preset=preset,
+        ema_decay=ema_decay,
+        n_samples=n_samples,
+        seed=seed,
+    )
+    flow = Dequantizer(dataset.image_shape, dataset.num_levels, preset, seed=seed)
+    ema = copy.deepcopy(flow).requires_grad_(False)
+    optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
+    data_gen = torch.Generator().manual_seed(derive_seed(seed, _DATA_STREAM))
+    loss_gen = torch.Generator().manual_seed(derive_seed(seed, _LOSS_STREAM))
+    record = _record(run_dir, dataset, flow, options)
+    step = 0
+    out.mkdir(parents=True, exist_ok=True)
+    if resume and list_checkpoints(out):
+        saved = json.loads((out / DEQUANTIZER_FILE).read_text())
+        fixed = {k: v for k, v in saved["training"].items() if k != "steps"}
+        given = {k: v for k, v in options.items() if k != "steps"}
+        if fixed != given or saved["run"] != record["run"]:
+            differ = sorted(k for k in fixed if fixed[k] != given.get(k))
+            raise ValueError(
+                f"cannot resume {out} with other options ({', '.join(differ) or 'run'}): only "
+                "--steps may change"
+            )
+        ckpt = load_checkpoint(out)
+        flow.load_state_dict(prefixed(ckpt.tensors, "flow"))
+        ema.load_state_dict(prefixed(ckpt.tensors, "ema"))
+        optimizer.load_state_dict(optimizer_state_from_flat(ckpt.tensors, ckpt.meta["optimizer"]))
+        data_gen.set_state(ckpt.tensors["rng.data"])
+        loss_gen.set_state(ckpt.tensors["rng.loss"])
+        step = ckpt.step
+    atomic_write(out / DEQUANTIZER_FILE, json.dumps(record, indent=1) + "\n")
+    truncate_jsonl(out / METRICS_FILE, step)
+
+    def save() -> Path:
+        opt_tensors, opt_meta = optimizer_state_to_flat(optimizer)
+        tensors = {
+            **{f"flow.{k}": v for k, v in flow.state_dict().items()},
+            **{f"ema.{k}": v for k, v in ema.state_dict().items()},
+            **opt_tensors,
+            "rng.data": data_gen.get_state(),
+            "rng.loss": loss_gen.get_state(),
+        }
+        return save_checkpoint(
+            out, step, tensors, {"optimizer": opt_meta}, config=record, keep_last=2
+        )
+
+    log = MetricsLog(out)
+    t0, s0 = time.perf_counter(), step
+    try:
+        with StopOnSignal() as stop:
+            while step < steps:
+                k = dataset.sample_levels(batch_size, data_gen)
+                loss = dequantizer_step(
+                    model,
+                    schedule,
+                    k,
+                    flow,
+                    optimizer,
+                    levels=dataset.num_levels,
+                    scale=dataset.scale,
+                    shift=dataset.shift,
+                    n_samples=n_samples,
+                    generator=loss_gen,
+                )
+                step += 1
+                update_ema(ema, flow, min(ema_decay, (1 + step) / (10 + step)))
+                if step % log_every == 0 or step == steps:
+                    rate = (step - s0) / max(time.perf_counter() - t0, 1e-9)
+                    log.write(METRICS_FILE, {"step": step, "loss_bpd": loss, "steps_per_s": rate})
+                    if progress:
+                        print(f"step {step}/{steps}: loss {loss:.4f} bits/dim", flush=True)
+                stopping = stop.signum is not None and step < steps
+                if step % ckpt_every == 0 or step == steps or stopping:
+                    path = save()
+                if stopping:
+                    raise DequantizerInterrupted(stop.signum, step, path)
+    finally:
+        log.close()
+    return out / DEQUANTIZER_FILE
+
+
+def load_dequantizer(folder: str | Path, which: str = "ema") -> tuple[Dequantizer, dict]:
+    """A trained dequantizer (EMA weights by default, ``"raw"`` for the trained ones) from
+    its newest checkpoint, in eval mode and frozen, with its ``dequantizer.json`` record.
+
+    Raises:
+        FileNotFoundError: no dequantizer in ``folder``. ValueError: a foreign file, ``which``.
+    """
+    if which not in ("ema", "raw"):
+        raise ValueError(f"unknown weights {which!r}: choose one of ema, raw")
+    folder = Path(folder)
+    path = folder / DEQUANTIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no dequantizer in {folder}: run sdelab train-dequantizer RUN --out {folder} first"
+        )
+    record = json.loads(path.read_text())
+    if record.get("format") != DEQUANTIZER_FORMAT:
+        raise ValueError(f"{path} is not an sdelab dequantizer")
+    flow = Dequantizer(
+        tuple(record["image_shape"]), record["levels"], DequantizerConfig(**record["flow"])
+    )
+    ckpt = load_checkpoint(folder)
+    flow.load_state_dict(prefixed(ckpt.tensors, "ema" if which == "ema" else "flow"))
+    return flow.requires_grad_(False).eval(), record
+
+
+def check_dequantizer_fits(record: dict, dataset: Any, source: str | Path) -> None:
+    """Refuse a dequantizer made for other data (levels, image shape, map to model space) with
+    a one-line ``ValueError`` naming the mismatch."""
+    have = {
+        "levels": dataset.num_levels,
+        "image_shape": None if dataset.image_shape is None else list(dataset.image_shape),
+        "scale": float(dataset.scale),
+        "shift": float(dataset.shift),
+    }
+    for key, value in have.items():
+        if record[key] != value:
+            raise ValueError(
+                f"dequantizer {source} was made for {key}={record[key]}, but this run's data "
+                f"have {key}={value}: train a dequantizer for this run (sdelab "
+                "train-dequantizer)"
+            )
