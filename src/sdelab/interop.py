@@ -522,7 +522,7 @@ def load_diffusers(
     else:
         sched = sched_cls.from_pretrained(sched_loc, local_files_only=True)
     unet = diffusers.UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
-    unet = unet.to(device=device, dtype=dtype).eval()
+    unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)  # evaluation only
     score_fn, schedule = from_diffusers(
         unet, sched, snap_to_steps=snap_to_steps, interpolation=interpolation
     )
@@ -538,7 +538,9 @@ def load_diffusers(
         scale=2.0,
         shift=-1.0,
         kind=kind,
-        num_train_timesteps=int(sched.config.num_train_timesteps),
+        num_train_timesteps=(
+            schedule.num_steps if kind == "vp" else int(sched.config.num_train_timesteps)
+        ),
         prediction_type="score" if kind == "ve" else sched.config.prediction_type,
         unet=unet,
         scheduler=sched,
