@@ -521,8 +521,12 @@ def load_diffusers(
         sched = sched_cls.from_config(sched_cfg)
     else:
         sched = sched_cls.from_pretrained(sched_loc, local_files_only=True)
-    unet = diffusers.UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
-    unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)  # evaluation only
+    unet = diffusers.UNet2DModel.from_pretrained(
+        unet_dir, local_files_only=True, low_cpu_mem_usage=False, torch_dtype=dtype
+    )
+    if device is not None:
+        unet = unet.to(device)
+    unet = unet.eval().requires_grad_(False)  # evaluation only
     score_fn, schedule = from_diffusers(
         unet, sched, snap_to_steps=snap_to_steps, interpolation=interpolation
     )
