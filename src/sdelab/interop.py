@@ -124,11 +124,13 @@ class DiscreteVPSchedule(LogSNRSchedule):
     # ---- B(t) = −log ᾱ(t) and its derivative, in float64 --------------------------------------
     def _B(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """B(t) and dB/dt in float64, shaped like ``t``."""
-        tt = t.detach().to(D64) if not t.requires_grad else t.to(D64)
+        tt = t.to(D64)
         flat = tt.reshape(-1)
         knots = self.knots_t.to(flat.device)
         coeffs = self.coeffs.to(flat.device)
-        i = (torch.searchsorted(knots, flat.detach(), right=True) - 1).clamp(0, knots.numel() - 2)
+        i = (torch.searchsorted(knots, flat.detach().contiguous(), right=True) - 1).clamp(
+            0, knots.numel() - 2
+        )
         u = flat - knots[i]
         c0, c1, c2, c3 = coeffs[:, i]
         B = ((c0 * u + c1) * u + c2) * u + c3
@@ -530,6 +532,8 @@ def load_diffusers(
     score_fn, schedule = from_diffusers(
         unet, sched, snap_to_steps=snap_to_steps, interpolation=interpolation
     )
+    if device is not None:  # the schedule's knot tables too (they live in float64)
+        score_fn, schedule = score_fn.to(device), schedule.to(device)
     cfg = dict(unet.config)
     size = cfg.get("sample_size") or 32
     h, w = (size, size) if isinstance(size, int) else tuple(size)
