@@ -256,8 +256,10 @@ def from_diffusers(
     Supports ``DDPMScheduler`` / ``DDIMScheduler`` (``beta_schedule`` linear, scaled_linear,
     squaredcos_cap_v2 or ``trained_betas``: whatever gives its ``alphas_cumprod``;
     ``prediction_type`` epsilon, sample or v_prediction; UNets with 2C output channels for a
-    learned variance have that half dropped) and ``ScoreSdeVeScheduler`` (VE). See the module
-    docstring for the time map t_n = n/(N − 1) and the schedule.
+    learned variance have that half dropped: sdelab's ancestral step uses DDPM's fixed β̃) and
+    ``ScoreSdeVeScheduler`` (VE). See the module docstring for the time map t_n = n/(N − 1)
+    and the schedule. diffusers' ``clip_sample`` and thresholding clip x̂_0 inside its
+    sampler; they are not part of the model and are not applied here.
 
     Args:
         unet: a ``UNet2DModel`` (or a module with its call ``unet(x, timestep).sample`` and its
