@@ -126,6 +126,18 @@ def test_ancestral_sampler_reproduces_ddpm_step_chain():
         assert res.nfe == steps
         scale = float(x.abs().max())
         assert (res.samples - x).abs().max() <= 1e-5 * scale
+        if steps == N_STEPS:  # the default uniform grid with N − 1 steps is the same chain
+            uniform = sample(
+                score_fn,
+                schedule,
+                None,
+                sampler="ancestral",
+                steps=N_STEPS - 1,
+                x_init=x_T,
+                generator=torch.Generator().manual_seed(7),
+                denoise=True,
+            )
+            assert (uniform.samples - x).abs().max() <= 1e-5 * scale
 
 
 class _Reparametrised(nn.Module):
