@@ -70,7 +70,7 @@ def interpolation_table() -> None:
         (b_min, b_max), *_ = np.linalg.lstsq(design, B, rcond=None)
         fit_B = b_min * t + 0.5 * (b_max - b_min) * t**2
         fit_a = np.abs(np.exp(-fit_B) - ac).max()
-        with np.errstate(invalid="ignore"):  # the fit has B(0) = 0 (λ = ∞), B < 0 if β_min < 0
+        with np.errstate(invalid="ignore", divide="ignore"):  # fitted B(0) = 0: λ = ∞
             fit_l = np.abs(from_B(fit_B) - lam).max()
         rows[f"fitted linear-β VP ({b_min:.3g}, {b_max:.3g}), at the steps"] = (fit_a, fit_l)
         for choice, (da, dl) in rows.items():

@@ -19,7 +19,7 @@ with a strictly decreasing log-SNR, and its exact chain between two steps,
 Why this interpolation (``benchmarks/bench_interop.py`` measures it): built from the even steps
 of the 1000-step schedules and compared at the odd ones, PCHIP in log ᾱ errs by max|Δᾱ| =
 6e-7 (linear β), 7e-8 (scaled_linear), 1e-6 (squaredcos_cap_v2); piecewise-linear log ᾱ
-(constant β within a step) by 1e-5, 3e-6, 2e-6; interpolating the log-SNR instead is 10–1000×
+(constant β within a step) by 1e-5, 3e-6, 2e-6; interpolating the log-SNR instead is 20–3000×
 worse on the first two. A linear-β VP fitted by least squares to −log ᾱ_n misses the integer
 steps themselves by 2e-3 (linear), 6e-2 (scaled_linear), 0.46 (cosine), so it is no option.
 
