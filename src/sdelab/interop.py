@@ -22,6 +22,8 @@ of the 1000-step schedules and compared at the odd ones, PCHIP in log ᾱ errs b
 (constant β within a step) by 1e-5, 3e-6, 2e-6; interpolating the log-SNR instead is 20–3000×
 worse on the first two. A linear-β VP fitted by least squares to −log ᾱ_n misses the integer
 steps themselves by 2e-3 (linear), 6e-2 (scaled_linear), 0.46 (cosine), so it is no option.
+Being C¹, the PCHIP schedule also costs an adaptive ODE solver 25 % fewer steps than the
+piecewise-linear one on a trained model (same bits/dim).
 
 The smallest noise level is step 0's, σ_0 = √β_0 (0.01 for the standard linear schedule): the
 schedule starts at t_min = 0 there, and ODE likelihoods are of x at step 0 (a valid density;
