@@ -200,8 +200,9 @@ def test_integer_only_time_embedding_is_refused_or_snapped():
 
 
 def test_unsupported_scheduler_and_prediction_type_are_refused():
-    with pytest.raises(ValueError, match="unsupported scheduler"):
-        from_diffusers(tiny_unet(), diffusers.EulerDiscreteScheduler())
+    for other in (diffusers.EDMEulerScheduler(), diffusers.FlowMatchEulerDiscreteScheduler()):
+        with pytest.raises(ValueError, match="unsupported scheduler"):
+            from_diffusers(tiny_unet(), other)
     with pytest.raises(ValueError, match="prediction_type"):
         scheduler = ddpm()
         scheduler.register_to_config(prediction_type="flow")
@@ -429,3 +430,20 @@ def test_bounds_on_a_ddpm_schedule_bound_the_data_nll():
             for seed in (1, 2, 3)
         ]
         assert abs(sum(means) / 3 - nll) < 0.1, (bound.__name__, means, nll)
+
+
+def test_ddpm_compatible_schedulers_share_the_chain(tmp_path):
+    """A pipeline saved with another sampler of the same β chain (here Euler) loads as the
+    same model: same schedule, same score."""
+    unet, scheduler = tiny_unet(), ddpm(prediction_type="v_prediction")
+    euler = diffusers.EulerDiscreteScheduler.from_config(scheduler.config)
+    unet.save_pretrained(tmp_path)
+    euler.save_pretrained(tmp_path)
+    model = load_diffusers(tmp_path)
+    assert type(model.scheduler).__name__ == "EulerDiscreteScheduler"
+    ref_fn, ref_schedule = from_diffusers(unet, scheduler)
+    t = torch.linspace(0, 1, 101, dtype=D64)
+    assert torch.allclose(model.schedule.log_snr(t), ref_schedule.log_snr(t), atol=1e-6)
+    x, tt = torch.randn(2, 2, 8, 8), torch.tensor([0.2, 0.7])
+    with torch.no_grad():
+        assert torch.allclose(model.score_fn(x, tt), ref_fn(x, tt), atol=1e-5)

@@ -210,6 +210,20 @@ def _config(obj: Any) -> dict:
     return dict(cfg)
 
 
+def _is_vp_chain(scheduler: Any) -> bool:
+    """A DDPM/DDIM scheduler, or one diffusers declares compatible with DDPMScheduler (the same
+    β chain, another sampler: PNDM, Euler, DPM-Solver, …) that carries ``alphas_cumprod``."""
+    name = type(scheduler).__name__
+    if name in VP_SCHEDULERS:
+        return True
+    compatible = getattr(scheduler, "_compatibles", None) or []
+    return (
+        "DDPMScheduler" in compatible
+        and not name.startswith("EDM")  # EDM schedulers are σ-parametrised, not a β chain
+        and getattr(scheduler, "alphas_cumprod", None) is not None
+    )
+
+
 class DiffusersUNet(nn.Module):
     """A diffusers ``UNet2DModel`` as ``net(x, τ) -> (B, C, H, W)``: its ``.sample``, with the
     learned-variance half of the channels dropped, at the UNet's dtype, returned in ``x``'s dtype.
@@ -255,7 +269,9 @@ def from_diffusers(
 ) -> tuple[nn.Module, Schedule]:
     """A diffusers ``UNet2DModel`` and its scheduler as sdelab's ``(score_fn, schedule)``.
 
-    Supports ``DDPMScheduler`` / ``DDIMScheduler`` (``beta_schedule`` linear, scaled_linear,
+    Supports ``DDPMScheduler`` / ``DDIMScheduler`` and the β-chain schedulers diffusers declares
+    DDPM-compatible (PNDM, Euler, DPM-Solver, …: same chain, another sampler), with
+    ``beta_schedule`` linear, scaled_linear,
     squaredcos_cap_v2 or ``trained_betas``: whatever gives its ``alphas_cumprod``;
     ``prediction_type`` epsilon, sample or v_prediction; UNets with 2C output channels for a
     learned variance have that half dropped: sdelab's ancestral step uses DDPM's fixed β̃) and
@@ -308,11 +324,10 @@ def from_diffusers(
             float(scfg["sigma_min"]), float(scfg["sigma_max"]), t_min=float(scfg["sampling_eps"])
         )
         return _VEScoreNet(unet, schedule), schedule
-    if name not in VP_SCHEDULERS:
+    if not _is_vp_chain(scheduler):
         raise ValueError(
-            f"unsupported scheduler {name}: sdelab reads "
-            f"{', '.join(VP_SCHEDULERS + VE_SCHEDULERS)} (other schedulers of the same chain "
-            "share its alphas_cumprod: load a DDPMScheduler from the same config)"
+            f"unsupported scheduler {name}: sdelab reads {', '.join(VP_SCHEDULERS + VE_SCHEDULERS)}"
+            " and the β-chain schedulers diffusers lists as DDPM-compatible (PNDM, Euler, …)"
         )
     prediction = scfg.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_KINDS:
@@ -517,12 +532,12 @@ def load_diffusers(
         sched_loc if sched_loc.is_file() else sched_loc / "scheduler_config.json"
     )
     sched_name = sched_cfg.get("_class_name")
-    if sched_name not in VP_SCHEDULERS + VE_SCHEDULERS:
+    sched_cls = getattr(diffusers, str(sched_name), None)
+    if sched_cls is None or not hasattr(sched_cls, "from_config"):
         raise ValueError(
-            f"unsupported scheduler {sched_name} in {sched_loc}: sdelab reads "
-            f"{', '.join(VP_SCHEDULERS + VE_SCHEDULERS)}"
+            f"unknown scheduler class {sched_name!r} in {sched_loc}: expected a diffusers "
+            f"scheduler such as {', '.join(VP_SCHEDULERS + VE_SCHEDULERS)}"
         )
-    sched_cls = getattr(diffusers, sched_name)
     if sched_loc.is_file():
         sched = sched_cls.from_config(sched_cfg)
     else:
