@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdelab.interop import DiscreteVPSchedule
 from sdelab.sde import SCHEDULES, FunctionSchedule, Schedule, make_schedule
 
 # One intra-op thread per test process: pytest-xdist already runs one worker per core, and
@@ -32,6 +33,10 @@ def all_schedules() -> dict[str, Schedule]:
     out["vdm-learned"] = make_schedule("vdm-learned", hidden=16)  # small: keeps tests fast
     out["user-subclass"] = OUSchedule()
     out["user-functions"] = edm_like()
+    # a discrete DDPM chain (1000 linear β) as a continuous schedule (sdelab.interop)
+    out["ddpm-discrete"] = DiscreteVPSchedule(
+        torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+    )
     return out
 
 

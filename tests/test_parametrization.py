@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdelab.interop import DiscreteVPSchedule
 from sdelab.oracle import GaussianData
 from sdelab.parametrization import KINDS, ScoreModel, convert, score_fn_to_kind
 from sdelab.sde import MonotoneNetSchedule
@@ -71,7 +72,9 @@ def test_score_model_wraps_any_kind(schedule):
 
     def at_net_time(fn):
         """The ScoreModel feeds its net ``schedule.net_time(t)`` (normalised γ for the learned
-        γ-network, t otherwise): map it back to t through the log-SNR."""
+        γ-network, the step t·(N − 1) for a discrete chain, t otherwise): map it back to t."""
+        if isinstance(schedule, DiscreteVPSchedule):
+            return lambda x, tau: fn(x, tau / (schedule.num_steps - 1))
         if not isinstance(schedule, MonotoneNetSchedule):
             return fn
         g_min, g_max = schedule.ends

@@ -143,9 +143,21 @@ class _Divergence:
         if cot.shape[0] == 1:
             rows = torch.autograd.grad(v, x, cot[0], create_graph=create_graph)[0].unsqueeze(0)
         else:  # all K vector-Jacobian products in one vectorised backward pass
-            rows = torch.autograd.grad(v, x, cot, create_graph=create_graph, is_grads_batched=True)[
-                0
-            ]
+            try:
+                rows = torch.autograd.grad(
+                    v, x, cot, create_graph=create_graph, retain_graph=True, is_grads_batched=True
+                )[0]
+            except RuntimeError:
+                # some networks' backward has ops the batched (vmap) pass lacks (e.g. diffusers'
+                # UNet2DModel): the same K products one at a time
+                rows = torch.stack(
+                    [
+                        torch.autograd.grad(v, x, c, create_graph=create_graph, retain_graph=True)[
+                            0
+                        ]
+                        for c in cot
+                    ]
+                )
         k, b = cot.shape[:2]
         return self.scale * (rows * cot).reshape(k, b, -1).sum(dim=(0, 2))
 
