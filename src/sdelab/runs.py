@@ -29,6 +29,7 @@ from sdelab import distributed
 from sdelab.controllable import cfg_score_fn, guided_score_fn
 from sdelab.data import TOYS, Dataset, toy_log_prob
 from sdelab.evaluation import EvaluationResult, evaluate_sharded
+from sdelab.interop import DiffusersModel
 from sdelab.nets.inception import load_fid_inception
 from sdelab.parametrization import ScoreModel
 from sdelab.plots import plot_density, plot_loss, plot_samples, plot_trajectories
@@ -66,6 +67,8 @@ __all__ = [
     "VLBEvaluation",
     "data_split",
     "dataset_stats",
+    "foreign_likelihood",
+    "foreign_sample",
     "format_table",
     "guided_sample_run",
     "likelihood_table",
@@ -743,3 +746,109 @@ def run_quality(
     )
     n_ref = reference.n if isinstance(reference, FeatureStats) else len(reference.features)
     return QualityEvaluation(result=result, nfe=res.nfe, n_samples=len(samples), n_reference=n_ref)
+
+
+# ---- models trained elsewhere ----------------------------------------------------------------
+def foreign_likelihood(
+    model: DiffusersModel,
+    dataset: Dataset,
+    *,
+    method: str = "ode",
+    n: int = 2000,
+    batch_size: int = 500,
+    exact_trace: bool = False,
+    probes: int = 1,
+    seed: int = 0,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    dequantization: str = "uniform",
+    progress: bool = True,
+) -> EvaluationResult:
+    """Test-set bits/dim of a model trained elsewhere (:func:`sdelab.interop.load_diffusers`)
+    on ``dataset``'s integer test levels, dequantized and mapped to the model's space [−1, 1].
+
+    Batches are split over launched processes and seeded per batch exactly as for a run
+    (:func:`sdelab.evaluation.evaluate_sharded`).
+
+    Raises:
+        ValueError: continuous data, an image shape other than the model's, or a data range
+            other than the model's.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if dataset.num_levels is None:
+        raise ValueError(
+            f"data set {dataset.name!r} is continuous: --diffusers models are image models, "
+            "evaluate them on image data (e.g. --data cifar10)"
+        )
+    if tuple(dataset.image_shape) != tuple(model.image_shape):
+        raise ValueError(
+            f"the model takes images of shape {model.image_shape}, data set {dataset.name!r} has "
+            f"{tuple(dataset.image_shape)}: pick matching data (--data-option size=/channels=)"
+        )
+    if (dataset.scale, dataset.shift) != (model.scale, model.shift):
+        raise ValueError(
+            f"the model works on [-1, 1] but data set {dataset.name!r} is mapped to "
+            f"{dataset.data_range}: use --data-option data_range=[-1,1]"
+        )
+    kwargs: dict[str, Any] = {}
+    if method == "ode":
+        kwargs = dict(rtol=rtol, atol=atol)
+        kwargs.update(
+            divergence="exact" if exact_trace else "hutchinson",
+            **({} if exact_trace else {"n_probes": probes}),
+        )
+    device = next(iter(model.unet.parameters())).device
+    return evaluate_sharded(
+        model.score_fn,
+        model.schedule,
+        dataset.test_set(n),
+        estimator=method,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        progress=progress,
+        levels=dataset.num_levels,
+        scale=model.scale,
+        shift=model.shift,
+        dequantization=dequantization,
+        **kwargs,
+    )
+
+
+def foreign_sample(
+    model: DiffusersModel,
+    *,
+    n: int,
+    sampler: str = "dpm_solver",
+    steps: int = 20,
+    seed: int = 0,
+    options: dict[str, Any] | None = None,
+    batch_size: int | None = None,
+) -> SampleResult:
+    """Samples ``(n, C, H, W)`` in [−1, 1] of a model trained elsewhere with any sdelab sampler,
+    chunked, seeded per chunk and split over launched processes like :func:`sample_run`."""
+    if n < 1:
+        raise ValueError(f"--n must be a positive number of samples, got {n}")
+    info = distributed.get_info()
+    size = n if batch_size is None else min(batch_size, n)
+    device = next(iter(model.unet.parameters())).device
+    local = []
+    with torch.no_grad():
+        for i in distributed.shard(math.ceil(n / size), info):
+            b = min(size, n - i * size)
+            res = sample(
+                model.score_fn,
+                model.schedule,
+                (b, *model.image_shape),
+                sampler=sampler,
+                steps=steps,
+                generator=chunk_generator(seed, _SAMPLE_STREAM, i, device),
+                device=device,
+                **(options or {}),
+            )
+            local.append((i, replace(res, samples=res.samples.cpu())))
+    parts = distributed.gather_indexed(local, info)
+    return replace(
+        parts[0], samples=torch.cat([p.samples for p in parts]), nfe=max(p.nfe for p in parts)
+    )

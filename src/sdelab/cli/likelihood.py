@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from sdelab.cli.common import CLIError, join_launched_group
+from sdelab.cli.interop import add_diffusers_options, diffusers_likelihood
 from sdelab.data.image_data import IMAGE_DATA_NAMES
 from sdelab.runs import (
     run_likelihood,
@@ -17,6 +18,10 @@ from sdelab.train.checkpoint import load_checkpoint
 
 def _likelihood(args: argparse.Namespace) -> int:
     """Test-set negative log-likelihood of a trained run (nats and bits/dim, mean ± SE)."""
+    if args.diffusers is not None:
+        return diffusers_likelihood(args)
+    if args.run is None:
+        raise CLIError("give a RUN folder (or --diffusers DIR)")
     info = join_launched_group()
     if args.method == "vlb":
         return _vlb(args, info)
@@ -111,10 +116,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "  sdelab likelihood runs/checker --method ode --probes 4\n"
         "  sdelab likelihood runs/checker --method elbo --n 5000\n"
         "  sdelab likelihood runs/digits --probes 4   # images: uniform dequantization, bits/dim\n"
-        "  sdelab likelihood runs/vdm --method vlb --steps 1000   # VDM bound with its terms",
+        "  sdelab likelihood runs/vdm --method vlb --steps 1000   # VDM bound with its terms\n"
+        "  sdelab likelihood --diffusers ddpm-cifar10 --data cifar10 "
+        "--data-option root=/data/cifar-10-batches-py --probes 1 --out ddpm.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run", metavar="RUN", help="run folder written by sdelab train")
+    p.add_argument("run", metavar="RUN", nargs="?", help="run folder written by sdelab train")
+    add_diffusers_options(p, data=True)
+    p.add_argument("--out", metavar="FILE.json", help="--diffusers: write the result here")
     p.add_argument(
         "--method",
         default="ode",

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from sdelab.cli.common import CLIError, join_launched_group, parse_options
+from sdelab.cli.interop import add_diffusers_options, diffusers_sample
 from sdelab.data.images import model_to_levels
 from sdelab.data.png import save_level_grid
 from sdelab.plots import plot_samples
@@ -20,6 +21,10 @@ from sdelab.samplers import SAMPLERS
 
 def _sample(args: argparse.Namespace) -> int:
     """Draw samples from a trained run with any sampler; save them as .npy/.csv (+ a PNG)."""
+    if args.diffusers is not None:
+        return diffusers_sample(args)
+    if args.run is None:
+        raise CLIError("give a RUN folder (or --diffusers DIR)")
     info = join_launched_group()
     out = Path(args.out)
     if out.exists():
@@ -87,10 +92,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--option snr=0.16 --n 2000 --out pc.npy\n"
         "  sdelab sample runs/digits --sampler ode --n 64 --out grid.png   # + grid.npy\n"
         "  sdelab sample runs/moons-cond --class 1 --guidance 2 --out m1.npy   # CFG\n"
-        "  sdelab sample runs/8g --class 3 --classifier runs/8g-clf --out c3.npy",
+        "  sdelab sample runs/8g --class 3 --classifier runs/8g-clf --out c3.npy\n"
+        "  sdelab sample --diffusers ddpm-cifar10 --sampler dpm_solver --steps 20 --n 64 "
+        "--out s.npy",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run", metavar="RUN", help="run folder written by sdelab train")
+    p.add_argument("run", metavar="RUN", nargs="?", help="run folder written by sdelab train")
+    add_diffusers_options(p, data=False)
     p.add_argument(
         "--sampler",
         default="euler_maruyama",
