@@ -194,6 +194,10 @@ class EvaluationResult:
         dequantization: ``"uniform"``, ``"truncated_normal"``, or ``"none"`` for
             continuous data (then bpd is nats / (D log 2) of a density, not of a discrete law).
         nfe: total ODE function evaluations (0 for the bounds).
+        per_repeat: ``(R, N)`` nats of each of the R dequantization/probe repeats of discrete
+            data (``nll`` is their mean), ``None`` for continuous data; with R > 1,
+            :func:`sdelab.repeats.repeat_statistics` of ``per_repeat.T`` splits the standard
+            error into its image and repeat parts.
     """
 
     nll: Tensor
@@ -205,6 +209,7 @@ class EvaluationResult:
     estimator: str
     dequantization: str
     nfe: int
+    per_repeat: Tensor | None = None
 
     def __str__(self) -> str:
         return (
@@ -282,7 +287,7 @@ def evaluate_likelihood(
 
         model_schedule, model_kwargs = None, {}
 
-    nll, nfe, dim = [], 0, 0
+    nll, repeats, nfe, dim = [], [], 0, 0
     total = len(batches) if hasattr(batches, "__len__") else None
     with torch.no_grad():
         for batch in tqdm(batches, total=total, disable=not progress, desc="likelihood"):
@@ -304,6 +309,7 @@ def evaluate_likelihood(
                     **model_kwargs,
                 )
                 nll.append(res.nll)
+                repeats.append(res.per_repeat)
                 nfe += res.nfe
             elif estimator == "ode":  # continuous: the density itself
                 res = log_likelihood(score_fn, schedule, data, generator=generator, **kwargs)
@@ -328,6 +334,7 @@ def evaluate_likelihood(
         estimator=estimator,
         dequantization="none" if levels is None else dequantization,
         nfe=nfe,
+        per_repeat=torch.cat(repeats, dim=1) if repeats else None,
     )
 
 
@@ -341,6 +348,8 @@ def evaluate_sharded(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    cached: Callable[[int], EvaluationResult | None] | None = None,
+    on_batch: Callable[[int, EvaluationResult], None] | None = None,
     **kwargs,
 ) -> EvaluationResult:
     """:func:`evaluate_likelihood` of ``data`` ``(N, ...)`` (integer levels with
@@ -352,6 +361,11 @@ def evaluate_sharded(
     batches needing very different numbers of adaptive steps cannot deadlock. Every process
     returns the full result, per-example values in data order, equal to the single-process one.
     ``kwargs`` go to the estimator (``rtol``, ``divergence``, ...).
+
+    Pre-emption: ``cached(i)`` may return batch i's result from an earlier, interrupted
+    evaluation (it is then not recomputed) and ``on_batch(i, result)`` is called after each
+    batch is computed (to store it). Since batch i's randomness depends only on (seed, i), a
+    resumed evaluation gives exactly the per-example values of an uninterrupted one.
     """
     info = distributed.get_info()
     batches = data.split(batch_size)
@@ -360,22 +374,27 @@ def evaluate_sharded(
     bar = tqdm(mine, disable=not (progress and info.is_main), desc="likelihood", unit="batch")
     with torch.no_grad():  # inference: the estimators enable grad internally where needed
         for i in bar:
-            res = evaluate_likelihood(
-                score_fn,
-                schedule,
-                [batches[i].to(device)],
-                estimator=estimator,
-                generator=chunk_generator(seed, LIKELIHOOD_STREAM, i, torch.device(device)),
-                progress=False,
-                **kwargs,
-            )
+            res = cached(i) if cached is not None else None
+            if res is None:
+                res = evaluate_likelihood(
+                    score_fn,
+                    schedule,
+                    [batches[i].to(device)],
+                    estimator=estimator,
+                    generator=chunk_generator(seed, LIKELIHOOD_STREAM, i, torch.device(device)),
+                    progress=False,
+                    **kwargs,
+                )
+                if on_batch is not None:
+                    on_batch(i, _to_cpu(res))
             local.append((i, res))
     parts = distributed.gather_indexed([(i, _to_cpu(r)) for i, r in local], info)
     return _concat(parts, dim=data[0].numel())
 
 
 def _to_cpu(res: EvaluationResult) -> EvaluationResult:
-    return replace(res, nll=res.nll.cpu(), bpd=res.bpd.cpu())
+    rep = None if res.per_repeat is None else res.per_repeat.cpu()
+    return replace(res, nll=res.nll.cpu(), bpd=res.bpd.cpu(), per_repeat=rep)
 
 
 def _concat(parts: list[EvaluationResult], dim: int) -> EvaluationResult:
@@ -393,4 +412,7 @@ def _concat(parts: list[EvaluationResult], dim: int) -> EvaluationResult:
         estimator=parts[0].estimator,
         dequantization=parts[0].dequantization,
         nfe=sum(p.nfe for p in parts),
+        per_repeat=None
+        if parts[0].per_repeat is None
+        else torch.cat([p.per_repeat for p in parts], dim=1),
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from sdelab.controllable import cfg_score_fn, guided_score_fn
 from sdelab.data import TOYS, Dataset, toy_log_prob
 from sdelab.evaluation import EvaluationResult, evaluate_sharded
 from sdelab.interop import DiffusersModel
+from sdelab.losses import dsm_loss
 from sdelab.nets.inception import load_fid_inception
 from sdelab.parametrization import ScoreModel
 from sdelab.plots import plot_density, plot_loss, plot_samples, plot_trajectories
@@ -55,7 +57,8 @@ from sdelab.train.build import dequantization_options, load_run, make_run_datase
 from sdelab.train.classifier import load_classifier
 from sdelab.train.config import RunConfig
 from sdelab.train.dequantizer import check_dequantizer_fits, load_dequantizer
-from sdelab.utils import chunk_generator, mean_se_float
+from sdelab.train.evalstore import EVAL_DIR, EvalStore
+from sdelab.utils import check_int, chunk_generator, mean_se_float
 from sdelab.vdm import check_vdm_schedule, vdm_vlb
 
 __all__ = [
@@ -63,6 +66,7 @@ __all__ = [
     "METHODS",
     "LikelihoodRow",
     "LoadedRun",
+    "LossEvaluation",
     "QualityEvaluation",
     "VLBEvaluation",
     "data_split",
@@ -76,10 +80,12 @@ __all__ = [
     "open_run",
     "plot_run",
     "run_likelihood",
+    "run_loss",
     "run_quality",
     "run_vlb",
     "sample_run",
     "save_samples",
+    "split_levels",
     "write_json",
 ]
 
@@ -87,7 +93,7 @@ __all__ = [
 METHODS = ("ode", "elbo", "scoreflow")
 # Seed streams: sample chunk i > 0 and VLB batch i use derive_seed(seed, stream, i) (likelihood
 # batches: sdelab.evaluation.LIKELIHOOD_STREAM = 21).
-_SAMPLE_STREAM, _VLB_STREAM = 20, 22
+_SAMPLE_STREAM, _VLB_STREAM, _LOSS_STREAM = 20, 22, 23
 
 
 def _eval_device(info: distributed.DistInfo) -> torch.device:
@@ -200,9 +206,21 @@ def run_likelihood(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     dequantizer: str | Path | None = None,
+    split: str = "test",
+    repeats: int = 1,
+    resumable: bool = False,
+    resume: bool = False,
     progress: bool = True,
 ) -> EvaluationResult:
     """Test-set negative log-likelihood of a run, mean ± SE in nats (and bits/dim).
+
+    ``split``: ``"test"`` (the run's fixed test set) or ``"train"`` (the training split of
+    image data; fresh training draws seeded by ``seed`` for vector data). ``repeats``: K
+    dequantization and probe draws per image (ScoreFlow's ``num_repeats``; image data only),
+    averaged per image, their values in ``per_repeat``. ``resumable``: write every finished
+    batch to ``RUN/eval/likelihood/`` (:class:`~sdelab.train.evalstore.EvalStore`) so that an
+    interrupted evaluation continues with ``resume=True`` and gives exactly the values of an
+    uninterrupted one; the folder is removed when the evaluation completes.
 
     ``dequantizer``: a folder from ``sdelab train-dequantizer`` for this run's data: image
     levels are then dequantized by the trained flow (variational dequantization, still a bound
@@ -226,11 +244,12 @@ def run_likelihood(
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    check_int("--repeats", repeats, 1)
     loaded = open_run(run, which)
     model, schedule = loaded.model, loaded.schedule
     device = next(iter(model.parameters())).device
     dataset = loaded.dataset
-    data = dataset.test_set(n)
+    data = split_levels(dataset, split, n, seed)
     # Image data: the test set is integer levels; evaluate_likelihood dequantizes them
     # uniformly, maps y = scale·(k + u)/L + shift and accounts for both in bits/dim.
     discrete = dequantization_options(dataset)
@@ -243,6 +262,13 @@ def run_likelihood(
         flow, record = load_dequantizer(dequantizer)
         check_dequantizer_fits(record, dataset, dequantizer)
         discrete.update(dequantization="variational", dequantizer=flow.to(device))
+    if repeats > 1:
+        if not discrete:
+            raise ValueError(
+                f"--repeats draws dequantization noise and probes per image: it needs a run on "
+                f"image data; {loaded.run_dir} has continuous data"
+            )
+        discrete["n_repeats"] = repeats
     kwargs: dict[str, Any] = {}
     if method == "ode":
         kwargs = dict(rtol=rtol, atol=atol)
@@ -250,7 +276,23 @@ def run_likelihood(
             kwargs["divergence"] = "exact"
         else:
             kwargs.update(divergence="hutchinson", n_probes=probes)
-    return evaluate_sharded(
+    store = None
+    if resumable or resume:
+        options = dict(
+            method=method,
+            n=len(data),
+            split=split,
+            batch_size=batch_size,
+            seed=seed,
+            weights=which,
+            repeats=repeats,
+            dequantizer=None if dequantizer is None else str(Path(dequantizer).resolve()),
+            **{k: v for k, v in {**discrete, **kwargs}.items() if k != "dequantizer"},
+        )
+        store = EvalStore(loaded.run_dir / EVAL_DIR / "likelihood", options, resume=resume)
+        if distributed.get_info().is_main:
+            store.open()
+    res = evaluate_sharded(
         model,
         schedule,
         data,
@@ -259,9 +301,27 @@ def run_likelihood(
         seed=seed,
         device=device,
         progress=progress,
+        cached=None if store is None else store.get,
+        on_batch=None if store is None else store.put,
         **discrete,
         **kwargs,
     )
+    if store is not None and distributed.get_info().is_main:
+        shutil.rmtree(store.folder)  # complete: the result is the caller's to keep
+    return res
+
+
+def split_levels(dataset: Dataset, split: str, n: int, seed: int = 0) -> torch.Tensor:
+    """The first ``n`` points of a data split as the likelihood takes them: integer levels for
+    images (``test``: the fixed test split, ``train``: the training split), model-space points
+    for vector data (``test``: the fixed test set, ``train``: ``n`` draws seeded by ``seed``)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}: choose train or test")
+    if split == "test":
+        return dataset.test_set(n)
+    if dataset.num_levels is not None:
+        return dataset.load("train").levels[:n].to(torch.int64)
+    return dataset.sample(n, torch.Generator().manual_seed(seed))
 
 
 def guided_sample_run(
@@ -852,3 +912,70 @@ def foreign_sample(
     return replace(
         parts[0], samples=torch.cat([p.samples for p in parts]), nfe=max(p.nfe for p in parts)
     )
+
+
+@dataclass(frozen=True)
+class LossEvaluation:
+    """The denoising loss of a data split (``sdelab likelihood --method loss``): per-example
+    values ``(N,)`` with the run's parametrization, weighting and time sampling."""
+
+    loss: torch.Tensor
+    mean: float
+    se: float
+    weighting: str
+    time_sampling: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.mean:.4f} ± {self.se:.4f} per example over {self.loss.numel()} examples "
+            f"(weighting {self.weighting}, time sampling {self.time_sampling})"
+        )
+
+
+def run_loss(
+    run: str | Path | LoadedRun,
+    *,
+    n: int = 2000,
+    split: str = "test",
+    batch_size: int = 1000,
+    seed: int = 0,
+    which: str = "ema",
+) -> LossEvaluation:
+    """The run's own training loss on a data split (ScoreFlow's "evaluate the loss function on
+    the test set"): :func:`sdelab.losses.dsm_loss` with the run's parametrization, weighting
+    and time sampling, one time and noise per example (image levels uniformly dequantized),
+    batch i seeded by (seed, i). With likelihood weighting and importance sampling this is the
+    diffusion term of the ScoreFlow bound (up to the data-independent offset)."""
+    check_int("--batch-size", batch_size, 1)
+    loaded = open_run(run, which)
+    cfg = loaded.config
+    if cfg.loss.objective != "dsm":
+        raise ValueError(
+            f"--method loss evaluates the denoising loss, but {loaded.run_dir} trains "
+            f"loss.objective={cfg.loss.objective}: use --method vlb"
+        )
+    dataset = loaded.dataset
+    data = split_levels(dataset, split, n, seed)
+    device = next(iter(loaded.model.parameters())).device
+    out = []
+    with torch.no_grad():
+        for i, batch in enumerate(data.split(batch_size)):
+            gen = chunk_generator(seed, _LOSS_STREAM, i, device)
+            x = batch.to(device)
+            if dataset.num_levels is not None:  # levels: uniform dequantization
+                u = torch.rand(x.shape, generator=gen, device=device)
+                x = dataset.to_model(x, u)
+            res = dsm_loss(
+                loaded.model.net,
+                loaded.schedule,
+                x,
+                parametrization=cfg.loss.parametrization,
+                weighting=cfg.loss.weighting,
+                time_sampling=cfg.loss.time_sampling,
+                low_discrepancy=cfg.loss.low_discrepancy,
+                generator=gen,
+            )
+            out.append(res.loss.cpu())
+    loss = torch.cat(out)
+    mean, se = mean_se_float(loss)
+    return LossEvaluation(loss, mean, se, str(cfg.loss.weighting), cfg.loss.time_sampling)
