@@ -83,6 +83,7 @@ __all__ = [
     "run_loss",
     "run_quality",
     "run_vlb",
+    "sample_chunks",
     "sample_run",
     "save_samples",
     "split_levels",
@@ -151,6 +152,43 @@ def sample_run(
     same for any number of processes. ``nfe`` is the largest NFE of any chunk (the work per
     sample). ``return_trajectory`` needs a single chunk in a single process.
     """
+    loaded = open_run(run, which)
+    config, model, schedule = loaded.config, loaded.model, loaded.schedule
+    shape = config.model.image_shape or [config.model.dim]  # U-Net runs sample (n, C, H, W)
+    score_fn = model if guide is None else guide(config, model, schedule)
+    return sample_chunks(
+        score_fn,
+        schedule,
+        tuple(shape),
+        n=n,
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        options=options,
+        batch_size=batch_size,
+        device=next(iter(model.parameters())).device,
+        return_trajectory=return_trajectory,
+    )
+
+
+def sample_chunks(
+    score_fn: Callable,
+    schedule: Schedule,
+    shape: tuple[int, ...],
+    *,
+    n: int,
+    sampler: str,
+    steps: int,
+    seed: int = 0,
+    options: dict[str, Any] | None = None,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+    return_trajectory: bool = False,
+) -> SampleResult:
+    """``n`` samples of shape ``shape`` each in chunks of ``batch_size`` (default all at once):
+    chunk i seeded by (seed, i) and, under a launcher, drawn by process i mod N, gathered in
+    order — the result does not depend on the number of processes. ``nfe`` is the largest of
+    any chunk (the work per sample); ``return_trajectory`` needs one chunk and one process."""
     if n < 1:
         raise ValueError(f"--n must be a positive number of samples, got {n}")
     if batch_size is not None and batch_size < 1:
@@ -160,11 +198,6 @@ def sample_run(
     n_chunks = math.ceil(n / size)
     if return_trajectory and (n_chunks > 1 or info.enabled):
         raise ValueError("return_trajectory needs one chunk (batch_size >= n) and one process")
-    loaded = open_run(run, which)
-    config, model, schedule = loaded.config, loaded.model, loaded.schedule
-    device = next(iter(model.parameters())).device
-    shape = config.model.image_shape or [config.model.dim]  # U-Net runs sample (n, C, H, W)
-    score_fn = model if guide is None else guide(config, model, schedule)
     local = []
     with torch.no_grad():
         for i in distributed.shard(n_chunks, info):
@@ -888,29 +921,17 @@ def foreign_sample(
 ) -> SampleResult:
     """Samples ``(n, C, H, W)`` in [−1, 1] of a model trained elsewhere with any sdelab sampler,
     chunked, seeded per chunk and split over launched processes like :func:`sample_run`."""
-    if n < 1:
-        raise ValueError(f"--n must be a positive number of samples, got {n}")
-    info = distributed.get_info()
-    size = n if batch_size is None else min(batch_size, n)
-    device = next(iter(model.unet.parameters())).device
-    local = []
-    with torch.no_grad():
-        for i in distributed.shard(math.ceil(n / size), info):
-            b = min(size, n - i * size)
-            res = sample(
-                model.score_fn,
-                model.schedule,
-                (b, *model.image_shape),
-                sampler=sampler,
-                steps=steps,
-                generator=chunk_generator(seed, _SAMPLE_STREAM, i, device),
-                device=device,
-                **(options or {}),
-            )
-            local.append((i, replace(res, samples=res.samples.cpu())))
-    parts = distributed.gather_indexed(local, info)
-    return replace(
-        parts[0], samples=torch.cat([p.samples for p in parts]), nfe=max(p.nfe for p in parts)
+    return sample_chunks(
+        model.score_fn,
+        model.schedule,
+        tuple(model.image_shape),
+        n=n,
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        options=options,
+        batch_size=batch_size,
+        device=next(iter(model.unet.parameters())).device,
     )
 
 
