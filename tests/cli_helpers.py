@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from sdelab.cli import main
 
 
@@ -10,3 +13,11 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def recorded(out: str) -> dict:
+    """The JSON record a ``likelihood`` command wrote: the file its ``recorded in PATH`` line
+    names."""
+    lines = [ln for ln in out.splitlines() if ln.startswith("recorded in ")]
+    assert len(lines) == 1, out
+    return json.loads(Path(lines[0].removeprefix("recorded in ")).read_text())

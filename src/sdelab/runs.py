@@ -36,7 +36,7 @@ from sdelab.sde import Schedule
 from sdelab.train.build import dequantization_options, load_run, make_run_dataset, resolve_device
 from sdelab.train.classifier import load_classifier
 from sdelab.train.config import RunConfig
-from sdelab.utils import chunk_generator, mean_se_float
+from sdelab.utils import atomic_write, chunk_generator, mean_se_float
 from sdelab.vdm import check_vdm_schedule, vdm_vlb
 
 __all__ = [
@@ -447,11 +447,17 @@ def format_table(rows: list[LikelihoodRow], n: int) -> str:
 
 
 def plot_run(
-    run_dir: str | Path, out_dir: str | Path | None = None, *, n: int = 5000, seed: int = 0
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    n: int = 5000,
+    seed: int = 0,
+    on_write: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """Write the standard plots of a 2-D run: loss curve, data vs samples (probability-flow ODE
     and reverse SDE), the model density from the ODE likelihood, and λ = 0 / λ = 1 trajectories.
-    Returns the written paths."""
+    ``on_write(path)`` is called as each file is written (e.g. to print it). Returns the
+    written paths."""
     loaded = open_run(run_dir)
     run_dir, config, model, schedule = loaded.run_dir, loaded.config, loaded.model, loaded.schedule
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
@@ -459,17 +465,23 @@ def plot_run(
         raise ValueError(f"plot draws 2-D runs; this run's data has {config.model.dim} dims")
     dataset = make_run_dataset(config)
     test = dataset.test_set(n)
-    paths = []
+    paths: list[Path] = []
+
+    def wrote(path: Path) -> None:
+        paths.append(path)
+        if on_write is not None:
+            on_write(path)
+
     if (run_dir / "metrics.jsonl").exists():
-        paths.append(plot_loss(run_dir / "metrics.jsonl", out / "loss.png"))
+        wrote(plot_loss(run_dir / "metrics.jsonl", out / "loss.png"))
     for sampler, steps in (("ode", 200), ("euler_maruyama", 1000)):
         res = sample_run(loaded, n=n, sampler=sampler, steps=steps, seed=seed)
-        paths.append(
+        wrote(
             plot_samples(
                 test,
                 res.samples,
                 out / f"samples_{sampler}.png",
-                titles=("test data", f"samples ({sampler}, NFE {res.nfe})"),
+                titles=("test data", f"samples ({sampler.replace('_', '-')}, NFE {res.nfe})"),
             )
         )
     truth = None
@@ -478,8 +490,8 @@ def plot_run(
         def truth(x, name=config.data.name):
             return toy_log_prob(name, x)
 
-    paths.append(plot_density(model, schedule, out / "density.png", data=test, true_log_prob=truth))
-    paths.append(plot_trajectories(model, schedule, out / "trajectories.png", seed=seed))
+    wrote(plot_density(model, schedule, out / "density.png", data=test, true_log_prob=truth))
+    wrote(plot_trajectories(model, schedule, out / "trajectories.png", seed=seed))
     return paths
 
 
@@ -499,11 +511,14 @@ def save_samples(samples: torch.Tensor, path: str | Path) -> Path:
     return path
 
 
-def write_json(path: str | Path, record: dict[str, Any]) -> Path:
-    """Write a small JSON record (NaN-free) next to a run."""
+def write_json(path: str | Path, record: dict[str, Any], *, overwrite: bool = True) -> Path:
+    """Write a small JSON record (NaN-free) next to a run, atomically; ``overwrite=False``
+    refuses an existing file (``FileExistsError``)."""
     path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists: pass --force to replace it")
     clean = {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
     }
-    path.write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
+    atomic_write(path, json.dumps(clean, indent=2) + "\n")
     return path

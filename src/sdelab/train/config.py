@@ -85,11 +85,14 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Training data. ``name``: a key of ``sdelab.data.DATASETS`` (the eight toys, ``oracle``,
     ``array``); ``path``: the ``.npy``/``.csv`` file for ``array``; ``options``: extra
-    keyword arguments of the dataset (``oracle``: mean, cov; ``array``: test_fraction)."""
+    keyword arguments of the dataset (``oracle``: mean, cov; ``array``: test_fraction).
+    :func:`load_config` makes ``path`` and ``options.root`` absolute (relative to the working
+    directory), so the run works from anywhere; ``as_typed`` keeps what was typed."""
 
     name: str = "checkerboard"
     path: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    as_typed: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -598,4 +601,35 @@ def load_config(config: str | Path | dict[str, Any], overrides: list[str] = ()) 
         except yaml.YAMLError as e:
             first = str(e).splitlines()[0] if str(e) else "parse error"
             raise ConfigError(f"{source}: not valid YAML ({first})") from None
-    return RunConfig.from_dict(apply_overrides(data, list(overrides)), source)
+    return RunConfig.from_dict(absolute_data_paths(apply_overrides(data, list(overrides))), source)
+
+
+#: Data keys holding file system paths, made absolute by :func:`absolute_data_paths`.
+PATH_KEYS = ("path", "options.root")
+
+
+def absolute_data_paths(data: dict[str, Any], cwd: str | Path | None = None) -> dict[str, Any]:
+    """``data.path`` and ``data.options.root`` of a config dict made absolute (``~`` expanded,
+    relative to ``cwd``, default the working directory), what was typed kept in
+    ``data.as_typed``; returns a new dict."""
+    section = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(section, dict):
+        return data
+    section = json.loads(json.dumps(section))
+    typed = dict(section.get("as_typed") or {})
+    for key in PATH_KEYS:
+        *parent, leaf = key.split(".")
+        node = section
+        for part in parent:
+            node = node.get(part) if isinstance(node, dict) else None
+        value = node.get(leaf) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value:
+            continue
+        path = Path(value).expanduser()
+        absolute = str(path if path.is_absolute() else (Path(cwd or Path.cwd()) / path).resolve())
+        if absolute != value:
+            node[leaf] = absolute
+            typed.setdefault(key, value)
+    if typed:
+        section["as_typed"] = typed
+    return {**data, "data": section}
