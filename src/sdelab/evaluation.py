@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from sdelab import distributed
 from sdelab.dequantization import dequantize, nats_to_bpd
 from sdelab.likelihood import elbo, log_likelihood, scoreflow_bound
+from sdelab.progress import Progress
 from sdelab.sde import Schedule
 from sdelab.utils import ScoreFn, check_int, chunk_generator, mean_se, mean_se_float
 
@@ -326,9 +327,10 @@ def evaluate_sharded(
     batches = data.split(batch_size)
     mine = distributed.shard(len(batches), info)
     local = []
-    bar = tqdm(mine, disable=not (progress and info.is_main), desc="likelihood", unit="batch")
-    with torch.no_grad():  # inference: the estimators enable grad internally where needed
-        for i in bar:
+    total = sum(len(batches[i]) for i in mine)
+    bar = Progress(total, "likelihood", "examples", enabled=progress and info.is_main)
+    with torch.no_grad(), bar:  # inference: the estimators enable grad internally where needed
+        for i in mine:
             res = evaluate_likelihood(
                 score_fn,
                 schedule,
@@ -339,6 +341,7 @@ def evaluate_sharded(
                 **kwargs,
             )
             local.append((i, res))
+            bar.update(len(batches[i]))
     parts = distributed.gather_indexed([(i, _to_cpu(r)) for i, r in local], info)
     return _concat(parts, dim=data[0].numel())
 

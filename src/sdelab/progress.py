@@ -4,7 +4,8 @@ On a terminal (stderr is a TTY) a :class:`Progress` draws a tqdm bar and, every 
 work, writes a line above it (``train: 500/5000 steps (10%), 0:12 elapsed, ETA 1:48, loss
 0.81``), so a history of the loss stays on screen. When stderr is not a terminal (CI, a log
 file) no bar is drawn: the same lines are printed every tenth of the work and at least every
-``every_s`` seconds, one per line, so logs stay readable.
+``every_s`` seconds, one per line, so logs stay readable — once the work has taken
+:attr:`Progress.MIN_S` seconds (short work stays quiet).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class Progress:
         every_s: without a terminal, print at least this often.
         marks: lines per job (every ``total / marks`` units).
     """
+
+    #: Without a terminal, no line before the work has run this many seconds.
+    MIN_S = 2.0
 
     def __init__(
         self,
@@ -95,7 +99,8 @@ class Progress:
         mark = self._mark_of(n)
         now = time.perf_counter()
         late = self.bar is None and now - self._last >= self.every_s
-        if (mark > self._mark and n < self.total) or late:
+        quiet = self.bar is None and now - self._start < self.MIN_S
+        if ((mark > self._mark and n < self.total) or late) and not quiet:
             self._mark = mark
             self.line()
 

@@ -31,6 +31,7 @@ from sdelab.data import TOYS, Dataset, toy_log_prob
 from sdelab.evaluation import EvaluationResult, evaluate_sharded
 from sdelab.parametrization import ScoreModel
 from sdelab.plots import plot_density, plot_loss, plot_samples, plot_trajectories
+from sdelab.progress import Progress
 from sdelab.samplers import SampleResult, sample
 from sdelab.sde import Schedule
 from sdelab.train.build import dequantization_options, load_run, make_run_dataset, resolve_device
@@ -106,6 +107,7 @@ def sample_run(
     return_trajectory: bool = False,
     batch_size: int | None = None,
     guide: Callable[[Any, Any, Any], Callable] | None = None,
+    progress: bool = False,
 ) -> SampleResult:
     """Draw ``n`` samples from a trained run with any sampler in ``sdelab.samplers.SAMPLERS``.
 
@@ -116,7 +118,11 @@ def sample_run(
     The samples are drawn in chunks of ``batch_size`` (default: all ``n`` at once); chunk i
     is seeded by (seed, i) and, under a launcher, drawn by process i mod N — the result is the
     same for any number of processes. ``nfe`` is the largest NFE of any chunk (the work per
-    sample). ``return_trajectory`` needs a single chunk in a single process.
+    sample). ``return_trajectory`` needs a single chunk in a single process. ``progress``:
+    show how far the chunks are from T to t_min, with an ETA (:class:`~sdelab.progress.Progress`).
+
+    Raises ValueError when a sample is not finite (NaN/inf: a diverged run or an unstable
+    sampler), naming how many.
     """
     if n < 1:
         raise ValueError(f"--n must be a positive number of samples, got {n}")
@@ -132,12 +138,14 @@ def sample_run(
     device = next(iter(model.parameters())).device
     shape = config.model.image_shape or [config.model.dim]  # U-Net runs sample (n, C, H, W)
     score_fn = model if guide is None else guide(config, model, schedule)
+    mine = distributed.shard(n_chunks, info)
+    bar = Progress(len(mine) * n / n_chunks, "sample", "samples", enabled=progress and info.is_main)
     local = []
-    with torch.no_grad():
-        for i in distributed.shard(n_chunks, info):
+    with torch.no_grad(), bar:
+        for k, i in enumerate(mine):
             b = min(size, n - i * size)
             res = sample(
-                score_fn,
+                _TimeProgress(score_fn, schedule, bar, k * size, b),
                 schedule,
                 (b, *shape),
                 sampler=sampler,
@@ -147,11 +155,44 @@ def sample_run(
                 return_trajectory=return_trajectory,
                 **(options or {}),
             )
+            bar.set(k * size + b)
             if return_trajectory:
+                _check_finite(res.samples, loaded.run_dir)
                 return res
             local.append((i, (res.samples.cpu(), res.nfe)))
     parts = distributed.gather_indexed(local, info)
-    return SampleResult(samples=torch.cat([s for s, _ in parts]), nfe=max(nfe for _, nfe in parts))
+    samples = torch.cat([s for s, _ in parts])
+    _check_finite(samples, loaded.run_dir)
+    return SampleResult(samples=samples, nfe=max(nfe for _, nfe in parts))
+
+
+class _TimeProgress:
+    """A score function that reports how far a chunk of ``b`` samples has come from T to
+    t_min (works for every sampler, adaptive ODE solvers included)."""
+
+    def __init__(self, score_fn, schedule: Schedule, bar: Progress, done: int, b: int) -> None:
+        self.score_fn, self.bar, self.done, self.b = score_fn, bar, done, b
+        self.T, self.span = schedule.T, max(schedule.T - schedule.t_min, 1e-12)
+        self.furthest = 0.0
+
+    def __call__(self, x, t, *args, **kwargs):
+        if self.bar.enabled:
+            t0 = float(t.reshape(-1)[0]) if torch.is_tensor(t) else float(t)
+            frac = min(max((self.T - t0) / self.span, 0.0), 1.0)
+            if frac > self.furthest:
+                self.furthest = frac
+                self.bar.set(self.done + frac * self.b)
+        return self.score_fn(x, t, *args, **kwargs)
+
+
+def _check_finite(samples: torch.Tensor, run_dir: Path) -> None:
+    bad = int((~torch.isfinite(samples.reshape(len(samples), -1))).any(dim=1).sum())
+    if bad:
+        raise ValueError(
+            f"{bad} of {len(samples)} samples are not finite (NaN/inf), nothing was written: "
+            f"the run {run_dir} may have diverged (see its loss.png), or the sampler is unstable "
+            "at these settings (try more --steps or another --sampler)"
+        )
 
 
 def run_likelihood(
@@ -183,6 +224,9 @@ def run_likelihood(
     For image runs the test set is integer levels, uniformly dequantized by
     :func:`evaluate_likelihood` (``levels``, ``scale``, ``shift`` from the dataset), so bits/dim
     is a bound on the discrete data's −log₂ P(k) per dimension.
+
+    Raises ValueError for a run whose ODE cannot be solved or whose NLL is not finite (a
+    diverged run).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -203,18 +247,31 @@ def run_likelihood(
             kwargs["divergence"] = "exact"
         else:
             kwargs.update(divergence="hutchinson", n_probes=probes)
-    return evaluate_sharded(
-        model,
-        schedule,
-        data,
-        estimator=method,
-        batch_size=batch_size,
-        seed=seed,
-        device=device,
-        progress=progress,
-        **discrete,
-        **kwargs,
-    )
+    try:
+        res = evaluate_sharded(
+            model,
+            schedule,
+            data,
+            estimator=method,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            progress=progress,
+            **discrete,
+            **kwargs,
+        )
+    except AssertionError as e:  # torchdiffeq's "underflow in dt": the ODE cannot be solved
+        raise ValueError(
+            f"the probability-flow ODE of {loaded.run_dir} could not be solved ({e}): the model "
+            "is not finite or too stiff there — the run may have diverged (see its loss.png); "
+            "try --rtol 1e-3 or another checkpoint"
+        ) from None
+    if not math.isfinite(res.nll_mean):
+        raise ValueError(
+            f"the {method} NLL of {loaded.run_dir} is not finite: the run may have diverged "
+            "(see its loss.png)"
+        )
+    return res
 
 
 def guided_sample_run(
@@ -230,6 +287,7 @@ def guided_sample_run(
     which: str = "ema",
     options: dict[str, Any] | None = None,
     batch_size: int | None = None,
+    progress: bool = False,
 ) -> SampleResult:
     """Class-conditional samples of a trained run, drawn by :func:`sample_run`
     (same chunking, device and processes).
@@ -292,6 +350,7 @@ def guided_sample_run(
         options=options,
         batch_size=batch_size,
         guide=guide,
+        progress=progress,
     )
 
 

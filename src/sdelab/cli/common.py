@@ -110,13 +110,16 @@ def parse_options(items: list[str]) -> dict[str, Any]:
 
 
 def check_sampler_options(sampler: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Check each option's type against the sampler's default (``snr=abc``, ``denoise=maybe``
-    are errors naming the expected type); unknown names are left to the sampler, which lists
-    the valid ones."""
+    """Check each option's name and type against the sampler's defaults (``colour=red``,
+    ``snr=abc``, ``denoise=maybe`` are errors naming the valid names or the expected type)."""
     defaults = sampler_options(sampler)
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise CLIError(
+            f"unknown option(s) {', '.join(unknown)} for sampler {sampler!r}: valid are "
+            f"{', '.join(defaults)}"
+        )
     for key, value in options.items():
-        if key not in defaults:
-            continue
         default = defaults[key]
         if isinstance(default, bool):
             ok, want = isinstance(value, bool), "true or false"
