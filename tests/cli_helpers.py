@@ -9,8 +9,12 @@ from sdelab.cli import main
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """Run ``sdelab ARGV...`` in-process; returns (exit code, stdout, stderr)."""
-    code = main(list(argv))
+    """Run ``sdelab ARGV...`` in-process; returns (exit code, stdout, stderr) — also for the
+    argument parser's own errors and ``--help`` / ``--version``, which exit."""
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     out, err = capsys.readouterr()
     return code, out, err
 

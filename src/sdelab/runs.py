@@ -88,10 +88,18 @@ class LoadedRun:
 
 def open_run(run: str | Path | LoadedRun, which: str = "ema") -> LoadedRun:
     """Load a run folder for evaluation (a :class:`LoadedRun` passes through unchanged, so one
-    load can serve several operations)."""
+    load can serve several operations). Raises ValueError when the weights are not finite (a
+    diverged run: nothing computed from it would be)."""
     if isinstance(run, LoadedRun):
         return run
     config, model, schedule = load_run(run, which, device=_eval_device(distributed.get_info()))
+    bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
+    if bad:
+        raise ValueError(
+            f"{bad} of the {which} weights are not finite in {run}: the run diverged; retrain "
+            "with a lower optim.lr (or resume an earlier checkpoint with sdelab train --resume "
+            "... optim.lr=...)"
+        )
     return LoadedRun(Path(run), config, model, schedule)
 
 

@@ -168,10 +168,15 @@ def _allocate(config: RunConfig, schedule: Schedule, device: torch.device) -> Sc
     try:
         return build_model(config, schedule).to(device)
     except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
-        if not isinstance(e, MemoryError | torch.OutOfMemoryError) and "alloc" not in str(e):
+        memory = isinstance(e, MemoryError | torch.OutOfMemoryError)
+        if not memory and "alloc" not in str(e) and "overflow" not in str(e):
             raise
-        with torch.device("meta"):
-            n = sum(p.numel() for p in build_model(config, schedule).parameters())
+        try:
+            with torch.device("meta"):
+                n = sum(p.numel() for p in build_model(config, schedule).parameters())
+            count = f"{n:,} parameters, {4 * n / 2**30:.3g} GiB of weights before EMA and optimizer"
+        except RuntimeError:  # too large even to count
+            count = "more parameters than can be stored"
         m = config.model
         size = (
             f"model.width={m.width}, model.depth={m.depth}"
@@ -179,8 +184,7 @@ def _allocate(config: RunConfig, schedule: Schedule, device: torch.device) -> Sc
             else (f"model.base_channels={m.base_channels}, model.channel_mults={m.channel_mults}")
         )
         raise ConfigError(
-            f"cannot allocate the model on {device} ({size}: {n:,} parameters, "
-            f"{4 * n / 2**30:.1f} GiB of weights before EMA and optimizer state): make it smaller"
+            f"cannot allocate the model on {device} ({size}: {count}): make it smaller"
         ) from None
 
 
