@@ -148,6 +148,18 @@ def test_demo_end_to_end(tmp_path, capsys):
     )
     assert code == 0 and "true entropy" in out
     assert (tmp_path / "demo" / "plots" / "density.png").exists()
+    # the demo owns its folder: a second demo replaces the first (make demo twice works)
+    code, out, err = run_cli(
+        capsys, "demo", "--steps", "20", "--n", "50", "--out", str(tmp_path / "demo")
+    )
+    assert code == 0 and "replacing the earlier demo" in out, err
+    assert "training checkerboard for 20 steps" in out
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    code, _, err = run_cli(capsys, "demo", "--out", str(mine))
+    assert code == 2 and "holds files the demo did not write" in err
+    assert (mine / "notes.txt").read_text() == "keep"
 
 
 @pytest.mark.slow
