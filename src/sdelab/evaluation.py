@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from sdelab import distributed
 from sdelab.dequantization import dequantize, nats_to_bpd
 from sdelab.likelihood import elbo, log_likelihood, scoreflow_bound
-from sdelab.progress import Progress
+from sdelab.progress import Progress, TimeProgress
 from sdelab.sde import Schedule
 from sdelab.utils import ScoreFn, check_int, chunk_generator, mean_se, mean_se_float
 
@@ -331,8 +331,15 @@ def evaluate_sharded(
     bar = Progress(total, "likelihood", "examples", enabled=progress and info.is_main)
     with torch.no_grad(), bar:  # inference: the estimators enable grad internally where needed
         for i in mine:
+            done = bar.n
+            if estimator == "ode":  # the ODE runs from t_min to T: show how far within the batch
+                scored = TimeProgress(
+                    score_fn, bar, done, len(batches[i]), schedule.t_min, schedule.T
+                )
+            else:
+                scored = score_fn
             res = evaluate_likelihood(
-                score_fn,
+                scored,
                 schedule,
                 [batches[i].to(device)],
                 estimator=estimator,
@@ -341,7 +348,7 @@ def evaluate_sharded(
                 **kwargs,
             )
             local.append((i, res))
-            bar.update(len(batches[i]))
+            bar.set(done + len(batches[i]))
     parts = distributed.gather_indexed([(i, _to_cpu(r)) for i, r in local], info)
     return _concat(parts, dim=data[0].numel())
 

@@ -14,9 +14,10 @@ import sys
 import time
 from typing import Any, TextIO
 
+import torch
 from tqdm.auto import tqdm
 
-__all__ = ["Progress", "format_duration"]
+__all__ = ["Progress", "TimeProgress", "format_duration"]
 
 
 def format_duration(seconds: float) -> str:
@@ -123,7 +124,7 @@ class Progress:
         eta = format_duration(elapsed / done * left) if done > 0 else "?"
         pct = 100 * self.n / self.total if self.total else 100.0
         extra = "".join(f", {k} {_short(v)}" for k, v in self.info.items())
-        count = f"{_short(self.n)}/{_short(self.total)} {self.unit}"
+        count = f"{int(self.n)}/{int(self.total)} {self.unit}"
         return (
             f"{self.desc}: {count} ({pct:.0f}%), {format_duration(elapsed)} elapsed, "
             f"ETA {eta}{extra}"
@@ -145,3 +146,30 @@ def _short(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+class TimeProgress(torch.nn.Module):
+    """A score function that moves a :class:`Progress` while a solver integrates ``count``
+    examples from time ``t_from`` to ``t_to`` (either direction): each call sets the bar to
+    ``done + count · (fraction of the way reached)``. Works for any sampler or ODE solver,
+    adaptive ones included, since it only reads the times the score is called at.
+
+    An ``nn.Module`` holding ``score_fn``, so code that looks for the score's parameters sees
+    them; calls pass straight through.
+    """
+
+    def __init__(self, score_fn, bar: Progress, done: float, count: float, t_from, t_to) -> None:
+        super().__init__()
+        self.score_fn = score_fn
+        self.bar, self.done, self.count = bar, done, count
+        self.t_from, self.span = float(t_from), float(t_to) - float(t_from)
+        self.furthest = 0.0
+
+    def forward(self, x, t, *args, **kwargs):
+        if self.bar.enabled and self.span:
+            t0 = float(t.reshape(-1)[0]) if torch.is_tensor(t) else float(t)
+            frac = min(max((t0 - self.t_from) / self.span, 0.0), 1.0)
+            if frac > self.furthest:
+                self.furthest = frac
+                self.bar.set(self.done + frac * self.count)
+        return self.score_fn(x, t, *args, **kwargs)

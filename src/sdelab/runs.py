@@ -31,7 +31,7 @@ from sdelab.data import TOYS, Dataset, toy_log_prob
 from sdelab.evaluation import EvaluationResult, evaluate_sharded
 from sdelab.parametrization import ScoreModel
 from sdelab.plots import plot_density, plot_loss, plot_samples, plot_trajectories
-from sdelab.progress import Progress
+from sdelab.progress import Progress, TimeProgress
 from sdelab.samplers import SampleResult, sample
 from sdelab.sde import Schedule
 from sdelab.train.build import dequantization_options, load_run, make_run_dataset, resolve_device
@@ -147,13 +147,14 @@ def sample_run(
     shape = config.model.image_shape or [config.model.dim]  # U-Net runs sample (n, C, H, W)
     score_fn = model if guide is None else guide(config, model, schedule)
     mine = distributed.shard(n_chunks, info)
-    bar = Progress(len(mine) * n / n_chunks, "sample", "samples", enabled=progress and info.is_main)
+    total = sum(min(size, n - i * size) for i in mine)
+    bar = Progress(total, "sample", "samples", enabled=progress and info.is_main)
     local = []
     with torch.no_grad(), bar:
         for k, i in enumerate(mine):
             b = min(size, n - i * size)
             res = sample(
-                _TimeProgress(score_fn, schedule, bar, k * size, b),
+                TimeProgress(score_fn, bar, k * size, b, schedule.T, schedule.t_min),
                 schedule,
                 (b, *shape),
                 sampler=sampler,
@@ -172,25 +173,6 @@ def sample_run(
     samples = torch.cat([s for s, _ in parts])
     _check_finite(samples, loaded.run_dir)
     return SampleResult(samples=samples, nfe=max(nfe for _, nfe in parts))
-
-
-class _TimeProgress:
-    """A score function that reports how far a chunk of ``b`` samples has come from T to
-    t_min (works for every sampler, adaptive ODE solvers included)."""
-
-    def __init__(self, score_fn, schedule: Schedule, bar: Progress, done: int, b: int) -> None:
-        self.score_fn, self.bar, self.done, self.b = score_fn, bar, done, b
-        self.T, self.span = schedule.T, max(schedule.T - schedule.t_min, 1e-12)
-        self.furthest = 0.0
-
-    def __call__(self, x, t, *args, **kwargs):
-        if self.bar.enabled:
-            t0 = float(t.reshape(-1)[0]) if torch.is_tensor(t) else float(t)
-            frac = min(max((self.T - t0) / self.span, 0.0), 1.0)
-            if frac > self.furthest:
-                self.furthest = frac
-                self.bar.set(self.done + frac * self.b)
-        return self.score_fn(x, t, *args, **kwargs)
 
 
 def _check_finite(samples: torch.Tensor, run_dir: Path) -> None:
