@@ -227,7 +227,8 @@ def test_sample_writes_grid(digits_run, tmp_path, capsys):
     samples = np.load(out.with_suffix(".npy"))
     assert samples.shape == (9, 1, 8, 8) and np.isfinite(samples).all()
     img = Image.open(out)
-    assert img.size == (3 * 9 + 1, 3 * 9 + 1) and img.mode == "L"
+    side = 8 * 8 + 1  # 8×8 tiles upscaled ×8 by nearest neighbour, 1-px borders
+    assert img.size == (3 * side + 1, 3 * side + 1) and img.mode == "L"
     assert main([*args, "--out", str(out)]) == 2  # refuses to overwrite
 
 

@@ -37,7 +37,13 @@ def _demo(args: argparse.Namespace) -> int:
     overrides = [f"train.steps={args.steps}", "train.log_every=100", "train.ckpt_every=2500"]
     config = load_config(args.toy, overrides)
     print(f"1/3 training {args.toy} for {args.steps} steps -> {run_dir}", flush=True)
-    train(config, run_dir)
+    try:
+        train(config, run_dir)
+    except TrainingInterrupted as e:
+        print(f"sdelab demo: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except TrainingError as e:
+        raise CLIError(str(e)) from None
     print(f"2/3 plots -> {out / 'plots'}", flush=True)
     plot_run(run_dir, out / "plots", seed=args.seed, on_write=_print_path)
     print(f"3/3 test likelihood on {args.n} held-out points", flush=True)
