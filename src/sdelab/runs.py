@@ -505,8 +505,8 @@ def plot_run(
 ) -> list[Path]:
     """Write the standard plots of a 2-D run: loss curve, data vs samples (probability-flow ODE
     and reverse SDE), the model density from the ODE likelihood, and λ = 0 / λ = 1 trajectories.
-    ``on_write(path)`` is called as each file is written (e.g. to print it). Returns the
-    written paths."""
+    ``on_write(path)`` is called as each file is written (e.g. to print it; the sampling then
+    shows its progress on stderr). Returns the written paths."""
     loaded = open_run(run_dir)
     run_dir, config, model, schedule = loaded.run_dir, loaded.config, loaded.model, loaded.schedule
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
@@ -524,7 +524,9 @@ def plot_run(
     if (run_dir / "metrics.jsonl").exists():
         wrote(plot_loss(run_dir / "metrics.jsonl", out / "loss.png"))
     for sampler, steps in (("ode", 200), ("euler_maruyama", 1000)):
-        res = sample_run(loaded, n=n, sampler=sampler, steps=steps, seed=seed)
+        res = sample_run(
+            loaded, n=n, sampler=sampler, steps=steps, seed=seed, progress=on_write is not None
+        )
         wrote(
             plot_samples(
                 test,
