@@ -564,10 +564,13 @@ def test_loss_smoothing_window_scales_with_the_run():
     assert smoothing_window(1000) == 100 and smoothing_window(10_000) == 1000
 
 
-def test_sample_plot_titles_are_not_clipped():
-    x = torch.randn(100, 2)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e4])
+def test_sample_plot_titles_are_not_clipped(seed, scale):
+    x = scale * torch.randn(100, 2, generator=torch.Generator().manual_seed(seed))
     title = "samples (euler-maruyama, NFE 1000)"
     fig = samples_figure(x, x, ("test data", title))
+    fig.canvas.draw()  # the layout is made when drawn, as when saved
     renderer = fig.canvas.get_renderer()
     box = fig.bbox
     for ax in fig.axes:

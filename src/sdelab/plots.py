@@ -108,7 +108,7 @@ def samples_figure(data, samples, titles: tuple[str, str] = ("data", "samples"))
     finite = both[np.isfinite(both).all(1)]
     lo, hi = np.percentile(finite, [0.5, 99.5], axis=0) if len(finite) else ([-1, -1], [1, 1])
     pad = 0.05 * (np.asarray(hi) - np.asarray(lo)) + 1e-6
-    fig = Figure(figsize=(8, 4))
+    fig = Figure(figsize=(8, 4.4), layout="constrained")  # lays out titles after the aspect
     for i, (title, a) in enumerate(zip(titles, arrays)):
         ax = fig.add_subplot(1, 2, i + 1)
         ax.scatter(a[:, 0], a[:, 1], s=1, alpha=0.5, linewidths=0)
@@ -117,7 +117,6 @@ def samples_figure(data, samples, titles: tuple[str, str] = ("data", "samples"))
         ax.set_aspect("equal")
         ax.set_title(textwrap.fill(f"{title} (n={len(a)})", 34), fontsize=10)
     FigureCanvasAgg(fig)
-    fig.tight_layout()
     return fig
 
 
