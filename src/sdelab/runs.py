@@ -254,7 +254,7 @@ def run_likelihood(
         raise ValueError(
             f"the probability-flow ODE of {loaded.run_dir} could not be solved ({e}): the model "
             "is not finite or too stiff there — the run may have diverged (see its loss.png); "
-            "try --rtol 1e-3 or another checkpoint"
+            "try a looser --rtol (e.g. 1e-3), or retrain with a lower optim.lr"
         ) from None
     if not math.isfinite(res.nll_mean):
         raise ValueError(
