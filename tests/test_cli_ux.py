@@ -119,6 +119,9 @@ def test_relative_data_path_is_made_absolute(tmp_path, monkeypatch, capsys):
     assert run_cli(capsys, *argv)[0] == 0
     saved = json.loads((here / "run" / "config.json").read_text())["data"]
     assert saved["path"] == str(here / "d" / "x.npy") and saved["as_typed"] == {"path": "d/x.npy"}
+    image = load_config("images/digits", ["data.options.root=data/digits"]).data
+    assert image.options["root"] == str(here / "data" / "digits")
+    assert image.as_typed == {"options.root": "data/digits"}
     monkeypatch.chdir(elsewhere)  # likelihood, sample and resume from another folder
     run = str(here / "run")
     code, out, err = run_cli(capsys, "likelihood", run, "--n", "20", "--rtol", "1e-3")
