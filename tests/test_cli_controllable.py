@@ -9,6 +9,7 @@ from PIL import Image
 
 from cli_helpers import run_cli
 from sdelab.cli import main
+from sdelab.data.png import upscale_factor
 
 TINY = [
     "model.width=32",
@@ -148,7 +149,8 @@ def test_image_inpaint_and_colorize_write_png_grids(image_run, tmp_path, capsys)
         str(out),
     )
     assert code == 0, err
-    assert Image.open(out).size == (3 * 5 + 1, 3 * 5 + 1)  # rows: observation, mask, samples
+    side = 4 * upscale_factor(4, 4) + 1  # 4×4 tiles upscaled by nearest neighbour, 1-px borders
+    assert Image.open(out).size == (3 * side + 1, 3 * side + 1)  # rows: observation, mask, samples
     out = tmp_path / "color.png"
     code, _, err = run_cli(
         capsys,

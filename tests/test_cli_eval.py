@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
 
-from cli_helpers import run_cli
+from cli_helpers import recorded, run_cli
 from sdelab.cli import main
 from sdelab.runs import run_likelihood
 
@@ -101,7 +100,8 @@ def test_likelihood_reports_and_records(run_dir, capsys, args):
         capsys, "likelihood", str(run_dir), *args, "--n", "200", "--rtol", "1e-4"
     )
     assert code == 0 and "nats" in out
-    rec = json.loads((run_dir / f"likelihood_{args[1]}.json").read_text())
+    rec = recorded(out)
+    assert rec["rtol"] == (1e-4 if args[1] == "ode" else None) and rec["seed"] == 0
     assert rec["n"] == 200 and math.isfinite(rec["nll_mean"]) and rec["nll_se"] > 0
     # bits/dim of a density is nats / (D log 2)
     assert rec["bpd_mean"] == pytest.approx(rec["nll_mean"] / (2 * math.log(2)), rel=1e-6)
@@ -148,6 +148,18 @@ def test_demo_end_to_end(tmp_path, capsys):
     )
     assert code == 0 and "true entropy" in out
     assert (tmp_path / "demo" / "plots" / "density.png").exists()
+    # the demo owns its folder: a second demo replaces the first (make demo twice works)
+    code, out, err = run_cli(
+        capsys, "demo", "--steps", "20", "--n", "50", "--out", str(tmp_path / "demo")
+    )
+    assert code == 0 and "replacing the earlier demo" in out, err
+    assert "training checkerboard for 20 steps" in out
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    code, _, err = run_cli(capsys, "demo", "--out", str(mine))
+    assert code == 2 and "holds files the demo did not write" in err
+    assert (mine / "notes.txt").read_text() == "keep"
 
 
 @pytest.mark.slow

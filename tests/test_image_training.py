@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_helpers import recorded
 from sdelab.cli import main
 from sdelab.data import DATASETS, make_dataset
 from sdelab.data.image_data import IMAGE_DATA_NAMES, ImageData, image_shape_for
@@ -187,7 +188,7 @@ def test_likelihood_bits_per_dim(digits_run, method, extra, divergence, capsys):
     assert main([*args, *extra]) == 0
     out = capsys.readouterr().out
     assert "bits/dim" in out and "dequantization: uniform" in out
-    rec = json.loads((digits_run / f"likelihood_{method}.json").read_text())
+    rec = recorded(out)
     assert rec["dequantization"] == "uniform" and rec["n"] == 16
     assert np.isfinite(rec["bpd_mean"]) and 0 < rec["bpd_mean"] < 20
     if divergence:
@@ -226,7 +227,8 @@ def test_sample_writes_grid(digits_run, tmp_path, capsys):
     samples = np.load(out.with_suffix(".npy"))
     assert samples.shape == (9, 1, 8, 8) and np.isfinite(samples).all()
     img = Image.open(out)
-    assert img.size == (3 * 9 + 1, 3 * 9 + 1) and img.mode == "L"
+    side = 8 * 8 + 1  # 8×8 tiles upscaled ×8 by nearest neighbour, 1-px borders
+    assert img.size == (3 * side + 1, 3 * side + 1) and img.mode == "L"
     assert main([*args, "--out", str(out)]) == 2  # refuses to overwrite
 
 

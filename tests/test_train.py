@@ -187,8 +187,10 @@ def test_resume_in_process_matches_and_config_must_agree(tmp_path):
         {**r, "steps_per_s": ref["steps_per_s"]}
         for r, ref in zip(read_metrics(tmp_path / "part"), read_metrics(tmp_path / "ref"))
     ]
-    with pytest.raises(ConfigError, match=r"different config: optim.lr \(saved 0.001, given 0.5\)"):
-        train(tiny("train.steps=30", "optim.lr=0.5"), tmp_path / "part", resume=True)
+    with pytest.raises(
+        ConfigError, match=r"different config: optim.eps \(saved 1e-08, given 0.5\)"
+    ):
+        train(tiny("train.steps=30", "optim.eps=0.5"), tmp_path / "part", resume=True)
     with pytest.raises(ConfigError, match="is not empty: pass --resume"):
         train(cfg, tmp_path / "part")
 

@@ -3,12 +3,12 @@ variance-minimising gradient, checkpoints of the schedule, ``sdelab likelihood -
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
+from cli_helpers import recorded, run_cli
 from sdelab.cli import main
 from sdelab.oracle import GaussianData
 from sdelab.parametrization import score_fn_to_kind
@@ -186,7 +186,8 @@ def test_vlb_command_on_a_trained_image_run(tmp_path, capsys):
     code = main(["likelihood", str(run), "--method", "vlb", "--steps", "50", "--n", "40"])
     out = capsys.readouterr().out
     assert code == 0 and "T = 50 steps, 17 levels" in out and "reconstruction" in out
-    rec = json.loads((run / "likelihood_vlb_T50.json").read_text())
+    rec = recorded(out)
+    assert rec["steps"] == 50 and rec["n"] == 40
     assert math.isfinite(rec["total_bpd_mean"]) and rec["total_bpd_mean"] > 0
     parts = sum(rec[f"{k}_nats_mean"] for k in ("diffusion", "prior", "reconstruction"))
     assert parts == pytest.approx(rec["total_nats_mean"], rel=1e-6)
@@ -201,8 +202,8 @@ def test_vlb_command_errors(toy_run, tmp_path, capsys):
     path, _ = toy_run
     assert main(["likelihood", str(path), "--method", "ode", "--steps", "5"]) == 2
     assert "--steps" in capsys.readouterr().err
-    assert main(["likelihood", str(path), "--method", "vlb", "--steps", "-1"]) == 2
-    assert "--steps must be 0" in capsys.readouterr().err
+    code, _, err = run_cli(capsys, "likelihood", str(path), "--method", "vlb", "--steps=-1")
+    assert code == 2 and "--steps: must be 0 or a positive integer" in err
     vp = tmp_path / "vp"
     tiny = ["model.width=16", "model.depth=1", "train.steps=2", "train.batch_size=8"]
     assert main(["train", "moons", *tiny, "--out", str(vp)]) == 0

@@ -9,6 +9,7 @@ The core meets at a plain ``score_fn(x, t)`` plus a :class:`~sdelab.sde.Schedule
 ...                        weighting="likelihood", time_sampling="importance").loss
 """
 
+from sdelab import metrics as metrics  # sdelab.metrics.gaussian_w2 after `import sdelab`
 from sdelab.losses import TimeSample, dsm_loss, sample_time, sdeflow_dsm
 from sdelab.oracle import GaussianData
 from sdelab.parametrization import KINDS, ScoreModel, convert, score_fn_to_kind

@@ -32,6 +32,7 @@ from sdelab.dequantization import (
     variational_dequantize,
 )
 from sdelab.likelihood import elbo, log_likelihood, scoreflow_bound
+from sdelab.progress import Progress, TimeProgress
 from sdelab.sde import Schedule
 from sdelab.utils import ScoreFn, check_int, chunk_generator, mean_se, mean_se_float
 
@@ -371,13 +372,21 @@ def evaluate_sharded(
     batches = data.split(batch_size)
     mine = distributed.shard(len(batches), info)
     local = []
-    bar = tqdm(mine, disable=not (progress and info.is_main), desc="likelihood", unit="batch")
-    with torch.no_grad():  # inference: the estimators enable grad internally where needed
-        for i in bar:
+    total = sum(len(batches[i]) for i in mine)
+    bar = Progress(total, "likelihood", "examples", enabled=progress and info.is_main)
+    with torch.no_grad(), bar:  # inference: the estimators enable grad internally where needed
+        for i in mine:
+            done = bar.n
             res = cached(i) if cached is not None else None
             if res is None:
+                if estimator == "ode":  # the ODE runs from t_min to T: how far within the batch
+                    scored = TimeProgress(
+                        score_fn, bar, done, len(batches[i]), schedule.t_min, schedule.T
+                    )
+                else:
+                    scored = score_fn
                 res = evaluate_likelihood(
-                    score_fn,
+                    scored,
                     schedule,
                     [batches[i].to(device)],
                     estimator=estimator,
@@ -388,6 +397,7 @@ def evaluate_sharded(
                 if on_batch is not None:
                     on_batch(i, _to_cpu(res))
             local.append((i, res))
+            bar.set(done + len(batches[i]))
     parts = distributed.gather_indexed([(i, _to_cpu(r)) for i, r in local], info)
     return _concat(parts, dim=data[0].numel())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ __all__ = [
     "plot_samples",
     "plot_trajectories",
     "read_jsonl",
+    "samples_figure",
+    "smoothing_window",
 ]
 
 
@@ -45,7 +48,8 @@ def _save(fig: Figure, path: str | Path) -> Path:
 def plot_loss(metrics: str | Path, path: str | Path, *, key: str = "loss") -> Path:
     """Training curve from a run's ``metrics.jsonl`` (or its run folder) to a PNG.
 
-    Plots ``key`` against ``step`` with a moving average over ~2% of the points, on a log
+    Plots ``key`` against ``step`` with a moving average over a tenth of the logged points
+    (at least 5, so the trend shows at any run length; :func:`smoothing_window`), on a log
     y-axis when every value is positive. Returns the PNG path.
     """
     metrics = Path(metrics)
@@ -59,10 +63,12 @@ def plot_loss(metrics: str | Path, path: str | Path, *, key: str = "loss") -> Pa
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     ax.plot(step, value, lw=0.6, alpha=0.4, label=key)
-    window = max(1, len(value) // 50)
+    window = smoothing_window(len(value))
     if window > 1:
         smooth = np.convolve(value, np.ones(window) / window, mode="valid")
-        ax.plot(step[window - 1 :], smooth, lw=1.5, label=f"moving average ({window})")
+        span = step[window - 1] - step[0]
+        label = f"moving average ({window} points, {span:.0f} steps)"
+        ax.plot(step[window - 1 :], smooth, lw=1.5, label=label)
     if np.all(value > 0):
         ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -73,11 +79,25 @@ def plot_loss(metrics: str | Path, path: str | Path, *, key: str = "loss") -> Pa
     return _save(fig, path)
 
 
+def smoothing_window(n: int) -> int:
+    """Points in the loss curve's moving average for ``n`` logged points: a tenth of them, at
+    least 5 (at most half the points), 1 (no smoothing) below 4 points."""
+    if n < 4:
+        return 1
+    return min(max(5, n // 10), n // 2)
+
+
 def plot_samples(
     data, samples, path: str | Path, *, titles: tuple[str, str] = ("data", "samples")
 ) -> Path:
     """Side-by-side scatter plots of data and model samples (first two coordinates), sharing
-    axis limits. ``data`` and ``samples`` are ``(N, ≥2)`` tensors or arrays. Returns the path."""
+    axis limits. ``data`` and ``samples`` are ``(N, ≥2)`` tensors or arrays; long titles are
+    wrapped to fit. Returns the path."""
+    return _save(samples_figure(data, samples, titles), path)
+
+
+def samples_figure(data, samples, titles: tuple[str, str] = ("data", "samples")) -> Figure:
+    """The figure of :func:`plot_samples` (laid out, not saved)."""
     arrays = [
         (x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)) for x in (data, samples)
     ]
@@ -88,16 +108,16 @@ def plot_samples(
     finite = both[np.isfinite(both).all(1)]
     lo, hi = np.percentile(finite, [0.5, 99.5], axis=0) if len(finite) else ([-1, -1], [1, 1])
     pad = 0.05 * (np.asarray(hi) - np.asarray(lo)) + 1e-6
-    fig = Figure(figsize=(8, 4))
+    fig = Figure(figsize=(8, 4.4), layout="constrained")  # lays out titles after the aspect
     for i, (title, a) in enumerate(zip(titles, arrays)):
         ax = fig.add_subplot(1, 2, i + 1)
         ax.scatter(a[:, 0], a[:, 1], s=1, alpha=0.5, linewidths=0)
         ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
         ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
         ax.set_aspect("equal")
-        ax.set_title(f"{title} (n={len(a)})")
-    fig.tight_layout()
-    return _save(fig, path)
+        ax.set_title(textwrap.fill(f"{title} (n={len(a)})", 34), fontsize=10)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def density_grid(

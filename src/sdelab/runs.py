@@ -35,6 +35,7 @@ from sdelab.losses import dsm_loss
 from sdelab.nets.inception import load_fid_inception
 from sdelab.parametrization import ScoreModel
 from sdelab.plots import plot_density, plot_loss, plot_samples, plot_trajectories
+from sdelab.progress import Progress, TimeProgress
 from sdelab.quality import (
     NEEDS_REFERENCE_FEATURES,
     ClassifierFeatures,
@@ -58,7 +59,7 @@ from sdelab.train.classifier import load_classifier
 from sdelab.train.config import RunConfig
 from sdelab.train.dequantizer import check_dequantizer_fits, load_dequantizer
 from sdelab.train.evalstore import EVAL_DIR, EvalStore
-from sdelab.utils import check_int, chunk_generator, mean_se_float
+from sdelab.utils import atomic_write, check_int, chunk_generator, mean_se_float
 from sdelab.vdm import check_vdm_schedule, vdm_vlb
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "LossEvaluation",
     "QualityEvaluation",
     "VLBEvaluation",
+    "check_finite_samples",
     "data_split",
     "dataset_stats",
     "foreign_likelihood",
@@ -121,10 +123,18 @@ class LoadedRun:
 
 def open_run(run: str | Path | LoadedRun, which: str = "ema") -> LoadedRun:
     """Load a run folder for evaluation (a :class:`LoadedRun` passes through unchanged, so one
-    load can serve several operations)."""
+    load can serve several operations). Raises ValueError when the weights are not finite (a
+    diverged run: nothing computed from it would be)."""
     if isinstance(run, LoadedRun):
         return run
     config, model, schedule = load_run(run, which, device=_eval_device(distributed.get_info()))
+    bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
+    if bad:
+        raise ValueError(
+            f"{bad} of the {which} weights are not finite in {run}: the run diverged; retrain "
+            "with a lower optim.lr (or resume an earlier checkpoint with sdelab train --resume "
+            "... optim.lr=...)"
+        )
     return LoadedRun(Path(run), config, model, schedule)
 
 
@@ -140,6 +150,7 @@ def sample_run(
     return_trajectory: bool = False,
     batch_size: int | None = None,
     guide: Callable[[Any, Any, Any], Callable] | None = None,
+    progress: bool = False,
 ) -> SampleResult:
     """Draw ``n`` samples from a trained run with any sampler in ``sdelab.samplers.SAMPLERS``.
 
@@ -150,7 +161,11 @@ def sample_run(
     The samples are drawn in chunks of ``batch_size`` (default: all ``n`` at once); chunk i
     is seeded by (seed, i) and, under a launcher, drawn by process i mod N — the result is the
     same for any number of processes. ``nfe`` is the largest NFE of any chunk (the work per
-    sample). ``return_trajectory`` needs a single chunk in a single process.
+    sample). ``return_trajectory`` needs a single chunk in a single process. ``progress``:
+    show how far the chunks are from T to t_min, with an ETA (:class:`~sdelab.progress.Progress`).
+
+    Raises ValueError when a sample is not finite (NaN/inf: a diverged run or an unstable
+    sampler), naming how many.
     """
     loaded = open_run(run, which)
     config, model, schedule = loaded.config, loaded.model, loaded.schedule
@@ -168,6 +183,8 @@ def sample_run(
         batch_size=batch_size,
         device=next(iter(model.parameters())).device,
         return_trajectory=return_trajectory,
+        progress=progress,
+        source=f"the run {loaded.run_dir}",
     )
 
 
@@ -184,11 +201,15 @@ def sample_chunks(
     batch_size: int | None = None,
     device: torch.device | str = "cpu",
     return_trajectory: bool = False,
+    progress: bool = False,
+    source: str = "the model",
 ) -> SampleResult:
     """``n`` samples of shape ``shape`` each in chunks of ``batch_size`` (default all at once):
     chunk i seeded by (seed, i) and, under a launcher, drawn by process i mod N, gathered in
     order — the result does not depend on the number of processes. ``nfe`` is the largest of
-    any chunk (the work per sample); ``return_trajectory`` needs one chunk and one process."""
+    any chunk (the work per sample); ``return_trajectory`` needs one chunk and one process.
+    ``progress`` shows how far the chunks are from T to t_min; ``source`` names the model in
+    the error for samples that are not finite (:func:`check_finite_samples`)."""
     if n < 1:
         raise ValueError(f"--n must be a positive number of samples, got {n}")
     if batch_size is not None and batch_size < 1:
@@ -198,12 +219,15 @@ def sample_chunks(
     n_chunks = math.ceil(n / size)
     if return_trajectory and (n_chunks > 1 or info.enabled):
         raise ValueError("return_trajectory needs one chunk (batch_size >= n) and one process")
+    mine = distributed.shard(n_chunks, info)
+    total = sum(min(size, n - i * size) for i in mine)
+    bar = Progress(total, "sample", "samples", enabled=progress and info.is_main)
     local = []
-    with torch.no_grad():
-        for i in distributed.shard(n_chunks, info):
+    with torch.no_grad(), bar:
+        for k, i in enumerate(mine):
             b = min(size, n - i * size)
             res = sample(
-                score_fn,
+                TimeProgress(score_fn, bar, k * size, b, schedule.T, schedule.t_min),
                 schedule,
                 (b, *shape),
                 sampler=sampler,
@@ -213,17 +237,32 @@ def sample_chunks(
                 return_trajectory=return_trajectory,
                 **(options or {}),
             )
+            bar.set(k * size + b)
             if return_trajectory:
+                check_finite_samples(res.samples, source)
                 return res
             local.append((i, replace(res, samples=res.samples.cpu())))
     parts = distributed.gather_indexed(local, info)
+    samples = torch.cat([p.samples for p in parts])
+    check_finite_samples(samples, source)
     # every chunk ran the same grid and options; nfe is the largest (the work per sample)
     return replace(
         parts[0],
-        samples=torch.cat([p.samples for p in parts]),
+        samples=samples,
         nfe=max(p.nfe for p in parts),
         grid_times=None if parts[0].grid_times is None else parts[0].grid_times.cpu(),
     )
+
+
+def check_finite_samples(samples: torch.Tensor, source: str) -> None:
+    """Refuse samples that are not finite with a one-line ``ValueError`` naming how many."""
+    bad = int((~torch.isfinite(samples.reshape(len(samples), -1))).any(dim=1).sum())
+    if bad:
+        raise ValueError(
+            f"{bad} of {len(samples)} samples are not finite (NaN/inf), nothing was written: "
+            f"{source} may have diverged (see its loss.png), or the sampler is unstable "
+            "at these settings (try more --steps or another --sampler)"
+        )
 
 
 def run_likelihood(
@@ -272,6 +311,9 @@ def run_likelihood(
     For image runs the test set is integer levels, uniformly dequantized by
     :func:`evaluate_likelihood` (``levels``, ``scale``, ``shift`` from the dataset), so bits/dim
     is a bound on the discrete data's −log₂ P(k) per dimension.
+
+    Raises ValueError for a run whose ODE cannot be solved or whose NLL is not finite (a
+    diverged run).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -325,20 +367,32 @@ def run_likelihood(
         store = EvalStore(loaded.run_dir / EVAL_DIR / "likelihood", options, resume=resume)
         if distributed.get_info().is_main:
             store.open()
-    res = evaluate_sharded(
-        model,
-        schedule,
-        data,
-        estimator=method,
-        batch_size=batch_size,
-        seed=seed,
-        device=device,
-        progress=progress,
-        cached=None if store is None else store.get,
-        on_batch=None if store is None else store.put,
-        **discrete,
-        **kwargs,
-    )
+    try:
+        res = evaluate_sharded(
+            model,
+            schedule,
+            data,
+            estimator=method,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            progress=progress,
+            cached=None if store is None else store.get,
+            on_batch=None if store is None else store.put,
+            **discrete,
+            **kwargs,
+        )
+    except AssertionError as e:  # torchdiffeq's "underflow in dt": the ODE cannot be solved
+        raise ValueError(
+            f"the probability-flow ODE of {loaded.run_dir} could not be solved ({e}): the model "
+            "is not finite or too stiff there — the run may have diverged (see its loss.png); "
+            "try a looser --rtol (e.g. 1e-3), or retrain with a lower optim.lr"
+        ) from None
+    if not math.isfinite(res.nll_mean):
+        raise ValueError(
+            f"the {method} NLL of {loaded.run_dir} is not finite: the run may have diverged "
+            "(see its loss.png)"
+        )
     if store is not None and distributed.get_info().is_main:
         shutil.rmtree(store.folder)  # complete: the result is the caller's to keep
     return res
@@ -370,6 +424,7 @@ def guided_sample_run(
     which: str = "ema",
     options: dict[str, Any] | None = None,
     batch_size: int | None = None,
+    progress: bool = False,
 ) -> SampleResult:
     """Class-conditional samples of a trained run, drawn by :func:`sample_run`
     (same chunking, device and processes).
@@ -432,6 +487,7 @@ def guided_sample_run(
         options=options,
         batch_size=batch_size,
         guide=guide,
+        progress=progress,
     )
 
 
@@ -587,11 +643,17 @@ def format_table(rows: list[LikelihoodRow], n: int) -> str:
 
 
 def plot_run(
-    run_dir: str | Path, out_dir: str | Path | None = None, *, n: int = 5000, seed: int = 0
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    n: int = 5000,
+    seed: int = 0,
+    on_write: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """Write the standard plots of a 2-D run: loss curve, data vs samples (probability-flow ODE
     and reverse SDE), the model density from the ODE likelihood, and λ = 0 / λ = 1 trajectories.
-    Returns the written paths."""
+    ``on_write(path)`` is called as each file is written (e.g. to print it; the sampling then
+    shows its progress on stderr). Returns the written paths."""
     loaded = open_run(run_dir)
     run_dir, config, model, schedule = loaded.run_dir, loaded.config, loaded.model, loaded.schedule
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
@@ -599,17 +661,25 @@ def plot_run(
         raise ValueError(f"plot draws 2-D runs; this run's data has {config.model.dim} dims")
     dataset = make_run_dataset(config)
     test = dataset.test_set(n)
-    paths = []
+    paths: list[Path] = []
+
+    def wrote(path: Path) -> None:
+        paths.append(path)
+        if on_write is not None:
+            on_write(path)
+
     if (run_dir / "metrics.jsonl").exists():
-        paths.append(plot_loss(run_dir / "metrics.jsonl", out / "loss.png"))
+        wrote(plot_loss(run_dir / "metrics.jsonl", out / "loss.png"))
     for sampler, steps in (("ode", 200), ("euler_maruyama", 1000)):
-        res = sample_run(loaded, n=n, sampler=sampler, steps=steps, seed=seed)
-        paths.append(
+        res = sample_run(
+            loaded, n=n, sampler=sampler, steps=steps, seed=seed, progress=on_write is not None
+        )
+        wrote(
             plot_samples(
                 test,
                 res.samples,
                 out / f"samples_{sampler}.png",
-                titles=("test data", f"samples ({sampler}, NFE {res.nfe})"),
+                titles=("test data", f"samples ({sampler.replace('_', '-')}, NFE {res.nfe})"),
             )
         )
     truth = None
@@ -618,8 +688,8 @@ def plot_run(
         def truth(x, name=config.data.name):
             return toy_log_prob(name, x)
 
-    paths.append(plot_density(model, schedule, out / "density.png", data=test, true_log_prob=truth))
-    paths.append(plot_trajectories(model, schedule, out / "trajectories.png", seed=seed))
+    wrote(plot_density(model, schedule, out / "density.png", data=test, true_log_prob=truth))
+    wrote(plot_trajectories(model, schedule, out / "trajectories.png", seed=seed))
     return paths
 
 
@@ -639,13 +709,16 @@ def save_samples(samples: torch.Tensor, path: str | Path) -> Path:
     return path
 
 
-def write_json(path: str | Path, record: dict[str, Any]) -> Path:
-    """Write a small JSON record (NaN-free) next to a run."""
+def write_json(path: str | Path, record: dict[str, Any], *, overwrite: bool = True) -> Path:
+    """Write a small JSON record (NaN-free) next to a run, atomically; ``overwrite=False``
+    refuses an existing file (``FileExistsError``)."""
     path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists: pass --force to replace it")
     clean = {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
     }
-    path.write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
+    atomic_write(path, json.dumps(clean, indent=2) + "\n")
     return path
 
 
@@ -932,6 +1005,7 @@ def foreign_sample(
         options=options,
         batch_size=batch_size,
         device=next(iter(model.unet.parameters())).device,
+        source=f"the model {model.path}",
     )
 
 

@@ -2,48 +2,86 @@
 
 ``sdelab demo | train`` (:mod:`~sdelab.cli.train`), ``sample`` (:mod:`~sdelab.cli.sample`),
 ``likelihood`` (:mod:`~sdelab.cli.likelihood`), ``stats | evaluate`` (:mod:`~sdelab.cli.quality`),
-``plot`` (:mod:`~sdelab.cli.plot`),
-``inpaint | colorize | train-classifier`` (:mod:`~sdelab.cli.control`), ``train-dequantizer``
-(:mod:`~sdelab.cli.dequantizer`). Every error the user can
-fix is one line on stderr (``sdelab CMD: error: ...``) with exit code 2.
+``plot`` (:mod:`~sdelab.cli.plot`), ``inpaint | colorize | train-classifier``
+(:mod:`~sdelab.cli.control`), ``train-dequantizer`` (:mod:`~sdelab.cli.dequantizer`). Every error
+the user can fix is one line on stderr (``sdelab CMD: error: ...``) with exit code 2; Ctrl-C
+outside training (which saves a checkpoint and exits 130 itself) is one line and exit code 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 
 import torch.distributed as dist
 
+from sdelab import __version__
 from sdelab.cli import control, dequantizer, likelihood, plot, quality, sample, train
-from sdelab.cli.common import CLIError
+from sdelab.cli.common import CLIError, OneLineParser, is_override
 
 __all__ = ["CLIError", "build_parser", "main"]
 
 #: The subcommand modules, in the order ``--help`` lists them.
 _MODULES = (train, sample, likelihood, quality, plot, control, dequantizer)
 
+#: What a user can fix: shown as one line, exit code 2.
+_USER_ERRORS = (
+    CLIError,
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    pickle.UnpicklingError,  # an unsafe or broken pickle (data.image_formats.UnsafePickleError)
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``sdelab`` argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sdelab",
         description="Continuous-time score-based diffusion models with first-class likelihood.",
+        epilog="examples:\n  sdelab demo\n  sdelab train checkerboard train.steps=2000 --out "
+        "runs/cb\n  sdelab sample runs/cb --sampler ode --n 5000 --out s.npy\n"
+        "  sdelab likelihood runs/cb\n  python -m sdelab --version\n"
+        "each command has its own --help with examples.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"sdelab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for module in _MODULES:
         module.add_parsers(sub)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; ``KEY=VALUE`` overrides may stand anywhere after the command
+    (``sdelab train checkerboard --out runs/cb train.steps=1500``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        keyvals = [e for e in extra if is_override(e)]
+        rest = [e for e in extra if not is_override(e)]
+        if rest or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(rest or extra)}")
+        args.overrides = [*args.overrides, *keyvals]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sdelab`` console script."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except _USER_ERRORS as e:
         print(f"sdelab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        msg = "interrupted (Ctrl-C); nothing more was written"
+        print(f"sdelab {args.command}: {msg}", file=sys.stderr)
+        return 130
     finally:
         _leave_group()
 

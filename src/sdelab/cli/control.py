@@ -9,7 +9,15 @@ from pathlib import Path
 import torch
 
 from sdelab import controllable as ctl
-from sdelab.cli.common import CLIError, parse_options
+from sdelab.cli.common import (
+    CLIError,
+    check_new_files,
+    check_sampler_options,
+    nonneg_int,
+    parse_options,
+    positive_float,
+    positive_int,
+)
 from sdelab.data.png import load_mask_png, load_png, save_png_grid
 from sdelab.plots import plot_samples
 from sdelab.runs import (
@@ -24,14 +32,13 @@ def _conditional_run(args: argparse.Namespace, colorize: bool) -> int:
     """Shared body of ``inpaint`` and ``colorize``: load the run, build the observation, sample,
     save .npy/.csv (vector runs) or a PNG grid (image observations)."""
     out = Path(args.out)
-    if out.exists():
-        raise CLIError(f"{out} exists: choose another --out or delete it first")
-    if args.n < 1:
-        raise CLIError(f"--n must be a positive number of samples, got {args.n}")
+    check_new_files([out])
     config, model, schedule = load_run(args.run, args.weights)
     dim = config.model.dim
+    if not args.image and dim == 2:
+        check_new_files([out.with_suffix(".png")])  # the plot beside the samples
     options = dict(sampler=args.sampler, steps=args.steps, generator=args.seed)
-    options.update(parse_options(args.option))
+    options.update(check_sampler_options(args.sampler, parse_options(args.option)))
     if colorize:
         image = load_png(args.image, dim, channels=3)  # (3, H, W) in [-1, 1]
         shape = image.shape
@@ -57,6 +64,11 @@ def _conditional_run(args: argparse.Namespace, colorize: bool) -> int:
         y, mask = parse_known(args.known, dim)
         res = ctl.inpaint(model, schedule, y.expand(args.n, dim), mask, **options)
         rows = None
+    if not torch.isfinite(res.samples).all():
+        raise CLIError(
+            f"the samples are not finite (NaN/inf), nothing was written: the run {args.run} may "
+            "have diverged (see its loss.png), or try more --steps"
+        )
     if rows is None or out.suffix in (".npy", ".csv"):
         save_samples(res.samples, out)
     else:
@@ -146,13 +158,13 @@ def _add_conditional_parser(sub, name: str, func, epilog: str, image_only: bool)
             help="a fixed coordinate of a vector run, repeatable (e.g. --known 0=1.5)",
         )
     p.add_argument("--sampler", default="pc", choices=sorted(SAMPLERS), help="sampler (pc)")
-    p.add_argument("--n", type=int, default=8, help="number of samples (default 8)")
-    p.add_argument("--steps", type=int, default=1000, help="time steps (default 1000)")
+    p.add_argument("--n", type=positive_int, default=8, help="number of samples (default 8)")
+    p.add_argument("--steps", type=positive_int, default=1000, help="time steps (default 1000)")
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="sampler option"
     )
     p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw weights")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default 0)")
     p.add_argument("--out", required=True, metavar="FILE", help="output .png, .npy or .csv")
     p.set_defaults(func=func, known=[], mask=None)
 
@@ -188,15 +200,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("source", metavar="CONFIG-or-RUN", help="run folder, YAML or built-in name")
     p.add_argument("--out", required=True, metavar="DIR", help="classifier folder (new)")
-    p.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
-    p.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--steps", type=positive_int, default=2000, help="training steps (default 2000)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="batch size (default 256)")
     p.add_argument(
-        "--width", type=int, default=128, help="MLP width / conv base channels (default 128)"
+        "--lr", type=positive_float, default=1e-3, help="Adam learning rate (default 1e-3)"
     )
-    p.add_argument("--depth", type=int, default=3, help="MLP hidden layers (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--log-every", type=int, default=0, help="print the loss every N steps")
+    p.add_argument(
+        "--width", type=positive_int, default=128, help="MLP width / conv base channels (128)"
+    )
+    p.add_argument("--depth", type=positive_int, default=3, help="MLP hidden layers (default 3)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default 0)")
+    p.add_argument("--log-every", type=nonneg_int, default=0, help="print the loss every N steps")
     p.add_argument(
         "--clean", action="store_true", help="train at t = t_min only (clean-data classifier)"
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sdelab.cli.common import CLIError, join_launched_group, parse_options
+from sdelab.cli.common import DEFAULT_STEPS, CLIError, join_launched_group, parse_options
 from sdelab.data import make_dataset
 from sdelab.data.png import save_level_grid
 from sdelab.dequantization import DEQUANTIZATIONS
@@ -120,7 +120,7 @@ def diffusers_sample(args: argparse.Namespace) -> int:
         model,
         n=args.n,
         sampler=args.sampler,
-        steps=args.steps,
+        steps=args.steps if args.steps is not None else DEFAULT_STEPS.get(args.sampler, 1000),
         seed=args.seed,
         options=parse_options(args.option),
         batch_size=args.batch_size,

@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sdelab.cli.common import CLIError, join_launched_group, parse_options
+from sdelab.cli.common import (
+    DEFAULT_STEPS,
+    CLIError,
+    check_new_files,
+    check_sampler_options,
+    finite_float,
+    join_launched_group,
+    nonneg_int,
+    parse_options,
+    positive_int,
+)
 from sdelab.cli.interop import add_diffusers_options, diffusers_sample
 from sdelab.data.images import model_to_levels
 from sdelab.data.png import save_level_grid
@@ -18,6 +28,8 @@ from sdelab.runs import (
 )
 from sdelab.samplers import SAMPLERS
 
+_SUFFIXES = (".npy", ".csv")
+
 
 def _sample(args: argparse.Namespace) -> int:
     """Draw samples from a trained run with any sampler; save them as .npy/.csv (+ a PNG)."""
@@ -27,11 +39,13 @@ def _sample(args: argparse.Namespace) -> int:
         raise CLIError("give a RUN folder (or --diffusers DIR)")
     info = join_launched_group()
     out = Path(args.out)
-    if out.exists():
-        raise CLIError(f"{out} exists: choose another --out or delete it first")
-    kwargs = dict(n=args.n, sampler=args.sampler, steps=args.steps, seed=args.seed)
-    options = parse_options(args.option)
+    steps = args.steps if args.steps is not None else DEFAULT_STEPS.get(args.sampler, 1000)
+    kwargs = dict(n=args.n, sampler=args.sampler, steps=steps, seed=args.seed)
+    options = check_sampler_options(args.sampler, parse_options(args.option))
     run = open_run(args.run, args.weights)  # the checkpoint is read once
+    dataset = run.dataset
+    if info.is_main:
+        check_new_files(_outputs(out, dataset.image_shape is not None, run.config.model.dim))
     if args.class_ is not None or args.classifier is not None:
         if args.class_ is None:
             raise CLIError("--classifier needs --class K (the class to sample)")
@@ -42,18 +56,18 @@ def _sample(args: argparse.Namespace) -> int:
             scale=args.guidance,
             options=options,
             batch_size=args.batch_size,
+            progress=True,
             **kwargs,
         )
     else:
-        res = sample_run(run, options=options, batch_size=args.batch_size, **kwargs)
+        res = sample_run(run, options=options, batch_size=args.batch_size, progress=True, **kwargs)
     if not info.is_main:
         return 0
-    dataset = run.dataset
     if dataset.image_shape is not None:  # image run: .npy + PNG grid
         print(_save_image_samples(res, dataset, out, args))
         return 0
     save_samples(res.samples, out)
-    msg = f"{args.n} samples ({args.sampler}, NFE {res.nfe}) -> {out}"
+    msg = f"{args.n} samples ({args.sampler}, {steps} steps, NFE {res.nfe}) -> {out}"
     if res.samples.shape[1] == 2:
         test = dataset.test_set(min(args.n, 5000))
         png = plot_samples(
@@ -67,13 +81,20 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _outputs(out: Path, image: bool, dim: int | None) -> list[Path]:
+    """Every file ``sample --out OUT`` writes: image runs OUT.npy + OUT.png; vector runs OUT
+    (.npy/.csv) and, in 2-D, the plot OUT.png."""
+    if image:
+        return [out.with_suffix(".npy"), out.with_suffix(".png")]
+    if out.suffix not in _SUFFIXES:
+        raise CLIError(f"--out {out}: a vector run's samples are .npy or .csv files")
+    return [out, out.with_suffix(".png")] if dim == 2 else [out]
+
+
 def _save_image_samples(res, dataset, out: Path, args: argparse.Namespace) -> str:
     """Image runs: model-space samples (N, C, H, W) to ``out.npy`` and their pixel levels
     (``model_to_levels``) as a PNG grid to ``out.png``, whichever of the two ``--out`` names."""
     npy, png = out.with_suffix(".npy"), out.with_suffix(".png")
-    for path in (npy, png):
-        if path.exists():
-            raise CLIError(f"{path} exists: choose another --out or delete it first")
     samples = res.samples.reshape(len(res.samples), *dataset.image_shape)
     save_samples(samples, npy)
     levels = model_to_levels(samples, dataset.num_levels, data_range=dataset.data_range)
@@ -94,7 +115,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "  sdelab sample runs/moons-cond --class 1 --guidance 2 --out m1.npy   # CFG\n"
         "  sdelab sample runs/8g --class 3 --classifier runs/8g-clf --out c3.npy\n"
         "  sdelab sample --diffusers ddpm-cifar10 --sampler dpm_solver --steps 20 --n 64 "
-        "--out s.npy",
+        "--out s.npy\n\n"
+        "--steps defaults to what suits the sampler: ode 100 (RK4: NFE 400), dpm_solver 20,\n"
+        "the others 1000. no file is written unless all can be (OUT and its plot OUT.png);\n"
+        "samples that are not finite (a diverged run) are an error.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run", metavar="RUN", nargs="?", help="run folder written by sdelab train")
@@ -109,14 +133,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--n",
         "--num-samples",  # under torchrun, whose own options swallow the abbreviation --n
         dest="n",
-        type=int,
+        type=positive_int,
         default=1000,
         help="number of samples (default 1000)",
     )
-    p.add_argument("--steps", type=int, default=1000, help="time steps (default 1000)")
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="time steps (default: ode 100, dpm_solver 20, others 1000)",
+    )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="samples per chunk, the unit split over processes (default: all at once)",
     )
@@ -128,13 +157,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="sampler option, repeatable (snr=0.16, lam=0.5, method=rk4, ...)",
     )
     p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw weights")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default 0)")
     p.add_argument(
-        "--class", dest="class_", type=int, metavar="K", help="class-conditional: class index"
+        "--class",
+        dest="class_",
+        type=nonneg_int,
+        metavar="K",
+        help="class-conditional: class index",
     )
     p.add_argument(
         "--guidance",
-        type=float,
+        type=finite_float,
         default=1.0,
         metavar="S",
         help="guidance scale with --class: 0 unconditional, 1 conditional (default), >1 "

@@ -25,14 +25,30 @@ __all__ = [
     "save_level_grid",
     "save_png_grid",
     "tile_rows",
+    "upscale_factor",
     "write_png",
 ]
 
 
-def tile_rows(rows: Sequence[np.ndarray], *, pad: int = 1) -> np.ndarray:
+#: Grids upscale each tile to at least this many pixels on its longer side (8×8 digits: ×8).
+MIN_TILE_PX = 64
+
+
+def upscale_factor(h: int, w: int, min_px: int = MIN_TILE_PX) -> int:
+    """The integer nearest-neighbour factor that makes an ``h × w`` tile at least ``min_px``
+    pixels on its longer side (1 for tiles that are already that large)."""
+    return max(1, math.ceil(min_px / max(h, w, 1)))
+
+
+def tile_rows(rows: Sequence[np.ndarray], *, pad: int = 1, scale: int = 1) -> np.ndarray:
     """Tile rows of images into one ``(H', W', C)`` uint8 array with ``pad`` black pixels
     between and around the tiles; row i holds ``rows[i]`` ``(n_i, H, W, C)``, shorter rows end
-    in black."""
+    in black. ``scale``: each pixel becomes a ``scale × scale`` block (nearest neighbour, so
+    levels stay exact)."""
+    if scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale}")
+    if scale > 1:
+        rows = [np.repeat(np.repeat(np.asarray(r), scale, axis=1), scale, axis=2) for r in rows]
     h, w, c = rows[0].shape[1:]
     cols = max(len(r) for r in rows)
     grid = np.zeros((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
@@ -61,26 +77,39 @@ def _hwc(images: Tensor) -> np.ndarray:
     return images.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_png_grid(rows: list[Tensor], path: str | Path, *, pad: int = 1) -> Path:
+def save_png_grid(
+    rows: list[Tensor], path: str | Path, *, pad: int = 1, scale: int | None = None
+) -> Path:
     """Write images in model space [−1, 1] as one PNG: a row of tiles per list entry, each
-    entry ``(N, C, H, W)``; shorter rows are padded with black."""
+    entry ``(N, C, H, W)``; shorter rows are padded with black. ``scale``: nearest-neighbour
+    upscaling (default :func:`upscale_factor`, tiles of at least 64 px)."""
     tiles = [
         _hwc(((r.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().byte()) for r in rows
     ]
-    return write_png(tile_rows(tiles, pad=pad), path)
+    scale = scale or upscale_factor(*tiles[0].shape[1:3])
+    return write_png(tile_rows(tiles, pad=pad, scale=scale), path)
 
 
 def save_level_grid(
-    levels: Tensor, num_levels: int, path: str | Path, *, ncol: int | None = None, pad: int = 1
+    levels: Tensor,
+    num_levels: int,
+    path: str | Path,
+    *,
+    ncol: int | None = None,
+    pad: int = 1,
+    scale: int | None = None,
 ) -> Path:
     """Write integer levels ``(N, C, H, W)`` as one PNG grid (``ncol`` tiles a row, default
-    ⌈√N⌉), scaling level k to round(255·k/(L − 1)); overwrites ``path``."""
+    ⌈√N⌉), scaling level k to round(255·k/(L − 1)) and each pixel to a ``scale × scale``
+    block (nearest neighbour; default :func:`upscale_factor`, tiles of at least 64 px);
+    overwrites ``path``."""
     n = levels.shape[0]
     ncol = ncol or max(1, math.ceil(math.sqrt(n)))
     pix = (levels.to(torch.float64) * 255.0 / (num_levels - 1)).round().clamp(0, 255)
     tiles = _hwc(pix.to(torch.uint8))
     rows = [tiles[i : i + ncol] for i in range(0, n, ncol)]
-    return write_png(tile_rows(rows, pad=pad), path)
+    scale = scale or upscale_factor(*levels.shape[2:4])
+    return write_png(tile_rows(rows, pad=pad, scale=scale), path)
 
 
 def load_png(path: str | Path, dim: int, *, channels: int | None = None) -> Tensor:

@@ -34,6 +34,7 @@ __all__ = [
     "check_world",
     "dequantization_options",
     "load_run",
+    "load_state",
     "local_device",
     "make_run_dataset",
     "resolve_config",
@@ -168,6 +169,46 @@ def build_model(config: RunConfig, schedule: Schedule) -> ScoreModel:
     return ScoreModel(net, schedule, output=config.loss.parametrization)
 
 
+def _allocate(config: RunConfig, schedule: Schedule, device: torch.device) -> ScoreModel:
+    """:func:`build_model` on ``device``; a model too large for memory is a
+    :class:`ConfigError` naming its size, not an allocator traceback."""
+    try:
+        return build_model(config, schedule).to(device)
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
+        memory = isinstance(e, MemoryError | torch.OutOfMemoryError)
+        if not memory and "alloc" not in str(e) and "overflow" not in str(e):
+            raise
+        try:
+            with torch.device("meta"):
+                n = sum(p.numel() for p in build_model(config, schedule).parameters())
+            count = f"{n:,} parameters, {4 * n / 2**30:.3g} GiB of weights before EMA and optimizer"
+        except RuntimeError:  # too large even to count
+            count = "more parameters than can be stored"
+        m = config.model
+        size = (
+            f"model.width={m.width}, model.depth={m.depth}"
+            if m.arch == "mlp"
+            else (f"model.base_channels={m.base_channels}, model.channel_mults={m.channel_mults}")
+        )
+        raise ConfigError(
+            f"cannot allocate the model on {device} ({size}: {count}): make it smaller"
+        ) from None
+
+
+def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """``model.load_state_dict(tensors)``; tensors that do not fit the model the checkpoint's
+    config describes (a hand-edited config, a foreign file) are a :class:`CheckpointError`."""
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else "mismatch"
+        raise CheckpointError(
+            f"checkpoint {source} does not match the model its config describes ({detail}): "
+            "its config or tensors were changed; use the run's own files or retrain"
+        ) from None
+
+
 def _generator(seed: int, stream: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed(seed, stream))
 
@@ -224,7 +265,7 @@ def build_resolved_run(
     seed = config.train.seed
     with torch.random.fork_rng(devices=[]):  # initialise from the run seed, leave global RNG be
         torch.manual_seed(derive_seed(seed, INIT_STREAM))
-        model = build_model(config, schedule).to(device)
+        model = _allocate(config, schedule, device)
     ema = copy.deepcopy(model).requires_grad_(False)
     o = config.optim
     opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
@@ -289,7 +330,7 @@ def load_run(
         raise CheckpointError(f"checkpoint {ckpt.path} holds an invalid config: {e}") from None
     schedule = schedule_from(config)
     model = build_model(config, schedule)
-    model.load_state_dict(prefixed(ckpt.tensors, "ema" if which == "ema" else "model"))
+    load_state(model, prefixed(ckpt.tensors, "ema" if which == "ema" else "model"), ckpt.path)
     # for inference: frozen, so likelihood and samplers build no graph over the parameters
     model.requires_grad_(False)
     return config, model.to(device).eval(), schedule

@@ -9,6 +9,7 @@ Vector data get a :class:`~sdelab.nets.classifier.TimeClassifier` MLP, image dat
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from sdelab.sde import Schedule
 from sdelab.train.build import make_run_dataset, schedule_from
 from sdelab.train.checkpoint import list_checkpoints, load_checkpoint
 from sdelab.train.config import load_config
+from sdelab.train.rundir import LOCK_FILE, RunLock
 from sdelab.utils import atomic_write, randn_like
 
 __all__ = [
@@ -143,8 +145,30 @@ def train_classifier(
     if not num_classes:
         raise no_labels_error(config.data.name)
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    _check_empty(out)
+    created = not out.exists()
+    with RunLock(out, "sdelab train-classifier"):
+        try:
+            _check_empty(out)  # again, holding the lock: another classifier that started first
+            return _train_and_save(
+                config, dataset, out, steps, batch_size, lr, width, depth, seed, log_every, clean
+            )
+        finally:
+            if created and not any(p.name != LOCK_FILE for p in out.iterdir()):
+                shutil.rmtree(out, ignore_errors=True)  # failed before writing: no empty folder
+
+
+def _check_empty(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: choose another --out")
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise ValueError(f"{out} is not empty: choose another --out or delete it first")
+
+
+def _train_and_save(
+    config, dataset, out, steps, batch_size, lr, width, depth, seed, log_every, clean
+) -> Path:
+    num_classes = dataset.num_classes
     schedule = schedule_from(config)
     shape = dataset.image_shape
     if shape is not None:

@@ -85,11 +85,14 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Training data. ``name``: a key of ``sdelab.data.DATASETS`` (the eight toys, ``oracle``,
     ``array``); ``path``: the ``.npy``/``.csv`` file for ``array``; ``options``: extra
-    keyword arguments of the dataset (``oracle``: mean, cov; ``array``: test_fraction)."""
+    keyword arguments of the dataset (``oracle``: mean, cov; ``array``: test_fraction).
+    :func:`load_config` makes ``path`` and ``options.root`` absolute (relative to the working
+    directory), so the run works from anywhere; ``as_typed`` keeps what was typed."""
 
     name: str = "checkerboard"
     path: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    as_typed: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -342,15 +345,42 @@ class TrainConfig(_Section):
         return self
 
 
+#: ``eval.options`` of the built-in likelihood hook (``sdelab.train.hooks.likelihood_hook``):
+#: name -> (check, what it must be).
+EVAL_OPTIONS = {
+    "n_eval": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "an integer >= 1",
+    ),
+    "rtol": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0, "> 0"),
+    "atol": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0, "> 0"),
+}
+
+
 class EvalConfig(_Section):
     """Periodic evaluation (every ``train.eval_every`` steps, by the hook the caller passes):
-    ``n_test`` held-out points, a ``sampler`` name and its number of ``steps``, and free-form
-    ``options`` for the hook."""
+    ``n_test`` held-out points, a ``sampler`` name and its number of ``steps``, and
+    ``options`` for the built-in likelihood hook (:data:`EVAL_OPTIONS`: ``n_eval``, ``rtol``,
+    ``atol``); other keys are errors (a hook of your own takes its settings as arguments)."""
 
     n_test: int = Field(2000, ge=1)
     sampler: str | None = None
     steps: int = Field(500, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(EVAL_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown eval.options {', '.join(unknown)}: valid are {', '.join(EVAL_OPTIONS)}"
+            )
+        for key, value in v.items():
+            check, want = EVAL_OPTIONS[key]
+            if not check(value):
+                raise ValueError(f"eval.options.{key} must be {want}, got {value!r}")
+        return v
 
 
 class RunConfig(_Section):
@@ -536,6 +566,39 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 # ---- files and built-ins ---------------------------------------------------------------------
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (not the last
+    one silently kept)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} (first at line {seen[key]})",
+                key_node.start_mark,
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """``line L, column C: problem`` of a YAML error."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or (str(e).splitlines() or ["parse error"])[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
 def _builtin_root():
     return resources.files("sdelab") / "configs"
 
@@ -594,8 +657,38 @@ def load_config(config: str | Path | dict[str, Any], overrides: list[str] = ()) 
         path = resolve_config_path(config)
         source = str(config)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
-            first = str(e).splitlines()[0] if str(e) else "parse error"
-            raise ConfigError(f"{source}: not valid YAML ({first})") from None
-    return RunConfig.from_dict(apply_overrides(data, list(overrides)), source)
+            raise ConfigError(f"{source}: not valid YAML ({_yaml_problem(e)})") from None
+    return RunConfig.from_dict(absolute_data_paths(apply_overrides(data, list(overrides))), source)
+
+
+#: Data keys holding file system paths, made absolute by :func:`absolute_data_paths`.
+PATH_KEYS = ("path", "options.root")
+
+
+def absolute_data_paths(data: dict[str, Any], cwd: str | Path | None = None) -> dict[str, Any]:
+    """``data.path`` and ``data.options.root`` of a config dict made absolute (``~`` expanded,
+    relative to ``cwd``, default the working directory), what was typed kept in
+    ``data.as_typed``; returns a new dict."""
+    section = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(section, dict):
+        return data
+    section = json.loads(json.dumps(section))
+    typed = dict(section.get("as_typed") or {})
+    for key in PATH_KEYS:
+        *parent, leaf = key.split(".")
+        node = section
+        for part in parent:
+            node = node.get(part) if isinstance(node, dict) else None
+        value = node.get(leaf) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value:
+            continue
+        path = Path(value).expanduser()
+        absolute = str(path if path.is_absolute() else (Path(cwd or Path.cwd()) / path).resolve())
+        if absolute != value:
+            node[leaf] = absolute
+            typed.setdefault(key, value)
+    if typed:
+        section["as_typed"] = typed
+    return {**data, "data": section}

@@ -37,12 +37,12 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from sdelab import distributed
 from sdelab.data import Dataset
 from sdelab.parametrization import ScoreModel
 from sdelab.plots import plot_loss
+from sdelab.progress import Progress
 from sdelab.sde import Schedule
 from sdelab.train.build import (
     EVAL_STREAM,
@@ -61,6 +61,8 @@ from sdelab.train.rundir import (
     EVAL_FILE,
     METRICS_FILE,
     MetricsLog,
+    RunLock,
+    RunLockedError,
     StopOnSignal,
     check_run_dir,
     merge_for_resume,
@@ -238,6 +240,7 @@ def train(
     *,
     resume: bool = False,
     eval_hook: EvalHook | None = None,
+    progress: bool = True,
 ) -> TrainResult:
     """Train ``config`` in ``run_dir``, checkpointing as configured.
 
@@ -248,6 +251,11 @@ def train(
             none). Only :data:`RESUMABLE_KEYS` may differ from the saved config.
         eval_hook: ``hook(EvalContext) -> {name: value}``, called every ``train.eval_every``
             steps and after the last one (when ``eval_every > 0``).
+        progress: show progress with an ETA and the loss on stderr
+            (:class:`~sdelab.progress.Progress`: a bar on a terminal, plain lines otherwise).
+
+    The folder is locked (``.lock``, :class:`~sdelab.train.rundir.RunLock`) while training;
+    a folder this call created is removed again if it fails before writing anything.
 
     Writes ``config.yaml``, ``config.json``, ``metrics.jsonl`` (step, loss, grad_norm, lr,
     steps_per_s, every ``log_every`` steps and at the end), ``eval.jsonl``,
@@ -255,7 +263,8 @@ def train(
 
     Raises:
         ConfigError: non-empty run folder without ``resume``, incompatible config, missing
-            TensorBoard or device.
+            TensorBoard or device, a model too large to allocate, a folder locked by another
+            live process (:class:`~sdelab.train.rundir.RunLockedError`).
         TrainingError: non-finite loss or gradient (the last good checkpoint is kept).
         TrainingInterrupted: SIGTERM/SIGINT, after saving a checkpoint.
     """
@@ -270,61 +279,72 @@ def train(
     dataset = make_run_dataset(config)  # built once: resolving, checking and training use it
     config = resolve_config(config, dataset)
     check_world(config, info)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    has_ckpt = resume and bool(list_checkpoints(run_dir))
-    if has_ckpt:
-        config = merge_for_resume(load_checkpoint(run_dir).config, config, run_dir)
-    run = build_resolved_run(config, run_dir, info, dataset, device)
-    if has_ckpt:
-        restore(run)
-    if info.is_main:
-        write_config(run_dir, run.config)
-        for name in (METRICS_FILE, EVAL_FILE):
-            truncate_jsonl(run_dir / name, run.step)
-    log = MetricsLog(run_dir, run.config.train.tensorboard, enabled=info.is_main)
+    created = not run_dir.exists()
+    lock = _lock_main(run_dir, info)
     try:
-        last_loss, ckpt = _loop(run, log, eval_hook)
+        check_run_dir(run_dir, resume)  # again, holding the lock: a run that started first
+        has_ckpt = resume and bool(list_checkpoints(run_dir))
+        if has_ckpt:
+            config = merge_for_resume(load_checkpoint(run_dir).config, config, run_dir)
+        run = build_resolved_run(config, run_dir, info, dataset, device)
+        if has_ckpt:
+            restore(run)
+        if info.is_main:
+            write_config(run_dir, run.config)
+            for name in (METRICS_FILE, EVAL_FILE):
+                truncate_jsonl(run_dir / name, run.step)
+        log = MetricsLog(run_dir, run.config.train.tensorboard, enabled=info.is_main)
+        try:
+            last_loss, ckpt = _loop(run, log, eval_hook, progress)
+        finally:
+            log.close()
+        if info.is_main:
+            _plot(run_dir)
     finally:
-        log.close()
-    if info.is_main:
-        _plot(run_dir)
+        if lock is not None:
+            lock.release()
+        if created and info.is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # failed before writing anything: leave no empty folder behind
     return TrainResult(run_dir=run_dir, step=run.step, last_loss=last_loss, checkpoint=ckpt)
 
 
+def _lock_main(run_dir: Path, info: distributed.DistInfo) -> RunLock | None:
+    """Rank 0 locks the run folder; every rank fails together if it cannot."""
+    lock, error = None, None
+    if info.is_main:
+        try:
+            lock = RunLock(run_dir, "sdelab train").acquire()
+        except RunLockedError as e:
+            error = e
+    if distributed.any_rank(error is not None, info):
+        raise error or RunLockedError(f"rank 0 could not lock {run_dir}")
+    return lock
+
+
 def _loop(
-    run: Run, log: MetricsLog, eval_hook: EvalHook | None
+    run: Run, log: MetricsLog, eval_hook: EvalHook | None, progress: bool = True
 ) -> tuple[float | None, Path | None]:
     tc = run.config.train
     ckpts = list_checkpoints(run.run_dir)
     ckpt: Path | None = ckpts[-1][1] if ckpts else None
     stats: StepStats | None = None
     info = run.dist
-    bar = tqdm(
-        total=tc.steps,
-        initial=run.step,
-        disable=None if info.is_main else True,
-        dynamic_ncols=True,
-        unit="step",
-    )
+    bar = Progress(tc.steps, "train", "steps", initial=run.step, enabled=progress and info.is_main)
     t_last, step_last = time.perf_counter(), run.step
     with StopOnSignal() as stop, bar:
         while run.step < tc.steps:
             try:
                 stats = train_step(run)
             except TrainingError as e:
-                kept = f"the last good checkpoint {ckpt} is kept" if ckpt else "no checkpoint yet"
-                raise TrainingError(
-                    f"{e}: training stopped, {kept}; lower optim.lr or set optim.grad_clip, "
-                    "then --resume"
-                ) from None
-            bar.update(1)
+                raise TrainingError(_diverged_advice(e, run, ckpt)) from None
             last = run.step == tc.steps
-            if run.step % tc.log_every == 0 or last:
+            logged = run.step % tc.log_every == 0 or last
+            if logged:
                 now = time.perf_counter()
                 rate = (run.step - step_last) / max(now - t_last, 1e-9)
                 t_last, step_last = now, run.step
                 log.write(METRICS_FILE, {"step": run.step, **vars(stats), "steps_per_s": rate})
-                bar.set_postfix(loss=f"{stats.loss:.4g}", refresh=False)
+            bar.update(1, loss=stats.loss)
             due = tc.eval_every and (run.step % tc.eval_every == 0 or last)
             if eval_hook is not None and due and info.is_main:
                 log.write(EVAL_FILE, {"step": run.step, **evaluate(run, eval_hook)})
@@ -336,6 +356,19 @@ def _loop(
             if stopping:
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, run.step, ckpt)
     return (stats.loss if stats else None), ckpt
+
+
+def _diverged_advice(error: TrainingError, run: Run, ckpt: Path | None) -> str:
+    """What to do after a non-finite loss: resume from the last good checkpoint with a lower
+    learning rate or a tighter gradient clip (both may change on ``--resume``)."""
+    o = run.config.optim
+    clip = 1.0 if o.grad_clip is None else o.grad_clip / 10
+    fix = f"optim.lr={o.lr / 10:g} or optim.grad_clip={clip:g}"
+    kept = f"the last good checkpoint {ckpt} is kept" if ckpt else "there is no checkpoint yet"
+    return (
+        f"{error}: training stopped, {kept}; continue with a lower learning rate or a tighter "
+        f"clip: sdelab train --resume --out {run.run_dir} {fix}"
+    )
 
 
 def _save_main(run: Run, metrics: Mapping[str, float]) -> Path:

@@ -3,50 +3,67 @@ rules of ``--resume``.
 
 A run folder holds ``config.yaml`` / ``config.json`` (the resolved config), ``metrics.jsonl``
 and ``eval.jsonl`` (one JSON object per line), ``checkpoints/`` (:mod:`sdelab.train.checkpoint`)
-and ``loss.png``.
+and ``loss.png``; while a command writes it, ``.lock`` names the writing process
+(:class:`RunLock`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import signal
+import socket
+import sys
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sdelab.train.build import Run
+from sdelab.train.build import Run, load_state
 from sdelab.train.checkpoint import (
+    list_checkpoints,
     load_checkpoint,
     optimizer_state_from_flat,
     optimizer_state_to_flat,
     prefixed,
     save_checkpoint,
 )
-from sdelab.train.config import ConfigError, RunConfig
+from sdelab.train.config import ConfigError, RunConfig, apply_overrides
 from sdelab.utils import atomic_write
 
 __all__ = [
     "EVAL_FILE",
+    "LOCK_FILE",
     "METRICS_FILE",
     "RESUMABLE_KEYS",
     "MetricsLog",
+    "RunLock",
+    "RunLockedError",
     "StopOnSignal",
     "check_run_dir",
+    "config_changes",
     "flat_config",
     "merge_for_resume",
     "require_tensorboard",
     "restore",
+    "resume_config",
     "save",
+    "saved_config",
     "truncate_jsonl",
     "write_config",
 ]
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
-#: Keys that may differ between a run's saved config and the one given with ``--resume``.
+LOCK_FILE = ".lock"
+#: Keys that may differ between a run's saved config and the one given with ``--resume``:
+#: the loop's cadence and length, where it runs, evaluation, and the two optimiser settings that
+#: a non-finite loss asks to change (the optimiser state is kept; the next step uses them).
 RESUMABLE_KEYS = (
+    "optim.lr",
+    "optim.grad_clip",
     "train.steps",
     "train.log_every",
     "train.ckpt_every",
@@ -148,8 +165,8 @@ def restore(run: Run, step: int | None = None) -> None:
     """Load weights, EMA, optimizer state, generator states and step from a checkpoint."""
     ckpt = load_checkpoint(run.run_dir, step)
     t = ckpt.tensors
-    run.model.load_state_dict(prefixed(t, "model"))
-    run.ema.load_state_dict(prefixed(t, "ema"))
+    load_state(run.model, prefixed(t, "model"), ckpt.path)
+    load_state(run.ema, prefixed(t, "ema"), ckpt.path)
     run.optimizer.load_state_dict(optimizer_state_from_flat(t, ckpt.meta["optimizer"]))
     run.data_gen.set_state(t["rng.data"])
     run.loss_gen.set_state(t["rng.loss"])
@@ -169,8 +186,9 @@ def merge_for_resume(saved: RunConfig, given: RunConfig, run_dir: Path) -> RunCo
     an error naming the keys."""
     a, b = flat_config(saved.to_dict()), flat_config(given.to_dict())
 
-    def allowed(key: str) -> bool:
-        return any(key == r or key.startswith(r + ".") for r in RESUMABLE_KEYS)
+    def allowed(key: str) -> bool:  # as_typed: the same file may be typed differently
+        keys = (*RESUMABLE_KEYS, "data.as_typed")
+        return any(key == r or key.startswith(r + ".") for r in keys)
 
     differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not allowed(k))
     if differ:
@@ -179,13 +197,63 @@ def merge_for_resume(saved: RunConfig, given: RunConfig, run_dir: Path) -> RunCo
             f"cannot resume {run_dir} with a different config: {shown}; on resume only "
             f"{', '.join(RESUMABLE_KEYS)} may change"
         )
-    return saved.model_copy(update={"train": given.train, "eval": given.eval})
+    o = given.optim
+    optim = saved.optim.model_copy(update={"lr": o.lr, "grad_clip": o.grad_clip})
+    return saved.model_copy(update={"train": given.train, "eval": given.eval, "optim": optim})
+
+
+def saved_config(run_dir: str | Path) -> RunConfig | None:
+    """The config a run folder was trained with: its newest checkpoint's, else its
+    ``config.json`` (a run stopped before its first checkpoint), else ``None``."""
+    run_dir = Path(run_dir)
+    if list_checkpoints(run_dir):
+        return load_checkpoint(run_dir).config
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}): delete the run folder") from None
+    return RunConfig.from_dict(data, source=str(path))
+
+
+def config_changes(a: RunConfig, b: RunConfig) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value in a, value in b)`` for every key where the two configs differ."""
+    fa, fb = flat_config(a.to_dict()), flat_config(b.to_dict())
+    keys = sorted(fa.keys() | fb.keys())
+    return [(k, fa.get(k), fb.get(k)) for k in keys if fa.get(k) != fb.get(k)]
+
+
+def resume_config(
+    saved: RunConfig,
+    overrides: Sequence[str],
+    run_dir: Path,
+    given: RunConfig | None = None,
+) -> RunConfig:
+    """The config ``--resume`` continues with: the run's ``saved`` config with the command
+    line's ``overrides`` applied, nothing else. ``given`` (the CONFIG argument with the
+    overrides, resolved) is only checked: it must describe the same run (apart from
+    :data:`RESUMABLE_KEYS`); its own values of resumable keys are not used.
+
+    Raises :class:`ConfigError` when an override or ``given`` changes a key outside
+    :data:`RESUMABLE_KEYS`.
+    """
+    if given is not None:
+        merge_for_resume(saved, given, run_dir)
+    data = apply_overrides(saved.to_dict(), list(overrides))
+    final = RunConfig.from_dict(data, source=f"{run_dir}/config.json with the overrides")
+    merge_for_resume(saved, final, run_dir)
+    return final
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A new run needs an absent or empty folder (a stale lock file alone does not count)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run folder {run_dir} is a file: choose another --out")
-    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
+    if resume or not run_dir.is_dir():
+        return
+    if any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         raise ConfigError(
             f"run folder {run_dir} is not empty: pass --resume to continue it, "
             "or choose a new --out"
@@ -218,3 +286,93 @@ class StopOnSignal:
     def __exit__(self, *exc) -> None:
         for s, old in self._old.items():
             signal.signal(s, old)
+
+
+# ---- the lock ---------------------------------------------------------------------------------
+class RunLockedError(ConfigError):
+    """Another live process holds the run folder's lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class RunLock:
+    """An exclusive lock on a folder for one writing process: ``FOLDER/.lock`` holds the
+    owner's pid, host, command and start time, created atomically (``O_EXCL``).
+
+    A lock whose process is gone (same host, pid not alive) is stale: it is taken over, with a
+    note on stderr. A live owner — or one on another host, whose pid cannot be checked — raises
+    :class:`RunLockedError` naming it and the file to delete if it is wrong. Use as a context
+    manager; the file is removed on exit.
+    """
+
+    def __init__(self, folder: str | Path, command: str = "sdelab") -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self.command = command
+        self.held = False
+
+    def _owner(self) -> dict[str, Any] | None:
+        try:
+            owner = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            return {}  # half-written or foreign: treated as stale
+        return owner if isinstance(owner, dict) else {}
+
+    def acquire(self) -> RunLock:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": self.command,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None:  # released meanwhile: try again
+                    continue
+                pid, host = owner.get("pid"), owner.get("host")
+                local = host == socket.gethostname()
+                if isinstance(pid, int) and (not local or _pid_alive(pid)):
+                    where = "" if local else f" on host {host}"
+                    raise RunLockedError(
+                        f"{self.folder} is in use by process {pid}{where} "
+                        f"({owner.get('command', '?')}, since {owner.get('started', '?')}): wait "
+                        f"for it to finish, or delete {self.path} if that process is gone"
+                    ) from None
+                print(
+                    f"sdelab: taking over the stale lock {self.path} (process {pid} is gone)",
+                    file=sys.stderr,
+                )
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(record, f)
+            self.held = True
+            return self
+        raise RunLockedError(f"could not lock {self.folder}: {self.path} keeps reappearing")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
