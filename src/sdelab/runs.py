@@ -121,13 +121,17 @@ class LoadedRun:
         return make_run_dataset(self.config)
 
 
-def open_run(run: str | Path | LoadedRun, which: str = "ema") -> LoadedRun:
+def open_run(
+    run: str | Path | LoadedRun, which: str = "ema", step: int | str | None = None
+) -> LoadedRun:
     """Load a run folder for evaluation (a :class:`LoadedRun` passes through unchanged, so one
-    load can serve several operations). Raises ValueError when the weights are not finite (a
+    load can serve several operations): checkpoint ``step`` (default the newest, ``"best"`` the
+    one ``eval.select_best`` kept). Raises ValueError when the weights are not finite (a
     diverged run: nothing computed from it would be)."""
     if isinstance(run, LoadedRun):
         return run
-    config, model, schedule = load_run(run, which, device=_eval_device(distributed.get_info()))
+    device = _eval_device(distributed.get_info())
+    config, model, schedule = load_run(run, which, step=step, device=device)
     bad = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
     if bad:
         raise ValueError(

@@ -176,3 +176,27 @@ def note(text: str) -> None:
 #: ``--steps`` when not given: what suits each sampler (RK4 takes 4 evaluations a step; the
 #: adaptive ODE methods use the grid only for output times; DPM-Solver is built for few steps).
 DEFAULT_STEPS = {"ode": 100, "dpm_solver": 20}
+
+
+def checkpoint_arg(text: str) -> int | str:
+    """``--checkpoint``: ``best`` or a step number."""
+    if text == "best":
+        return text
+    try:
+        step = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'best' or a step number") from None
+    if step < 0:
+        raise argparse.ArgumentTypeError(f"a step number is >= 0, got {step}")
+    return step
+
+
+def add_checkpoint_option(p: argparse.ArgumentParser) -> None:
+    """``--checkpoint best|STEP`` (default: the newest checkpoint)."""
+    p.add_argument(
+        "--checkpoint",
+        type=checkpoint_arg,
+        default=None,
+        metavar="best|STEP",
+        help="which checkpoint: a step, or best (kept by eval.select_best; default: newest)",
+    )

@@ -9,6 +9,7 @@ from typing import Any
 
 from sdelab.cli.common import (
     CLIError,
+    add_checkpoint_option,
     check_new_files,
     join_launched_group,
     nonneg_int,
@@ -19,6 +20,7 @@ from sdelab.cli.interop import add_diffusers_options, diffusers_likelihood
 from sdelab.data.image_data import IMAGE_DATA_NAMES
 from sdelab.repeats import repeat_statistics
 from sdelab.runs import (
+    open_run,
     run_likelihood,
     run_loss,
     run_vlb,
@@ -63,6 +65,7 @@ def _likelihood(args: argparse.Namespace) -> int:
         "n": args.n,
         "seed": args.seed,
         "weights": args.weights,
+        "checkpoint": args.checkpoint,
         "batch_size": args.batch_size,
         "dequantization": ("variational" if args.dequantizer else "uniform") if image else None,
         "dequantizer": None if args.dequantizer is None else str(Path(args.dequantizer)),
@@ -73,7 +76,7 @@ def _likelihood(args: argparse.Namespace) -> int:
     if info.is_main:
         check_new_files([path], force=args.force, hint=_KEEP)
     res = run_likelihood(
-        args.run,
+        open_run(args.run, args.weights, args.checkpoint),
         method=args.method,
         n=args.n,
         batch_size=args.batch_size,
@@ -137,6 +140,8 @@ def _result_name(record: dict[str, Any]) -> str:
         parts.append(record["weights"])
     if record.get("batch_size", 1000) != 1000:
         parts.append(f"b{record['batch_size']}")
+    if record.get("checkpoint") is not None:
+        parts.append(f"ckpt{record['checkpoint']}")
     if record.get("split", "test") != "test":
         parts.append(record["split"])
     if record.get("repeats", 1) != 1:
@@ -313,5 +318,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="continue an interrupted evaluation (RUN/eval/likelihood) with the same options",
     )
     p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw weights")
+    add_checkpoint_option(p)
     p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default 0)")
     p.set_defaults(func=_likelihood)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sdelab.cli.common import CLIError, join_launched_group, parse_options
+from sdelab.cli.common import CLIError, add_checkpoint_option, join_launched_group, parse_options
 from sdelab.data import DATASETS, make_dataset
 from sdelab.quality import METRICS, save_stats
 from sdelab.runs import (
@@ -67,7 +67,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise CLIError(f"--steps must be a positive number of steps, got {args.steps}")
     if args.kid_subset_size < 2:
         raise CLIError(f"--kid-subset-size must be at least 2, got {args.kid_subset_size}")
-    run = open_run(args.run, args.weights)
+    run = open_run(args.run, args.weights, args.checkpoint)
     ev = run_quality(
         run,
         metrics=args.metrics,
@@ -196,5 +196,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--kid-subset-size", type=int, default=1000, help="rows per KID subset (default 1000)"
     )
     p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw weights")
+    add_checkpoint_option(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=_evaluate)

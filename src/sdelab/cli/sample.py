@@ -8,6 +8,7 @@ from pathlib import Path
 from sdelab.cli.common import (
     DEFAULT_STEPS,
     CLIError,
+    add_checkpoint_option,
     check_new_files,
     check_sampler_options,
     finite_float,
@@ -42,7 +43,7 @@ def _sample(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else DEFAULT_STEPS.get(args.sampler, 1000)
     kwargs = dict(n=args.n, sampler=args.sampler, steps=steps, seed=args.seed)
     options = check_sampler_options(args.sampler, parse_options(args.option))
-    run = open_run(args.run, args.weights)  # the checkpoint is read once
+    run = open_run(args.run, args.weights, args.checkpoint)  # the checkpoint is read once
     dataset = run.dataset
     if info.is_main:
         check_new_files(_outputs(out, dataset.image_shape is not None, run.config.model.dim))
@@ -157,6 +158,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="sampler option, repeatable (snr=0.16, lam=0.5, method=rk4, ...)",
     )
     p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw weights")
+    add_checkpoint_option(p)
     p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default 0)")
     p.add_argument(
         "--class",

@@ -18,7 +18,7 @@ from sdelab.runs import (
 from sdelab.train.build import make_run_dataset, resolve_config
 from sdelab.train.checkpoint import list_checkpoints
 from sdelab.train.config import builtin_configs, load_config
-from sdelab.train.hooks import likelihood_hook
+from sdelab.train.hooks import eval_hook_for
 from sdelab.train.loop import TrainingError, TrainingInterrupted, train
 from sdelab.train.rundir import RunLock, config_changes, resume_config, saved_config
 
@@ -107,7 +107,7 @@ def _train(args: argparse.Namespace) -> int:
         raise CLIError("--out DIR is required: the run folder to write")
     dataset.load()  # image data are read lazily: missing files fail here, not mid-run
     try:
-        hook = likelihood_hook if config.train.eval_every else None
+        hook = eval_hook_for(config)
         result = train(config, args.out, resume=args.resume, eval_hook=hook)
     except TrainingInterrupted as e:
         print(f"sdelab train: {e}", file=sys.stderr)

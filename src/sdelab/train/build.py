@@ -299,7 +299,7 @@ def load_run(
     run_dir: str | Path,
     which: str = "ema",
     *,
-    step: int | None = None,
+    step: int | str | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[RunConfig, ScoreModel, Schedule]:
     """Load a trained run for sampling and likelihood: ``(config, model, schedule)``.
@@ -309,7 +309,8 @@ def load_run(
     Args:
         run_dir: a run folder written by ``sdelab train``.
         which: ``"ema"`` (the exponential moving average, usually better) or ``"raw"``.
-        step: which checkpoint (default: the newest).
+        step: which checkpoint (default: the newest; ``"best"``: the one kept by
+            ``eval.select_best``).
         device: where to put the model.
 
     Returns:

@@ -32,10 +32,12 @@ from sdelab.train.config import RunConfig
 from sdelab.utils import atomic_write
 
 __all__ = [
+    "BEST_FILE",
     "CKPT_DIR",
     "Checkpoint",
     "CheckpointError",
     "atomic_write",
+    "best_step",
     "list_checkpoints",
     "load_checkpoint",
     "optimizer_state_from_flat",
@@ -121,6 +123,7 @@ def save_checkpoint(
     *,
     config: RunConfig | dict[str, Any],
     keep_last: int | None = None,
+    protect: frozenset[int] = frozenset(),
 ) -> Path:
     """Write checkpoint ``step`` atomically and keep only the newest ``keep_last``.
 
@@ -132,6 +135,7 @@ def save_checkpoint(
         config: the resolved config (or a plain JSON-able dict, for folders that are not
             score-model runs, e.g. a dequantizer's), stored in both files.
         keep_last: how many checkpoints to keep (``None``: all).
+        protect: steps never pruned (the best checkpoint of ``eval.select_best``).
 
     Returns:
         The JSON path of the new checkpoint.
@@ -157,14 +161,15 @@ def save_checkpoint(
     }
     json_path = folder / f"{stem}.json"
     atomic_write(json_path, json.dumps(record, indent=1))
-    _prune(folder, keep_last)
+    _prune(folder, keep_last, protect)
     return json_path
 
 
-def _prune(folder: Path, keep_last: int | None) -> None:
-    """Delete checkpoints beyond the newest ``keep_last`` (JSON first, so a crash mid-prune
-    never leaves a JSON without its tensors), stray temp files and orphan tensor files."""
-    complete = list_checkpoints(folder.parent)
+def _prune(folder: Path, keep_last: int | None, protect: frozenset[int] = frozenset()) -> None:
+    """Delete checkpoints beyond the newest ``keep_last`` but the ``protect``ed steps (JSON
+    first, so a crash mid-prune never leaves a JSON without its tensors), stray temp files and
+    orphan tensor files."""
+    complete = [(s, p) for s, p in list_checkpoints(folder.parent) if s not in protect]
     if keep_last is not None:
         for _, json_path in complete[: max(0, len(complete) - keep_last)]:
             json_path.unlink(missing_ok=True)
@@ -175,14 +180,33 @@ def _prune(folder: Path, keep_last: int | None) -> None:
             p.unlink(missing_ok=True)
 
 
-def load_checkpoint(run_dir: str | Path, step: int | None = None) -> Checkpoint:
-    """Load checkpoint ``step`` of a run (default: the newest complete one).
+BEST_FILE = "best.json"
+
+
+def best_step(run_dir: str | Path) -> int | None:
+    """The step of the run's best checkpoint (``eval.select_best``), or ``None``."""
+    path = Path(run_dir) / BEST_FILE
+    if not path.is_file():
+        return None
+    return int(json.loads(path.read_text())["step"])
+
+
+def load_checkpoint(run_dir: str | Path, step: int | str | None = None) -> Checkpoint:
+    """Load checkpoint ``step`` of a run (default: the newest complete one; ``"best"``: the
+    best by ``eval.select_best``, see ``RUN/best.json``).
 
     Raises:
         CheckpointError: no checkpoint, or the files are unreadable, truncated or do not match
             their recorded hash (the message names the file and how to recover).
     """
     run_dir = Path(run_dir)
+    if step == "best":
+        step = best_step(run_dir)
+        if step is None:
+            raise CheckpointError(
+                f"{run_dir} has no best checkpoint ({BEST_FILE}): train it with "
+                "eval.select_best=fd and train.eval_every > 0, or use the newest checkpoint"
+            )
     found = list_checkpoints(run_dir)
     if not found:
         raise CheckpointError(f"no checkpoint in {run_dir / CKPT_DIR}: train the run first")

@@ -361,12 +361,32 @@ class EvalConfig(_Section):
     """Periodic evaluation (every ``train.eval_every`` steps, by the hook the caller passes):
     ``n_test`` held-out points, a ``sampler`` name and its number of ``steps``, and
     ``options`` for the built-in likelihood hook (:data:`EVAL_OPTIONS`: ``n_eval``, ``rtol``,
-    ``atol``); other keys are errors (a hook of your own takes its settings as arguments)."""
+    ``atol``); other keys are errors (a hook of your own takes its settings as arguments).
+    ``fd_features`` (``identity`` or ``classifier`` with ``fd_classifier`` a clean classifier
+    folder) adds the Fréchet distance of ``fd_n`` EMA samples (drawn with ``sampler`` /
+    ``steps``, DPM-Solver 20 steps by default) to the test set; ``select_best: fd`` keeps the
+    checkpoint of the lowest FD (``RUN/best.json``; ``--checkpoint best`` in sample and
+    likelihood)."""
 
     n_test: int = Field(2000, ge=1)
     sampler: str | None = None
     steps: int = Field(500, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)
+    fd_features: Literal["identity", "classifier"] | None = None
+    fd_classifier: str | None = None
+    fd_n: int = Field(500, ge=2)
+    select_best: Literal["fd"] | None = None
+
+    @model_validator(mode="after")
+    def _fd_options(self) -> EvalConfig:
+        if self.select_best == "fd" and self.fd_features is None:
+            raise ValueError(
+                "eval.select_best=fd needs eval.fd_features (identity for vector data, "
+                "classifier with eval.fd_classifier=DIR from sdelab train-classifier --clean)"
+            )
+        if self.fd_features == "classifier" and not self.fd_classifier:
+            raise ValueError("eval.fd_features=classifier needs eval.fd_classifier=DIR")
+        return self
 
     @field_validator("options")
     @classmethod

@@ -70,6 +70,7 @@ from sdelab.train.rundir import (
     restore,
     save,
     truncate_jsonl,
+    update_best,
     write_config,
 )
 from sdelab.utils import derive_seed
@@ -346,12 +347,17 @@ def _loop(
                 log.write(METRICS_FILE, {"step": run.step, **vars(stats), "steps_per_s": rate})
             bar.update(1, loss=stats.loss)
             due = tc.eval_every and (run.step % tc.eval_every == 0 or last)
+            best = False
             if eval_hook is not None and due and info.is_main:
-                log.write(EVAL_FILE, {"step": run.step, **evaluate(run, eval_hook)})
+                metrics = evaluate(run, eval_hook)
+                log.write(EVAL_FILE, {"step": run.step, **metrics})
+                best = update_best(run, metrics)  # eval.select_best: keep this checkpoint
+            if due and eval_hook is not None:  # the same steps on every rank: one collective
+                best = distributed.any_rank(best, info)
             # every rank stops after the same step, whichever rank saw the signal
             signalled = distributed.any_rank(stop.signum is not None, info)
             stopping = signalled and not last
-            if run.step % tc.ckpt_every == 0 or last or stopping:
+            if run.step % tc.ckpt_every == 0 or last or stopping or best:
                 ckpt = _save_main(run, {"loss": stats.loss})
             if stopping:
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, run.step, ckpt)

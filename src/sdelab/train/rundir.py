@@ -23,6 +23,8 @@ from typing import Any
 
 from sdelab.train.build import Run, load_state
 from sdelab.train.checkpoint import (
+    BEST_FILE,
+    best_step,
     list_checkpoints,
     load_checkpoint,
     optimizer_state_from_flat,
@@ -52,6 +54,7 @@ __all__ = [
     "save",
     "saved_config",
     "truncate_jsonl",
+    "update_best",
     "write_config",
 ]
 
@@ -158,7 +161,24 @@ def save(run: Run, metrics: Mapping[str, float] | None = None) -> Path:
         meta,
         config=run.config,
         keep_last=run.config.train.keep_last,
+        protect=frozenset(s for s in [best_step(run.run_dir)] if s is not None),
     )
+
+
+def update_best(run: Run, metrics: Mapping[str, float]) -> bool:
+    """With ``eval.select_best: M``: whether this evaluation's ``metrics[M]`` is the lowest so
+    far; if so ``RUN/best.json`` points to this step (whose checkpoint the caller saves)."""
+    name = run.config.eval.select_best
+    if name is None or name not in metrics or not math.isfinite(metrics[name]):
+        return False
+    path = run.run_dir / BEST_FILE
+    if path.is_file():
+        best = json.loads(path.read_text())
+        if best["step"] != run.step and best["value"] <= metrics[name]:
+            return False
+    record = {"metric": name, "value": float(metrics[name]), "step": run.step}
+    atomic_write(path, json.dumps(record) + "\n")
+    return True
 
 
 def restore(run: Run, step: int | None = None) -> None:
