@@ -57,7 +57,9 @@ from sdelab.train.build import (
 )
 from sdelab.train.checkpoint import CKPT_DIR, list_checkpoints, load_checkpoint
 from sdelab.train.config import OptimConfig, RunConfig
+from sdelab.train.memory import check_memory
 from sdelab.train.objectives import OBJECTIVES
+from sdelab.train.periodic import epoch_steps, write_samples
 from sdelab.train.rundir import (
     EVAL_FILE,
     METRICS_FILE,
@@ -303,6 +305,11 @@ def train(
         write_config(run_dir, run.config)
         for name in (METRICS_FILE, EVAL_FILE):
             truncate_jsonl(run_dir / name, run.step)
+    if run.config.train.memory_check:
+        try:
+            check_memory(run, train_step)  # parameter count and one trial step's peak memory
+        except TrainingError:
+            pass  # a non-finite first step: the loop meets it again and says what to do
     log = MetricsLog(run_dir, run.config.train.tensorboard, enabled=info.is_main)
     try:
         last_loss, ckpt = _loop(run, log, eval_hook)
@@ -329,6 +336,7 @@ def _loop(
         unit="step",
     )
     t_last, step_last = time.perf_counter(), run.step
+    every_epochs = epoch_steps(run)  # train.ckpt_every_epochs in steps (0: off)
     with _StopOnSignal() as stop, bar:
         while run.step < tc.steps:
             try:
@@ -350,10 +358,13 @@ def _loop(
             due = tc.eval_every and (run.step % tc.eval_every == 0 or last)
             if eval_hook is not None and due and info.is_main:
                 log.write(EVAL_FILE, {"step": run.step, **evaluate(run, eval_hook)})
+            if tc.sample_every and (run.step % tc.sample_every == 0 or last) and info.is_main:
+                write_samples(run)
             # every rank stops after the same step, whichever rank saw the signal
             signalled = distributed.any_rank(stop.signum is not None, info)
             stopping = signalled and not last
-            if run.step % tc.ckpt_every == 0 or last or stopping:
+            epoch_due = every_epochs and run.step % every_epochs == 0
+            if run.step % tc.ckpt_every == 0 or epoch_due or last or stopping:
                 ckpt = _save_main(run, {"loss": stats.loss})
             if stopping:
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, run.step, ckpt)
