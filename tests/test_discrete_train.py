@@ -164,3 +164,47 @@ def test_sample_paths_sorted(tmp_path):
         "step_00000030.png",
         "step_00000100.png",
     ]
+
+
+def test_tutorial_folder64_is_seed_002_and_runs_on_a_tiny_folder(tmp_path):
+    """The config holds the seed's settings; a few steps on 12 generated RGB images write a
+    checkpoint every epoch, the PC samples of the seed's sampler while training, and a strip."""
+    from PIL import Image
+
+    from sdelab.runs import plot_run
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(12):
+        arr = rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / f"{i:02d}.png")
+    full = load_config("images/tutorial_folder64", [f"data.options.root={root}"])
+    assert full.sde.name == "tutorial" and full.sde.kwargs["s"] == 391
+    assert full.model.image_shape == [3, 64, 64] and full.train.ckpt_every_epochs == 20
+    assert full.eval.sampler == "pc" and full.eval.steps == 1000
+    assert full.eval.sampler_options["snr"] == 0.075
+    small = [
+        f"data.options.root={root}",
+        "data.options.size=8",
+        "model.base_channels=8",
+        "model.channel_mults=[1, 2]",
+        "model.num_groups=4",
+        "model.embedding_dim=16",
+        "train.batch_size=4",  # 12 images: an epoch is 3 steps
+        "train.steps=7",
+        "train.ckpt_every_epochs=1",
+        "train.sample_every=3",
+        "eval.steps=4",
+        "eval.n_samples=4",
+    ]
+    train(load_config("images/tutorial_folder64", small), tmp_path / "run")
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [3, 6, 7]
+    grids = sample_paths(tmp_path / "run")
+    assert [p.stem for p in grids] == ["step_00000003", "step_00000006", "step_00000007"]
+    x = np.load(grids[-1].with_suffix(".npy"))
+    assert x.shape == (4, 3, 8, 8) and np.isfinite(x).all()
+    (strip,) = plot_run(tmp_path / "run")
+    assert strip.name == "samples_during_training.png" and strip.stat().st_size > 1000
+    with pytest.raises(ConfigError, match="unknown eval.sampler_options snrr"):
+        load_config("images/tutorial_folder64", [*small, "eval.sampler_options.snrr=1"])

@@ -30,12 +30,19 @@ from sdelab.controllable import cfg_score_fn, guided_score_fn
 from sdelab.data import TOYS, Dataset, toy_log_prob
 from sdelab.evaluation import EvaluationResult, evaluate_sharded
 from sdelab.parametrization import ScoreModel
-from sdelab.plots import plot_density, plot_loss, plot_samples, plot_trajectories
+from sdelab.plots import (
+    plot_density,
+    plot_loss,
+    plot_sample_strip,
+    plot_samples,
+    plot_trajectories,
+)
 from sdelab.samplers import SampleResult, sample
 from sdelab.sde import Schedule
 from sdelab.train.build import dequantization_options, load_run, make_run_dataset, resolve_device
 from sdelab.train.classifier import load_classifier
 from sdelab.train.config import RunConfig
+from sdelab.train.periodic import sample_paths
 from sdelab.utils import chunk_generator, mean_se_float
 from sdelab.vdm import check_vdm_schedule, vdm_vlb
 
@@ -450,12 +457,17 @@ def plot_run(
     run_dir: str | Path, out_dir: str | Path | None = None, *, n: int = 5000, seed: int = 0
 ) -> list[Path]:
     """Write the standard plots of a 2-D run: loss curve, data vs samples (probability-flow ODE
-    and reverse SDE), the model density from the ODE likelihood, and λ = 0 / λ = 1 trajectories.
-    Returns the written paths."""
+    and reverse SDE), the model density from the ODE likelihood, and λ = 0 / λ = 1 trajectories;
+    for any run with the grids of ``train.sample_every``, also ``samples_during_training.png``,
+    a strip of them (the only plot of an image run). Returns the written paths."""
     loaded = open_run(run_dir)
     run_dir, config, model, schedule = loaded.run_dir, loaded.config, loaded.model, loaded.schedule
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    grids = sample_paths(run_dir)  # train.sample_every's grids, as one strip
+    strip = [] if not grids else [plot_sample_strip(grids, out / "samples_during_training.png")]
     if config.model.dim != 2:
+        if strip:
+            return strip
         raise ValueError(f"plot draws 2-D runs; this run's data has {config.model.dim} dims")
     dataset = make_run_dataset(config)
     test = dataset.test_set(n)
@@ -480,7 +492,7 @@ def plot_run(
 
     paths.append(plot_density(model, schedule, out / "density.png", data=test, true_log_prob=truth))
     paths.append(plot_trajectories(model, schedule, out / "trajectories.png", seed=seed))
-    return paths
+    return paths + strip
 
 
 def save_samples(samples: torch.Tensor, path: str | Path) -> Path:

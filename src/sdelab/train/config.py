@@ -49,7 +49,7 @@ from sdelab.losses import TIME_SAMPLERS, WEIGHTINGS
 from sdelab.nets.embeddings import TIME_EMBEDDINGS
 from sdelab.nets.unet import ImageUNet
 from sdelab.parametrization import KINDS
-from sdelab.samplers import SAMPLERS
+from sdelab.samplers import SAMPLERS, sampler_options
 from sdelab.sde import SCHEDULES, make_schedule
 
 __all__ = [
@@ -71,6 +71,8 @@ __all__ = [
 
 #: The SDE each discrete objective discretises.
 DISCRETE_SCHEDULES = {"ddpm": "vp", "smld": "ve"}
+#: Options of the exact chains (sdelab.discrete.sample_ddpm / sample_ncsn) for eval.sampler=chain.
+CHAIN_OPTIONS = {"ddpm": (), "smld": ("n_steps_each", "step_lr", "denoise")}
 #: Schedules the VDM objective accepts, and those of them with parameters.
 VDM_SCHEDULES = ("vdm", "vdm-learned-ends", "vdm-learned")
 LEARNED_SCHEDULES = ("vdm-learned-ends", "vdm-learned")
@@ -474,6 +476,16 @@ class RunConfig(_Section):
             raise ValueError(
                 "eval.sampler=chain is the exact chain of a discrete objective: set "
                 "loss.objective to ddpm or smld, or choose a continuous sampler"
+            )
+        if sampler == "chain":
+            valid = CHAIN_OPTIONS[self.loss.objective]
+        else:
+            valid = tuple(sampler_options(sampler or "euler_maruyama"))
+        unknown = sorted(set(self.eval.sampler_options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown eval.sampler_options {', '.join(unknown)} for eval.sampler="
+                f"{sampler or 'euler_maruyama'}: valid are {', '.join(valid) or 'none'}"
             )
         return self
 
