@@ -208,3 +208,24 @@ def test_tutorial_folder64_is_seed_002_and_runs_on_a_tiny_folder(tmp_path):
     assert strip.name == "samples_during_training.png" and strip.stat().st_size > 1000
     with pytest.raises(ConfigError, match="unknown eval.sampler_options snrr"):
         load_config("images/tutorial_folder64", [*small, "eval.sampler_options.snrr=1"])
+
+
+def test_seed_001_configs_and_their_fashion_twins():
+    """The three configs by name with the seed's SDE, objective, N and sampler; each
+    Fashion-MNIST twin keeps those and only shrinks the network and the run."""
+    expect = {
+        "vpsde_discrete": ("vp", "ddpm", "chain", {}),
+        "vpsde_continuous": ("vp", "dsm", "euler_maruyama", {}),
+        "subvpsde": ("subvp", "dsm", "pc", {"snr": 0.16}),
+    }
+    for name, (sde, objective, sampler, opts) in expect.items():
+        full = load_config(f"images/score_sde_{name}", ["data.options.root=/nonexistent"])
+        twin = load_config(f"images/fashion_{name}")
+        for cfg in (full, twin):
+            assert (cfg.sde.name, cfg.loss.objective, cfg.eval.sampler) == (sde, objective, sampler)
+            assert cfg.sde.kwargs["beta_min"] == 0.1 and cfg.sde.kwargs["beta_max"] == 20
+            assert cfg.eval.steps == 1000 and cfg.loss.discrete_steps == 1000
+            assert opts.items() <= cfg.eval.sampler_options.items()
+        assert full.model.image_shape == [1, 32, 32] and full.train.batch_size == 128
+        assert full.model.base_channels == 128 and full.model.channel_mults == [1, 2, 2, 2]
+        assert twin.data.name == "fashion_mnist" and twin.model.base_channels == 16
