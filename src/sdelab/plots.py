@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.image import imread
 
 from sdelab.likelihood import log_likelihood
 from sdelab.samplers import sample
@@ -18,6 +19,7 @@ __all__ = [
     "density_grid",
     "plot_density",
     "plot_loss",
+    "plot_sample_strip",
     "plot_samples",
     "plot_trajectories",
     "read_jsonl",
@@ -240,5 +242,29 @@ def plot_trajectories(
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"λ={lam:g}: 25 paths", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_sample_strip(
+    images: list[str | Path],
+    path: str | Path,
+    *,
+    titles: list[str] | None = None,
+    max_frames: int = 8,
+) -> Path:
+    """One row of PNG images (e.g. the sample grids a run wrote while training), evenly thinned
+    to at most ``max_frames`` (first and last always kept), each titled. Returns the path."""
+    if not images:
+        raise ValueError("no images to put in a strip: train with train.sample_every > 0 first")
+    frames = np.linspace(0, len(images) - 1, min(max_frames, len(images))).round()
+    idx = np.unique(frames).astype(int)
+    titles = titles or [Path(p).stem for p in images]
+    fig = Figure(figsize=(2.4 * len(idx), 2.8))
+    for j, i in enumerate(idx):
+        ax = fig.add_subplot(1, len(idx), j + 1)
+        ax.imshow(imread(str(images[i])), interpolation="nearest")
+        ax.set_title(titles[i], fontsize=8)
+        ax.axis("off")
     fig.tight_layout()
     return _save(fig, path)

@@ -34,7 +34,13 @@ from sdelab.interop import DiffusersModel
 from sdelab.losses import dsm_loss
 from sdelab.nets.inception import load_fid_inception
 from sdelab.parametrization import ScoreModel
-from sdelab.plots import plot_density, plot_loss, plot_samples, plot_trajectories
+from sdelab.plots import (
+    plot_density,
+    plot_loss,
+    plot_sample_strip,
+    plot_samples,
+    plot_trajectories,
+)
 from sdelab.progress import Progress, TimeProgress
 from sdelab.quality import (
     NEEDS_REFERENCE_FEATURES,
@@ -59,6 +65,7 @@ from sdelab.train.classifier import load_classifier
 from sdelab.train.config import RunConfig
 from sdelab.train.dequantizer import check_dequantizer_fits, load_dequantizer
 from sdelab.train.evalstore import EVAL_DIR, EvalStore
+from sdelab.train.periodic import sample_paths
 from sdelab.utils import atomic_write, check_int, chunk_generator, mean_se_float
 from sdelab.vdm import check_vdm_schedule, vdm_vlb
 
@@ -655,13 +662,19 @@ def plot_run(
     on_write: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """Write the standard plots of a 2-D run: loss curve, data vs samples (probability-flow ODE
-    and reverse SDE), the model density from the ODE likelihood, and λ = 0 / λ = 1 trajectories.
-    ``on_write(path)`` is called as each file is written (e.g. to print it; the sampling then
-    shows its progress on stderr). Returns the written paths."""
+    and reverse SDE), the model density from the ODE likelihood, and λ = 0 / λ = 1 trajectories;
+    for any run with the grids of ``train.sample_every``, also ``samples_during_training.png``,
+    a strip of them (the only plot of an image run). ``on_write(path)`` is called as each file
+    is written (e.g. to print it; the sampling then shows its progress on stderr). Returns the
+    written paths."""
     loaded = open_run(run_dir)
     run_dir, config, model, schedule = loaded.run_dir, loaded.config, loaded.model, loaded.schedule
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
+    grids = sample_paths(run_dir)  # train.sample_every's grids, as one strip
+    strip = [] if not grids else [plot_sample_strip(grids, out / "samples_during_training.png")]
     if config.model.dim != 2:
+        if strip:
+            return strip
         raise ValueError(f"plot draws 2-D runs; this run's data has {config.model.dim} dims")
     dataset = make_run_dataset(config)
     test = dataset.test_set(n)
@@ -694,7 +707,7 @@ def plot_run(
 
     wrote(plot_density(model, schedule, out / "density.png", data=test, true_log_prob=truth))
     wrote(plot_trajectories(model, schedule, out / "trajectories.png", seed=seed))
-    return paths
+    return paths + strip
 
 
 def save_samples(samples: torch.Tensor, path: str | Path) -> Path:

@@ -354,9 +354,10 @@ class VESchedule(Schedule):
     def g2(self, t):
         return 2 * self._log_ratio * self.alpha_sigma(t)[1] ** 2
 
-    def discrete_sigmas(self, n: int) -> Tensor:
+    def discrete_sigmas(self, n: int, dtype: torch.dtype | None = None) -> Tensor:
         """SMLD's geometric noise levels σ_1 < … < σ_n from σ_min to σ_max."""
-        return torch.exp(torch.linspace(math.log(self.sigma_min), math.log(self.sigma_max), n))
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        return torch.exp(torch.linspace(lo, hi, n, dtype=dtype))
 
     def extra_repr(self):
         return (
@@ -526,9 +527,9 @@ class VPSchedule(_LinearBeta, LogSNRSchedule):
     def g2(self, t):
         return self.beta(t)
 
-    def discrete_betas(self, n: int) -> Tensor:
+    def discrete_betas(self, n: int, dtype: torch.dtype | None = None) -> Tensor:
         """DDPM's n discrete β_i = linspace(β_min/n, β_max/n), as Score-SDE's ancestral sampler."""
-        return torch.linspace(self.beta_min / n, self.beta_max / n, n)
+        return torch.linspace(self.beta_min / n, self.beta_max / n, n, dtype=dtype)
 
 
 class SubVPSchedule(_LinearBeta, Schedule):

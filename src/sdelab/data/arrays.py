@@ -104,6 +104,11 @@ class ArrayDataset(VectorData):
         self.dim = arr.shape[1]
         self.num_classes = 0  # arrays carry no labels
 
+    @property
+    def train_size(self) -> int:
+        """Number of training rows (one epoch of ``train.ckpt_every_epochs``)."""
+        return len(self.train)
+
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """``n`` training rows drawn with replacement, ``(n, D)`` float32."""
         return self.train[torch.randint(len(self.train), (n,), generator=generator)]

@@ -221,6 +221,11 @@ class ImageData:
             k = random_hflip(k, generator=generator)
         return idx, k
 
+    @property
+    def train_size(self) -> int:
+        """Number of training images (one epoch of ``train.ckpt_every_epochs``)."""
+        return len(self._split("train").levels)
+
     def to_model(self, levels: Tensor, u: Tensor | float = 0.5) -> Tensor:
         """y = a·(k + u)/L + b (``u = ½``: bin centres)."""
         return to_model_space(levels, self.num_levels, self.scale, self.shift, u)

@@ -17,6 +17,7 @@ import torch
 
 from sdelab.data import Dataset, make_dataset
 from sdelab.data.toys import no_labels_error
+from sdelab.discrete import CHAINS, DiscreteScoreModel
 from sdelab.distributed import DistInfo
 from sdelab.nets.mlp import MLP
 from sdelab.nets.unet import ImageUNet
@@ -145,7 +146,10 @@ def build_model(config: RunConfig, schedule: Schedule) -> ScoreModel:
     The network is ``config.model`` (its ``dim`` must be resolved, as in every saved config):
     an :class:`~sdelab.nets.mlp.MLP`, or for ``arch: unet`` an
     :class:`~sdelab.nets.unet.ImageUNet` of ``model.image_shape``; its output kind is
-    ``config.loss.parametrization`` (eps, score, x0, v or drift). Calling the returned model
+    ``config.loss.parametrization`` (eps, score, x0, v or drift); for ``loss.objective`` ddpm or
+    smld a :class:`~sdelab.discrete.DiscreteScoreModel`, the continuous view of a network on
+    ``loss.discrete_steps`` integer steps (``model.at_step`` for the exact chain). Calling the
+    returned model
     gives the score; ``model.predict(x, t, kind)`` any other kind. With ``model.num_classes: K``
     the network is class-conditional: ``model(x, t, y)``.
     """
@@ -166,6 +170,10 @@ def build_model(config: RunConfig, schedule: Schedule) -> ScoreModel:
             embedding_scale=m.embedding_scale,
             num_classes=m.num_classes,
         )
+    objective = config.loss.objective
+    if objective in CHAINS:  # discrete time: the continuous view of the chain's network
+        chain = CHAINS[objective](schedule, config.loss.discrete_steps)
+        return DiscreteScoreModel(net, chain, output=config.loss.parametrization)
     return ScoreModel(net, schedule, output=config.loss.parametrization)
 
 

@@ -15,13 +15,16 @@ choices. ``sdelab train --dry-run`` prints the resolved config.
             # fourier_features: [], num_groups: 8, image_shape: null (filled from the data)
             # num_classes: 0, label_dropout: 0.0 (class-conditional nets, either arch)
     loss:   {objective: dsm, parametrization: eps, weighting: score-matching,
-             time_sampling: uniform, low_discrepancy: false, vlb_steps: 0}
+             time_sampling: uniform, low_discrepancy: false, vlb_steps: 0,
+             discrete_steps: 1000}                               # objective: dsm vdm ddpm smld
     optim:  {name: adam, lr: 0.001, betas: [0.9, 0.999], eps: 1.0e-08, weight_decay: 0.0,
              warmup_steps: 0, grad_clip: 1.0}
     train:  {steps: 10000, batch_size: 512, ema_decay: 0.999, seed: 0, log_every: 10,
              ckpt_every: 1000, keep_last: 3, eval_every: 0, device: cpu, tensorboard: false,
-             mixed_precision: "no", grad_accum: 1}
-    eval:   {n_test: 2000, sampler: null, steps: 500, options: {}}
+             mixed_precision: "no", grad_accum: 1, sample_every: 0, ckpt_every_epochs: 0,
+             memory_check: true, memory_limit_mb: null}
+    eval:   {n_test: 2000, sampler: null, steps: 500, options: {}, n_samples: 64,
+             sampler_options: {}}
 
 Built-in configs live in the package, ``src/sdelab/configs/<group>/<name>.yaml`` (installed as
 package data); :func:`resolve_config_path` finds them by ``group/name`` or by bare ``name``.
@@ -46,6 +49,7 @@ from sdelab.losses import TIME_SAMPLERS, WEIGHTINGS
 from sdelab.nets.embeddings import TIME_EMBEDDINGS
 from sdelab.nets.unet import ImageUNet
 from sdelab.parametrization import KINDS
+from sdelab.samplers import SAMPLERS, sampler_options
 from sdelab.sde import SCHEDULES, make_schedule
 
 __all__ = [
@@ -65,6 +69,10 @@ __all__ = [
 ]
 
 
+#: The SDE each discrete objective discretises.
+DISCRETE_SCHEDULES = {"ddpm": "vp", "smld": "ve"}
+#: Options of the exact chains (sdelab.discrete.sample_ddpm / sample_ncsn) for eval.sampler=chain.
+CHAIN_OPTIONS = {"ddpm": (), "smld": ("n_steps_each", "step_lr", "denoise")}
 #: Schedules the VDM objective accepts, and those of them with parameters.
 VDM_SCHEDULES = ("vdm", "vdm-learned-ends", "vdm-learned")
 LEARNED_SCHEDULES = ("vdm-learned-ends", "vdm-learned")
@@ -238,14 +246,18 @@ class LossConfig(_Section):
     score, x0, v, drift); ``weighting`` (score-matching = σ², likelihood = g²; ``vdm`` needs
     likelihood); ``time_sampling`` (uniform, importance ∝ g²/σ²); ``low_discrepancy`` (VDM's
     evenly spaced, antithetic times); ``vlb_steps`` (``vdm`` only: 0 = continuous-time
-    diffusion loss, T > 0 = the T-step loss)."""
+    diffusion loss, T > 0 = the T-step loss). Discrete time (``sdelab.discrete``): ``ddpm``
+    (DDPM's L_simple on ``discrete_steps`` N integer steps of the VP SDE, sde.name=vp) and
+    ``smld`` (NCSN's σ²-weighted loss on N geometric noise levels of the VE SDE, sde.name=ve);
+    the saved model is their continuous view, so every sampler and the ODE likelihood apply."""
 
-    objective: Literal["dsm", "vdm"] = "dsm"
+    objective: Literal["dsm", "vdm", "ddpm", "smld"] = "dsm"
     parametrization: str = "eps"
     weighting: str = "score-matching"
     time_sampling: str = "uniform"
     low_discrepancy: bool = False
     vlb_steps: int = Field(0, ge=0)
+    discrete_steps: int = Field(1000, ge=2)  # N of ddpm / smld (sdelab.discrete)
 
     @field_validator("parametrization")
     @classmethod
@@ -302,7 +314,13 @@ class TrainConfig(_Section):
     ``pip install 'sdelab[tensorboard]'``); ``mixed_precision`` (no, bf16, fp16: autocast of the
     loss; fp16 needs CUDA and uses a gradient scaler); ``grad_accum`` (micro-batches per
     optimizer step: ``batch_size`` is the global batch, split over processes, then into
-    ``grad_accum`` micro-batches, so it must be divisible by processes × grad_accum)."""
+    ``grad_accum`` micro-batches, so it must be divisible by processes × grad_accum);
+    ``sample_every`` (0: never): write ``samples/step_NNNNNNNN.png`` and ``.npy`` from the EMA
+    model with ``eval.sampler`` / ``eval.steps`` and a fixed seed; ``ckpt_every_epochs`` (0:
+    off): also checkpoint every that many passes over the training set;
+    ``memory_check``: before step 1 print the parameter count and the peak memory of one trial
+    step, and refuse to start when it exceeds the device's free memory (or
+    ``memory_limit_mb``)."""
 
     steps: int = Field(10_000, ge=1)
     batch_size: int = Field(512, ge=1)
@@ -316,6 +334,10 @@ class TrainConfig(_Section):
     tensorboard: bool = False
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     grad_accum: int = Field(1, ge=1)
+    sample_every: int = Field(0, ge=0)
+    ckpt_every_epochs: int = Field(0, ge=0)
+    memory_check: bool = True
+    memory_limit_mb: float | None = Field(None, gt=0)
 
     @field_validator("device")
     @classmethod
@@ -359,19 +381,23 @@ EVAL_OPTIONS = {
 
 class EvalConfig(_Section):
     """Periodic evaluation (every ``train.eval_every`` steps, by the hook the caller passes):
-    ``n_test`` held-out points, a ``sampler`` name and its number of ``steps``, and
-    ``options`` for the built-in likelihood hook (:data:`EVAL_OPTIONS`: ``n_eval``, ``rtol``,
-    ``atol``); other keys are errors (a hook of your own takes its settings as arguments).
-    ``fd_features`` (``identity`` or ``classifier`` with ``fd_classifier`` a clean classifier
-    folder) adds the Fréchet distance of ``fd_n`` EMA samples (drawn with ``sampler`` /
-    ``steps``, DPM-Solver 20 steps by default) to the test set; ``select_best: fd`` keeps the
-    checkpoint of the lowest FD (``RUN/best.json``; ``--checkpoint best`` in sample and
-    likelihood)."""
+    ``n_test`` held-out points, a ``sampler`` name (a key of ``sdelab.samplers.SAMPLERS``, or
+    ``chain``: the exact DDPM/NCSN chain of a discrete objective; null: euler_maruyama) and its
+    number of ``steps``, ``options`` for the built-in likelihood hook (:data:`EVAL_OPTIONS`:
+    ``n_eval``, ``rtol``, ``atol``; other keys are errors — a hook of your own takes its
+    settings as arguments); for ``train.sample_every``: ``n_samples`` and the sampler's
+    ``sampler_options`` (e.g. {snr: 0.075}). ``fd_features`` (``identity`` or ``classifier``
+    with ``fd_classifier`` a clean classifier folder) adds the Fréchet distance of ``fd_n`` EMA
+    samples (drawn with ``sampler`` / ``steps``, DPM-Solver 20 steps by default) to the test
+    set; ``select_best: fd`` keeps the checkpoint of the lowest FD (``RUN/best.json``;
+    ``--checkpoint best`` in sample and likelihood)."""
 
     n_test: int = Field(2000, ge=1)
     sampler: str | None = None
     steps: int = Field(500, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)
+    n_samples: int = Field(64, ge=1)
+    sampler_options: dict[str, Any] = Field(default_factory=dict)
     fd_features: Literal["identity", "classifier"] | None = None
     fd_classifier: str | None = None
     fd_n: int = Field(500, ge=2)
@@ -420,7 +446,7 @@ class RunConfig(_Section):
         data, the [-1, 1] range of its decoder; a learned schedule needs the VDM objective."""
         loss, sde = self.loss, self.sde
         learned = sde.name in LEARNED_SCHEDULES
-        if loss.objective == "dsm":
+        if loss.objective != "vdm":
             if learned:
                 raise ValueError(
                     f"sde.name={sde.name} has parameters only the VDM bound trains: set "
@@ -459,6 +485,57 @@ class RunConfig(_Section):
             raise ValueError(
                 f"loss.objective=vdm decodes image levels at bin centres in [-1, 1], but "
                 f"data.options.data_range={data_range}: set data.options.data_range=[-1,1]"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _discrete_objective(self) -> RunConfig:
+        """``ddpm`` discretises the VP SDE and ``smld`` the VE SDE, at uniform integer steps."""
+        loss = self.loss
+        need = DISCRETE_SCHEDULES.get(loss.objective)
+        if need is None:
+            return self
+        if self.sde.name != need:
+            raise ValueError(
+                f"loss.objective={loss.objective} discretises the {need.upper()} SDE: set "
+                f"sde.name={need} (got {self.sde.name!r})"
+            )
+        for key, default in (("weighting", "score-matching"), ("time_sampling", "uniform")):
+            if getattr(loss, key) != default:
+                raise ValueError(
+                    f"loss.{key}={getattr(loss, key)} has no meaning for loss.objective="
+                    f"{loss.objective} (uniform steps, σ² weighting): remove it"
+                )
+        if loss.objective == "ddpm":
+            beta_max = float(self.sde.kwargs.get("beta_max", 20.0))
+            if loss.discrete_steps <= beta_max:
+                raise ValueError(
+                    f"loss.discrete_steps={loss.discrete_steps} gives DDPM steps β = β_max/N >= 1:"
+                    f" use more than {beta_max:g} steps"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _sampler_known(self) -> RunConfig:
+        sampler = self.eval.sampler
+        if sampler is not None and sampler not in SAMPLERS and sampler != "chain":
+            raise ValueError(
+                f"unknown eval.sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}, chain"
+            )
+        if sampler == "chain" and self.loss.objective not in DISCRETE_SCHEDULES:
+            raise ValueError(
+                "eval.sampler=chain is the exact chain of a discrete objective: set "
+                "loss.objective to ddpm or smld, or choose a continuous sampler"
+            )
+        if sampler == "chain":
+            valid = CHAIN_OPTIONS[self.loss.objective]
+        else:
+            valid = tuple(sampler_options(sampler or "euler_maruyama"))
+        unknown = sorted(set(self.eval.sampler_options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown eval.sampler_options {', '.join(unknown)} for eval.sampler="
+                f"{sampler or 'euler_maruyama'}: valid are {', '.join(valid) or 'none'}"
             )
         return self
 

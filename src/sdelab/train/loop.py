@@ -56,7 +56,9 @@ from sdelab.train.build import (
 )
 from sdelab.train.checkpoint import CKPT_DIR, list_checkpoints, load_checkpoint
 from sdelab.train.config import OptimConfig, RunConfig
+from sdelab.train.memory import check_memory
 from sdelab.train.objectives import OBJECTIVES
+from sdelab.train.periodic import epoch_steps, write_samples
 from sdelab.train.rundir import (
     EVAL_FILE,
     METRICS_FILE,
@@ -294,6 +296,11 @@ def train(
             write_config(run_dir, run.config)
             for name in (METRICS_FILE, EVAL_FILE):
                 truncate_jsonl(run_dir / name, run.step)
+        if run.config.train.memory_check:
+            try:
+                check_memory(run, train_step)  # parameter count and one trial step's peak memory
+            except TrainingError:
+                pass  # a non-finite first step: the loop meets it again and says what to do
         log = MetricsLog(run_dir, run.config.train.tensorboard, enabled=info.is_main)
         try:
             last_loss, ckpt = _loop(run, log, eval_hook, progress)
@@ -332,6 +339,7 @@ def _loop(
     info = run.dist
     bar = Progress(tc.steps, "train", "steps", initial=run.step, enabled=progress and info.is_main)
     t_last, step_last = time.perf_counter(), run.step
+    every_epochs = epoch_steps(run)  # train.ckpt_every_epochs in steps (0: off)
     with StopOnSignal() as stop, bar:
         while run.step < tc.steps:
             try:
@@ -354,10 +362,13 @@ def _loop(
                 best = update_best(run, metrics)  # eval.select_best: keep this checkpoint
             if due and eval_hook is not None:  # the same steps on every rank: one collective
                 best = distributed.any_rank(best, info)
+            if tc.sample_every and (run.step % tc.sample_every == 0 or last) and info.is_main:
+                write_samples(run)
             # every rank stops after the same step, whichever rank saw the signal
             signalled = distributed.any_rank(stop.signum is not None, info)
             stopping = signalled and not last
-            if run.step % tc.ckpt_every == 0 or last or stopping or best:
+            epoch_due = every_epochs and run.step % every_epochs == 0
+            if run.step % tc.ckpt_every == 0 or epoch_due or last or stopping or best:
                 ckpt = _save_main(run, {"loss": stats.loss})
             if stopping:
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, run.step, ckpt)

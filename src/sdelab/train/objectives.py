@@ -10,6 +10,8 @@ draws them, and every rank keeps its rows — so N processes take the step one p
   parametrization, weighting and time sampling; class-conditional nets get label dropout.
 - :data:`VDM` — the VDM bound in bits/dim (:func:`sdelab.vdm.vdm_vlb`), with VDM's
   variance-minimising gradient for a learned schedule's shape.
+- :data:`DDPM`, :data:`SMLD` — discrete time (:func:`sdelab.discrete.chain_loss`): DDPM's
+  L_simple and NCSN's σ²-weighted loss at uniform integer steps of the run's chain.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sdelab.discrete import chain_loss
 from sdelab.losses import TimeSample, dsm_loss, sample_time
 from sdelab.train.build import Run
 from sdelab.utils import randn_like
 from sdelab.vdm import variance_gradient_step, vdm_vlb, vlb_times
 
-__all__ = ["DSM", "OBJECTIVES", "VDM", "Objective", "drop_labels"]
+__all__ = ["DDPM", "DSM", "OBJECTIVES", "SMLD", "VDM", "Objective", "drop_labels"]
 
 
 def drop_labels(
@@ -216,6 +219,42 @@ def vdm_backward(run: Run, x0: Tensor, labels: Tensor | None = None) -> Tensor:
     return total / b
 
 
+def discrete_backward(run: Run, x0: Tensor, labels: Tensor | None = None) -> Tensor:
+    """Backward of DDPM's L_simple / NCSN's loss (:func:`sdelab.discrete.chain_loss`) on this
+    rank's share of the global batch, in ``grad_accum`` micro-batches; returns the global mean
+    (all-reduced). Integer steps and noise are drawn for the whole global batch (in that
+    order, as ``chain_loss`` draws them), so every split of the batch takes the same step."""
+    cfg, info = run.config, run.dist
+    chain = run.model.chain
+    b = x0.shape[0]
+    steps = torch.randint(0, chain.n, (b,), generator=run.loss_gen, device=x0.device)
+    noise = randn_like(x0, run.loss_gen)
+    per_rank = b // info.world_size
+    net = run.ddp if run.ddp is not None else run.model.net
+    total = torch.zeros((), device=x0.device)
+    for rows, sync in _micro_batches(run, b):
+        with sync:
+            with _autocast(run):
+                loss = chain_loss(
+                    _labeled(net, None if labels is None else labels[rows]),
+                    chain,
+                    x0[rows],
+                    parametrization=cfg.loss.parametrization,
+                    steps=steps[rows],
+                    noise=noise[rows],
+                ).loss.float()  # (micro,)
+            shard_mean = loss.sum() / per_rank  # DDP averages these over ranks: the global mean
+            if run.scaler is not None:
+                shard_mean = run.scaler.scale(shard_mean)
+            shard_mean.backward()
+        total += loss.detach().sum()
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(total)
+    return total / b
+
+
 @dataclass(frozen=True)
 class Objective:
     """A training objective: ``batch(run) -> (x0, labels or None)`` draws the global batch;
@@ -229,5 +268,7 @@ class Objective:
 
 DSM = Objective("dsm", dsm_batch, dsm_backward)
 VDM = Objective("vdm", vdm_batch, vdm_backward)
+DDPM = Objective("ddpm", dsm_batch, discrete_backward)
+SMLD = Objective("smld", dsm_batch, discrete_backward)
 #: Objectives by ``loss.objective``.
-OBJECTIVES: dict[str, Objective] = {"dsm": DSM, "vdm": VDM}
+OBJECTIVES: dict[str, Objective] = {"dsm": DSM, "vdm": VDM, "ddpm": DDPM, "smld": SMLD}

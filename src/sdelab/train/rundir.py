@@ -76,6 +76,10 @@ RESUMABLE_KEYS = (
     "train.tensorboard",
     "train.mixed_precision",
     "train.grad_accum",
+    "train.sample_every",
+    "train.ckpt_every_epochs",
+    "train.memory_check",
+    "train.memory_limit_mb",
     "eval",
 )
 
