@@ -54,8 +54,9 @@ from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from sdelab.losses import TimeSample, dsm_loss, sample_time
+from sdelab.quadrature import divergence_integral, exact_trace, hutchinson_trace
 from sdelab.sde import Schedule
-from sdelab.utils import randn_like, sum_except_batch
+from sdelab.utils import append_dims, randn_like, sum_except_batch
 
 __all__ = [
     "ADAPTIVE_SOLVERS",
@@ -80,6 +81,8 @@ ADAPTIVE_SOLVERS: frozenset[str] = frozenset(
 )
 DIVERGENCES: tuple[str, ...] = ("exact", "hutchinson")
 PROBES: tuple[str, ...] = ("rademacher", "gaussian")
+INTEGRATORS: tuple[str, ...] = ("quadrature", "augmented")
+BOUNDARIES: tuple[str, ...] = ("none", "decoder")
 
 
 # ---- divergence estimators ----------------------------------------------------------------
@@ -259,9 +262,17 @@ class LikelihoodResult:
         prior_logp: log π(z_T), ``(B,)``.
         delta_logp: ∫_{t_min}^T ∇·v dt, ``(B,)``.
         z: the latent x_T, shaped like ``x``.
-        nfe: number of evaluations of the ODE right-hand side (each one score evaluation plus
-            its divergence) in the forward solve.
+        nfe: number of evaluations of the ODE right-hand side in the forward solve (augmented:
+            each one score evaluation plus its divergence; quadrature: score evaluations only).
         t_min: the time the data was placed at.
+        density: what ``logp`` is: ``"log p_t_min"`` (the model's density at t_min, evaluated
+            at x) or ``"log p_0 (decoder bound)"`` (``boundary="decoder"``: a one-sample
+            estimate of a lower bound on log p_0(x)).
+        integrator: ``"augmented"`` or ``"quadrature"``.
+        divergence_evals: divergence evaluations per example, ``(B,)`` (augmented: ``nfe``
+            for everyone; quadrature: the nodes each example needed).
+        quad_error: the quadrature's per-example error estimate in nats, ``(B,)`` (NaN where
+            there is none: the augmented integrator or a single quadrature level).
     """
 
     logp: Tensor
@@ -270,6 +281,10 @@ class LikelihoodResult:
     z: Tensor
     nfe: int
     t_min: float
+    density: str = "log p_t_min"
+    integrator: str = "augmented"
+    divergence_evals: Tensor | None = None
+    quad_error: Tensor | None = None
 
     @property
     def nll(self) -> Tensor:
@@ -293,11 +308,28 @@ def log_likelihood(
     adjoint: bool = False,
     options: dict | None = None,
     solver_dtype: torch.dtype | None = torch.float64,
+    integrator: Literal["quadrature", "augmented"] | None = None,
+    time_variable: Literal["t", "log_snr"] = "t",
+    quad_tol: float = 3e-3,
+    min_nodes: int = 4,
+    max_nodes: int = 128,
+    trace_mode: Literal["reverse", "forward"] = "reverse",
+    boundary: Literal["none", "decoder"] = "none",
 ) -> LikelihoodResult:
     r"""Exact per-example log-likelihood log p_{t_min}(x) through the probability-flow ODE.
 
-    Integrates dx/dt = f x − ½ g² s(x, t) together with d/dt ∫∇·v from ``t_min`` to T with
-    torchdiffeq on ``x``'s device, then adds the prior log π(x_T) (module docstring).
+    Two integrators for log p_{t_min}(x) = log π(x_T) + ∫_{t_min}^T ∇·v dt:
+
+    - ``"quadrature"`` (the default for evaluation): solve dx/dt = f x − ½ g² s(x, t) with
+      forward passes only, then integrate the divergence by nested Clenshaw–Curtis quadrature
+      on the solver's dense output, refining each example until its error estimate is below
+      ``quad_tol`` (:mod:`sdelab.quadrature`). The divergence is paid at ~9–33 nodes instead
+      of at every stage of every step.
+    - ``"augmented"``: integrate x and ∫∇·v together (the classic design); differentiable, and
+      the one used whenever gradients must flow (``None`` picks it then).
+
+    The result is the density at ``t_min`` (``result.density``); ``boundary="decoder"`` turns
+    it into an estimate of a lower bound on log p_0(x) for continuous data (below).
 
     Args:
         score_fn: ``score_fn(x, t) -> (B, ...)`` with ``t`` of shape ``(B,)``; any callable or a
@@ -323,6 +355,22 @@ def log_likelihood(
             function still sees ``x.dtype``. float64 (default) keeps a float32 model's result
             accurate to the tolerance — a float32 state accumulates ~1e-4 nats of rounding over
             a hundred steps; ``None`` integrates in ``x.dtype`` (e.g. on devices without float64).
+        integrator: ``"quadrature"``, ``"augmented"`` or ``None`` (quadrature unless gradients
+            must flow or ``adjoint=True``; then augmented).
+        time_variable: the quadrature's variable, ``"t"`` (default: measured best on VP and VE
+            here) or ``"log_snr"`` (λ uniform).
+        quad_tol: per-example bound on the quadrature's error estimate |Q_N − Q_{N/2}| (nats);
+            the estimate is pessimistic (the error of Q_{N/2}), the answer is Q_N.
+        min_nodes, max_nodes: the first and finest quadrature level (intervals; the levels
+            double). Equal values: a fixed rule, no refinement (the Hutchinson default is
+            ``min_nodes=max_nodes=16`` when ``divergence="hutchinson"``: probe noise would
+            defeat the refinement).
+        trace_mode: the exact trace at a quadrature node by one batched backward pass
+            (``"reverse"``, faster here) or by vmapped forward-mode products (``"forward"``).
+        boundary: ``"none"`` (log p_{t_min}(x)) or ``"decoder"``: draw x_ε ~ N(α x, σ² I) at
+            t_min, and return log p_{t_min}(x_ε) + log q(x | x_ε) − log N(x_ε; α x, σ² I) with
+            the Tweedie decoder q = N(x̂_0, σ²/α² I) — an unbiased one-sample estimate of a
+            lower bound on log p_0(x) (the bounds' boundary term; uses ``generator``).
 
     Returns:
         :class:`LikelihoodResult` (``logp``, ``prior_logp``, ``delta_logp``, ``z``, ``nfe``,
@@ -331,8 +379,10 @@ def log_likelihood(
 
     Raises:
         ValueError: bad ``x`` (not floating, not a batch, NaN/inf), unknown ``divergence`` /
-            ``probe``, ``n_probes < 1``, ``t_min`` outside [schedule.t_min, T), or
-            ``adjoint=True`` with a plain callable that closes over tensors requiring grad.
+            ``probe`` / ``integrator`` / ``time_variable`` / ``boundary``, ``n_probes < 1``,
+            ``t_min`` outside [schedule.t_min, T), ``integrator="quadrature"`` with gradients
+            or ``adjoint=True``, or ``adjoint=True`` with a plain callable that closes over
+            tensors requiring grad.
 
     Example::
 
@@ -347,37 +397,117 @@ def log_likelihood(
         raise ValueError(
             f"t_min={t0:g} must lie in [schedule.t_min={schedule.t_min:g}, T={schedule.T:g})"
         )
-    div = _Divergence.make(x, divergence, n_probes, probe, generator)
+    if integrator not in (None, *INTEGRATORS):
+        raise ValueError(
+            f"unknown integrator {integrator!r}: choose one of {', '.join(INTEGRATORS)}"
+        )
+    if boundary not in BOUNDARIES:
+        raise ValueError(f"unknown boundary {boundary!r}: choose one of {', '.join(BOUNDARIES)}")
+    div = _Divergence.make(x, divergence, n_probes, probe, generator)  # validates the options
     track = _tracks_grad(score_fn, schedule, x)
+    if integrator is None:
+        integrator = "augmented" if track or adjoint else "quadrature"
+    if integrator == "quadrature" and (track or adjoint):
+        raise ValueError(
+            "integrator='quadrature' computes no gradients: use integrator='augmented' (or run "
+            "under torch.no_grad() for evaluation)"
+        )
     if adjoint and track and not isinstance(score_fn, nn.Module):
         if _score_requires_grad(score_fn, schedule, x):
             raise ValueError(
                 "adjoint=True cannot see tensors a plain score function closes over: wrap the "
                 "score function in an nn.Module holding them as parameters (or use adjoint=False)"
             )
+    x_data = x
+    if boundary == "decoder":
+        if float(schedule.alpha_sigma(torch.tensor(t0, dtype=torch.float64))[1]) <= 0:
+            raise ValueError("boundary='decoder' needs σ(t_min) > 0: pass t_min > 0")
+        noise = randn_like(x, generator)
+        x = schedule.perturb(
+            x, torch.full((x.shape[0],), t0, dtype=x.dtype, device=x.device), noise
+        )
     b = x.shape[0]
-    func = _ProbabilityFlow(score_fn, schedule, x.shape, div, track, (t0, schedule.T), x.dtype)
     wide = solver_dtype or x.dtype
-    state0 = torch.cat([x.reshape(b, -1), x.new_zeros(b, 1)], dim=1).to(wide)
     ts = torch.tensor([t0, schedule.T], dtype=wide, device=x.device)
     opts = {"norm": per_example_rms_norm(b), **(options or {})}
     if method in ADAPTIVE_SOLVERS:  # land exactly on T instead of stepping past it
         opts.setdefault("step_t", ts[1:])
-    solve = odeint_adjoint if adjoint else odeint
-    with torch.set_grad_enabled(track):
-        final = solve(func, state0, ts, rtol=rtol, atol=atol, method=method, options=opts)[-1]
-        z = final[:, :-1].reshape(x.shape)
-        delta = final[:, -1]
+    if integrator == "quadrature":
+        if divergence == "exact":
+
+            def trace(fn, xx):
+                return exact_trace(fn, xx, trace_mode)
+        else:
+
+            def trace(fn, xx):  # fresh probes at every node: independent errors
+                return hutchinson_trace(fn, xx, sample_probes(xx, n_probes, probe, generator))
+
+            if (min_nodes, max_nodes) == (4, 128):  # the defaults: a fixed rule (docstring)
+                min_nodes = max_nodes = 16
+        quad = divergence_integral(
+            score_fn,
+            schedule,
+            x,
+            t0,
+            trace=trace,
+            method=method,
+            rtol=rtol,
+            atol=atol,
+            options=opts,
+            wide=wide,
+            min_nodes=min_nodes,
+            max_nodes=max_nodes,
+            quad_tol=quad_tol,
+            time_variable=time_variable,
+        )
+        z, delta, nfe = quad.z, quad.delta, quad.nfe
+        evals, quad_error = quad.nodes, quad.error.to(x.dtype)
         prior = schedule.prior_logp(z)
         logp = prior + delta
+    else:
+        func = _ProbabilityFlow(score_fn, schedule, x.shape, div, track, (t0, schedule.T), x.dtype)
+        state0 = torch.cat([x.reshape(b, -1), x.new_zeros(b, 1)], dim=1).to(wide)
+        solve = odeint_adjoint if adjoint else odeint
+        with torch.set_grad_enabled(track):
+            final = solve(func, state0, ts, rtol=rtol, atol=atol, method=method, options=opts)[-1]
+            z = final[:, :-1].reshape(x.shape)
+            delta = final[:, -1]
+            prior = schedule.prior_logp(z)
+            logp = prior + delta
+        nfe = func.nfe
+        evals = torch.full((b,), nfe, dtype=torch.long, device=x.device)
+        quad_error = torch.full((b,), float("nan"), dtype=x.dtype, device=x.device)
+    density = "log p_t_min"
+    if boundary == "decoder":
+        with torch.set_grad_enabled(track):
+            logp = logp.to(x.dtype) - _decoder_gap(score_fn, schedule, x_data, x, noise, t0)
+        density = "log p_0 (decoder bound)"
     return LikelihoodResult(
         logp=logp.to(x.dtype),
         prior_logp=prior.to(x.dtype),
         delta_logp=delta.to(x.dtype),
         z=z.to(x.dtype),
-        nfe=func.nfe,
+        nfe=nfe,
         t_min=t0,
+        density=density,
+        integrator=integrator,
+        divergence_evals=evals,
+        quad_error=quad_error,
     )
+
+
+def _decoder_gap(
+    score_fn: ScoreFn, schedule: Schedule, x0: Tensor, x_eps: Tensor, noise: Tensor, t0: float
+) -> Tensor:
+    """E_ε[−log q(x_0 | x_ε) + log N(x_ε; α x_0, σ² I)] estimated at one ε, per example, for the
+    Tweedie decoder q = N(x̂_0, σ²/α² I). Since α(x_0 − x̂_0) = σ(ε̂ − ε) the normalisers cancel
+    up to α's Jacobian: ½‖ε̂ − ε‖² − D/2 − D log α (the expectation of ½‖ε‖² is taken in closed
+    form, as in the bounds' boundary term: less variance than the sampled ½‖ε‖²)."""
+    tb = torch.full((x0.shape[0],), t0, dtype=x0.dtype, device=x0.device)
+    alpha, sigma = schedule.alpha_sigma(tb)
+    eps_hat = -append_dims(sigma, x0.ndim) * score_fn(x_eps, tb)
+    d = x0[0].numel()
+    return 0.5 * sum_except_batch((eps_hat - noise) ** 2) - 0.5 * d - d * alpha.log()
 
 
 # ---- variational bounds ---------------------------------------------------------------------
