@@ -433,6 +433,10 @@ def log_likelihood(
     if method in ADAPTIVE_SOLVERS:  # land exactly on T instead of stepping past it
         opts.setdefault("step_t", ts[1:])
     if integrator == "quadrature":
+        # its own default norm also watches log π(x_t) (quadrature.per_example_max_norm)
+        quad_opts = dict(options or {})
+        if method in ADAPTIVE_SOLVERS:
+            quad_opts.setdefault("step_t", ts[1:])
         if divergence == "exact":
 
             def trace(fn, xx):
@@ -453,7 +457,7 @@ def log_likelihood(
             method=method,
             rtol=rtol,
             atol=atol,
-            options=opts,
+            options=quad_opts,
             wide=wide,
             min_nodes=min_nodes,
             max_nodes=max_nodes,
@@ -499,15 +503,20 @@ def log_likelihood(
 def _decoder_gap(
     score_fn: ScoreFn, schedule: Schedule, x0: Tensor, x_eps: Tensor, noise: Tensor, t0: float
 ) -> Tensor:
-    """E_ε[−log q(x_0 | x_ε) + log N(x_ε; α x_0, σ² I)] estimated at one ε, per example, for the
-    Tweedie decoder q = N(x̂_0, σ²/α² I). Since α(x_0 − x̂_0) = σ(ε̂ − ε) the normalisers cancel
-    up to α's Jacobian: ½‖ε̂ − ε‖² − D/2 − D log α (the expectation of ½‖ε‖² is taken in closed
-    form, as in the bounds' boundary term: less variance than the sampled ½‖ε‖²)."""
+    """−log q(x_0 | x_ε) + log N(x_ε; α x_0, σ² I) at the drawn ε, per example, for the Tweedie
+    decoder q = N(x̂_0, σ²/α² I). Since α(x_0 − x̂_0) = σ(ε̂ − ε) the normalisers cancel up to
+    α's Jacobian: ½‖ε̂ − ε‖² − ½‖ε‖² − D log α. The sampled ½‖ε‖² (not its mean D/2) is the
+    low-variance choice for continuous data: at small σ the denoiser cannot see ε (ε̂ ≈ 0), so
+    the two squares cancel draw by draw."""
     tb = torch.full((x0.shape[0],), t0, dtype=x0.dtype, device=x0.device)
     alpha, sigma = schedule.alpha_sigma(tb)
     eps_hat = -append_dims(sigma, x0.ndim) * score_fn(x_eps, tb)
     d = x0[0].numel()
-    return 0.5 * sum_except_batch((eps_hat - noise) ** 2) - 0.5 * d - d * alpha.log()
+    return (
+        0.5 * sum_except_batch((eps_hat - noise) ** 2)
+        - 0.5 * sum_except_batch(noise**2)
+        - d * alpha.log()
+    )
 
 
 # ---- variational bounds ---------------------------------------------------------------------
@@ -627,8 +636,13 @@ def elbo(
         x: data, shape ``(B, ...)``.
         n_samples: Monte-Carlo draws per example (>= 2, for the standard error).
         divergence, n_probes, probe: divergence estimator for ∇·μ, as in :func:`log_likelihood`.
-        time_sampling: ``"uniform"`` (sdeflow-light) or ``"importance"``.
+        time_sampling: ``"uniform"`` (default, sdeflow-light's) or ``"importance"`` (λ
+            uniform; measured 14% larger per-draw SD on a D = 16 Gaussian: the kinetic and
+            divergence terms cancel better under uniform t).
         generator: the source of all randomness.
+
+    All draws run as one batch of ``n_samples·B`` (one score call and one divergence pass;
+    memory grows with ``n_samples``).
 
     Returns:
         :class:`BoundResult` with ``nll_bound`` = −ELBO ≥ −log p(x) (in expectation) and ``se``.
@@ -636,28 +650,33 @@ def elbo(
     """
     _check_bound_inputs(schedule, x, n_samples)
     create_graph = _tracks_grad(score_fn, schedule, x)
+    b = x.shape[0]
     with torch.set_grad_enabled(create_graph):
-        diffusion, boundary = [], []
-        for _ in range(n_samples):
-            ts = sample_time(
-                schedule,
-                x.shape[0],
-                method=time_sampling,
-                generator=generator,
-                device=x.device,
-                dtype=x.dtype,
-            )
-            x_t = schedule.perturb(x, ts.t, randn_like(x, generator))
-            div_fn = _Divergence.make(x, divergence, n_probes, probe, generator)
-            with torch.enable_grad():
-                x_t = _leaf(x_t, create_graph)
-                score = score_fn(x_t, ts.t)
-                drift = schedule.reverse_sde(x_t, ts.t, score, lam=0.0)[0]
-                div = div_fn(drift, x_t, create_graph)
-            kinetic = 0.5 * schedule(ts.t).g2 * sum_except_batch(score**2)
-            diffusion.append(ts.weight * (kinetic - div))
-            boundary.append(_boundary_term(score_fn, schedule, x, generator))
-        result = _collect(_prior_term(schedule, x), diffusion, boundary)
+        # all n_samples draws in one batch of n·B: one score call, one divergence pass
+        xr = x.repeat(n_samples, *([1] * (x.ndim - 1)))
+        ts = sample_time(
+            schedule,
+            xr.shape[0],
+            method=time_sampling,
+            generator=generator,
+            device=x.device,
+            dtype=x.dtype,
+        )
+        x_t = schedule.perturb(xr, ts.t, randn_like(xr, generator))
+        div_fn = _Divergence.make(xr, divergence, n_probes, probe, generator)
+        g2 = schedule(ts.t).g2
+        with torch.enable_grad():
+            x_t = _leaf(x_t, create_graph)
+            score = score_fn(x_t, ts.t)
+            # ∇·μ with μ = f x − g² s whole: its linear part D f nearly cancels g² ∇·s at
+            # large t, so it is a control variate (measured: integrating D f in closed form
+            # instead raises the per-draw SD from 33 to 55 nats on a D = 16 Gaussian)
+            drift = schedule.reverse_sde(x_t, ts.t, score, lam=0.0)[0]
+            div = div_fn(drift, x_t, create_graph)
+        kinetic = 0.5 * g2 * sum_except_batch(score**2)
+        diffusion = (ts.weight * (kinetic - div)).reshape(n_samples, b)
+        boundary = _boundary_term(score_fn, schedule, xr, generator).reshape(n_samples, b)
+        result = _collect(_prior_term(schedule, x), list(diffusion), list(boundary))
     return result
 
 
