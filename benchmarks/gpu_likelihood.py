@@ -55,7 +55,6 @@ def wall(fn, dev: torch.device, repeats: int = 2):
 
 def table_mlp(dev: torch.device, batch: int) -> list[str]:
     from bench_likelihood import RandomMLP, oracle, scoresde_likelihood
-
     from sdelab.likelihood import log_likelihood
     from sdelab.sde import VPSchedule
 
