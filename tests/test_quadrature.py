@@ -111,6 +111,7 @@ def test_hutchinson_at_nodes_unbiased_with_the_node_variance_law(probe):
     sf = data.score_fn(sde)
     x = data.sample(2000, generator=torch.Generator().manual_seed(4))
     rule = dict(min_nodes=8, max_nodes=8, rtol=1e-7, atol=1e-7)
+    fresh = dict(refresh_probes=True)
     with torch.no_grad():
         exact = log_likelihood(sf, sde, x, **rule).logp
     grid = quadrature_grid(sde, sde.t_min, [8], "t")
@@ -126,7 +127,7 @@ def test_hutchinson_at_nodes_unbiased_with_the_node_variance_law(probe):
         with torch.no_grad():
             res = log_likelihood(
                 sf, sde, x, divergence="hutchinson", n_probes=k, probe=probe,
-                generator=torch.Generator().manual_seed(10 + k), **rule,
+                generator=torch.Generator().manual_seed(10 + k), **rule, **fresh,
             )  # fmt: skip
         err = res.logp - exact
         se = float(err.std()) / math.sqrt(err.numel())
@@ -144,9 +145,31 @@ def test_hutchinson_at_nodes_beats_probes_fixed_along_the_path():
     with torch.no_grad():
         exact = log_likelihood(sf, sde, x).logp
         kw = dict(divergence="hutchinson", generator=torch.Generator().manual_seed(3))
-        nodes = log_likelihood(sf, sde, x, **kw).logp
+        nodes = log_likelihood(
+            sf, sde, x, refresh_probes=True, min_nodes=16, max_nodes=16, **kw
+        ).logp
         fixed = log_likelihood(sf, sde, x, integrator="augmented", **kw).logp
     assert float((nodes - exact).pow(2).mean()) < 0.5 * float((fixed - exact).pow(2).mean())
+
+
+def test_fixed_probes_refine_like_the_exact_trace():
+    """Default Hutchinson with the quadrature: probes fixed per example, so the nested rule
+    converges for each example's εᵀJε; on the oracle the estimate is unbiased for the exact
+    log-likelihood, and refresh_probes without a fixed rule is refused."""
+    data = gaussian(4, seed=8)
+    sde = VESchedule()
+    sf = data.score_fn(sde)
+    x = data.sample(1000, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = log_likelihood(sf, sde, x).logp
+        res = log_likelihood(
+            sf, sde, x, divergence="hutchinson", generator=torch.Generator().manual_seed(2)
+        )
+    err = res.logp - exact
+    assert abs(float(err.mean())) < 4 * float(err.std()) / math.sqrt(err.numel())
+    assert float(res.quad_error.max()) < 3e-3
+    with pytest.raises(ValueError, match="fixed rule"):
+        log_likelihood(sf, sde, x[:2], divergence="hutchinson", refresh_probes=True)
 
 
 def test_tail_point_is_not_worse_off_in_its_batch():

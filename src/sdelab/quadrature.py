@@ -205,7 +205,7 @@ def divergence_integral(
     x: Tensor,
     t0: float,
     *,
-    trace: Callable[[Callable[[Tensor], Tensor], Tensor], Tensor],
+    trace: Callable[[Callable[[Tensor], Tensor], Tensor, Tensor], Tensor],
     method: str,
     rtol: float,
     atol: float,
@@ -220,7 +220,8 @@ def divergence_integral(
 ) -> QuadratureOutput:
     """Forward-only solve of x(t) plus nested quadrature of the divergence (module docstring).
 
-    ``trace(fn, x)`` returns tr ∂fn/∂x per example (exact or an estimate). Runs without
+    ``trace(fn, x, rows)`` returns tr ∂fn/∂x per example (exact or an estimate); ``rows`` are
+    the indices in the batch of ``x``'s examples (for probes fixed per example). Runs without
     gradients. Levels run from ``min_nodes`` to ``max_nodes`` intervals (powers of two times
     ``min_nodes``); an example stops refining once its error estimate is ≤ ``quad_tol`` nats.
     ``prior_control``: integrate log π(x_t) beside x (free: x·v) and make the step controller
@@ -301,7 +302,7 @@ def divergence_integral(
             def flow(xx: Tensor, tb: Tensor = tb) -> Tensor:
                 return schedule.probability_flow(xx, tb, score_fn(xx, tb))
 
-            div = trace(flow, xs).to(wide)
+            div = trace(flow, xs, rs).to(wide)
             # the linear part ∇·(f x) = D f is integrated in closed form below
             h[ks, rs] = div - dim * schedule.f(grid.times[ks]).to(wide)
         done_idx.update(idx)
