@@ -133,7 +133,8 @@ def cases(args):
 def method_rows(peer):
     rows = [
         ("today: augmented exact, tol 1e-5", dict(integrator="augmented")),
-        ("quadrature exact, t (default)", dict()),
+        ("quadrature exact, t, dopri8 (default)", dict()),
+        ("quadrature exact, dopri5", dict(method="dopri5")),
         ("quadrature exact, log-SNR", dict(time_variable="log_snr")),
         ("quadrature exact, forward-mode trace", dict(trace_mode="forward")),
         ("quadrature exact, tol 1e-4", dict(rtol=1e-4, atol=1e-4)),
@@ -345,7 +346,7 @@ def table_digits_bpd(args) -> list[str]:
         ("reference: quadrature exact, tol 1e-7", dict(rtol=1e-7, atol=1e-7, quad_tol=1e-5)),
         ("today: augmented exact, tol 1e-5", dict(integrator="augmented")),
         ("quadrature exact (default)", dict()),
-        ("quadrature exact, tol 1e-4", dict(rtol=1e-4, atol=1e-4)),
+        ("quadrature exact, dopri8, tol 1e-4", dict(rtol=1e-4, atol=1e-4)),
         ("quadrature Hutchinson 1 probe fixed per example", dict(divergence="hutchinson")),
         (
             "quadrature Hutchinson 1 fresh probe × 17 nodes",

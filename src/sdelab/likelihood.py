@@ -300,7 +300,7 @@ def log_likelihood(
     divergence: Literal["exact", "hutchinson"] = "exact",
     n_probes: int = 1,
     probe: Literal["rademacher", "gaussian"] = "rademacher",
-    method: str = "dopri5",
+    method: str | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
     t_min: float | None = None,
@@ -343,7 +343,9 @@ def log_likelihood(
             fixed along the trajectory.
         probe: ``"rademacher"`` or ``"gaussian"`` probe entries.
         method: a torchdiffeq solver name (``dopri5``, ``dopri8``, ``bosh3``, ``rk4`` …; fixed
-            step solvers need ``options=dict(step_size=...)``).
+            step solvers need ``options=dict(step_size=...)``). Default: ``dopri8`` for the
+            quadrature (its stages are forward passes only; measured 10–80× smaller error than
+            dopri5 at the same tolerance and CPU time), ``dopri5`` for the augmented solve.
         rtol, atol: tolerances, met by *every* example (per-example error norm,
             :func:`per_example_rms_norm`).
         t_min: start time, in [schedule.t_min, T); default ``schedule.t_min``.
@@ -414,6 +416,8 @@ def log_likelihood(
     track = _tracks_grad(score_fn, schedule, x)
     if integrator is None:
         integrator = "augmented" if track or adjoint else "quadrature"
+    if method is None:
+        method = "dopri8" if integrator == "quadrature" else "dopri5"
     if integrator == "quadrature" and (track or adjoint):
         raise ValueError(
             "integrator='quadrature' computes no gradients: use integrator='augmented' (or run "
