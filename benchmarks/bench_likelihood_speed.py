@@ -135,19 +135,27 @@ def cases(args):
 def method_rows(peer):
     rows = [
         ("today: augmented exact, tol 1e-5", dict(integrator="augmented")),
-        ("quadrature exact, t, dopri8 (default)", dict()),
-        ("quadrature exact, dopri5", dict(method="dopri5")),
-        ("quadrature exact, log-SNR", dict(time_variable="log_snr")),
-        ("quadrature exact, forward-mode trace", dict(trace_mode="forward")),
-        ("quadrature exact, tol 1e-4", dict(rtol=1e-4, atol=1e-4)),
+        ("quadrature exact, t, dopri8", dict(integrator="quadrature")),
+        ("quadrature exact, dopri5", dict(integrator="quadrature", method="dopri5")),
+        ("quadrature exact, log-SNR", dict(integrator="quadrature", time_variable="log_snr")),
+        (
+            "quadrature exact, forward-mode trace",
+            dict(integrator="quadrature", trace_mode="forward"),
+        ),
+        ("quadrature exact, tol 1e-4", dict(integrator="quadrature", rtol=1e-4, atol=1e-4)),
         (
             "quadrature Hutchinson 8 probes fixed per example",
-            dict(divergence="hutchinson", n_probes=8),
+            dict(integrator="quadrature", divergence="hutchinson", n_probes=8),
         ),
         (
             "quadrature Hutchinson 8 fresh probes × 17 nodes",
             dict(
-                divergence="hutchinson", n_probes=8, refresh_probes=True, min_nodes=16, max_nodes=16
+                integrator="quadrature",
+                divergence="hutchinson",
+                n_probes=8,
+                refresh_probes=True,
+                min_nodes=16,
+                max_nodes=16,
             ),
         ),
         (
@@ -349,14 +357,26 @@ def table_digits_bpd(args) -> list[str]:
         "|---|---:|---:|---:|---:|---:|",
     ]
     rows = [
-        ("reference: quadrature exact, tol 1e-7", dict(rtol=1e-7, atol=1e-7, quad_tol=1e-5)),
+        (
+            "reference: quadrature exact, tol 1e-7",
+            dict(integrator="quadrature", rtol=1e-7, atol=1e-7, quad_tol=1e-5),
+        ),
         ("today: augmented exact, tol 1e-5", dict(integrator="augmented")),
-        ("quadrature exact (default)", dict()),
-        ("quadrature exact, dopri8, tol 1e-4", dict(rtol=1e-4, atol=1e-4)),
-        ("quadrature Hutchinson 1 probe fixed per example", dict(divergence="hutchinson")),
+        ("quadrature exact (opt-in)", dict(integrator="quadrature")),
+        ("quadrature exact, dopri8, tol 1e-4", dict(integrator="quadrature", rtol=1e-4, atol=1e-4)),
+        (
+            "quadrature Hutchinson 1 probe fixed per example",
+            dict(integrator="quadrature", divergence="hutchinson"),
+        ),
         (
             "quadrature Hutchinson 1 fresh probe × 17 nodes",
-            dict(divergence="hutchinson", refresh_probes=True, min_nodes=16, max_nodes=16),
+            dict(
+                integrator="quadrature",
+                divergence="hutchinson",
+                refresh_probes=True,
+                min_nodes=16,
+                max_nodes=16,
+            ),
         ),
         (
             "augmented Hutchinson 1 probe (Score-SDE design)",

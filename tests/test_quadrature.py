@@ -9,12 +9,18 @@ import math
 import pytest
 import torch
 
-from sdelab.likelihood import log_likelihood
+from sdelab.likelihood import log_likelihood as _log_likelihood
 from sdelab.oracle import GaussianData
 from sdelab.quadrature import clenshaw_curtis, exact_trace, quadrature_grid
 from sdelab.sde import SubVPSchedule, VESchedule, VPSchedule
 
 D64 = torch.float64
+
+
+def log_likelihood(*args, **kwargs):
+    """The quadrature integrator under test (opt-in: the library default is augmented)."""
+    kwargs.setdefault("integrator", "quadrature")
+    return _log_likelihood(*args, **kwargs)
 
 
 def gaussian(dim: int, seed: int, lo: float = 0.2, hi: float = 1.5) -> GaussianData:
@@ -88,13 +94,13 @@ def test_quadrature_matches_closed_form_per_example(schedule, variable):
     torch.testing.assert_close(res.logp, res.prior_logp + res.delta_logp)
 
 
-def test_quadrature_needs_no_grad_and_default_falls_back_to_augmented():
+def test_quadrature_needs_no_grad_and_the_default_is_augmented():
     data = gaussian(2, seed=0)
     sde = VPSchedule()
     x = data.sample(4, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     with pytest.raises(ValueError, match="integrator='augmented'"):
         log_likelihood(data.score_fn(sde), sde, x, integrator="quadrature")
-    res = log_likelihood(data.score_fn(sde), sde, x)
+    res = _log_likelihood(data.score_fn(sde), sde, x)
     assert res.integrator == "augmented" and res.logp.requires_grad
     with pytest.raises(ValueError, match="unknown integrator"):
         log_likelihood(data.score_fn(sde), sde, x.detach(), integrator="simpson")
@@ -212,3 +218,13 @@ def test_decoder_boundary_bounds_log_p0():
     assert float(gap.mean()) > -0.05
     with pytest.raises(ValueError, match="unknown boundary"):
         log_likelihood(data.score_fn(sde), sde, x, boundary="gaussian")
+
+
+def test_unmet_quadrature_tolerance_warns():
+    """An example whose error estimate stays above quad_tol at max_nodes is flagged."""
+    data = gaussian(4, seed=0)
+    sde = VESchedule()
+    x = data.sample(3, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="did not meet quad_tol"), torch.no_grad():
+        res = log_likelihood(data.score_fn(sde), sde, x, min_nodes=2, max_nodes=4, quad_tol=1e-6)
+    assert bool((res.quad_error > 1e-6).any())
