@@ -45,6 +45,7 @@ diffusion coefficient √(1−λ) g; the forward diffusion has g, so the tractab
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -54,8 +55,16 @@ from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from sdelab.losses import TimeSample, dsm_loss, sample_time
+from sdelab.quadrature import divergence_integral, exact_trace, hutchinson_trace
 from sdelab.sde import Schedule
-from sdelab.utils import randn_like, sum_except_batch
+from sdelab.utils import (
+    ADAPTIVE_SOLVERS,
+    ScoreFn,
+    append_dims,
+    check_int,
+    randn_like,
+    sum_except_batch,
+)
 
 __all__ = [
     "ADAPTIVE_SOLVERS",
@@ -70,13 +79,10 @@ __all__ = [
     "scoreflow_bound",
 ]
 
-ScoreFn = Callable[[Tensor, Tensor], Tensor]
-#: torchdiffeq's adaptive Runge–Kutta solvers (they take ``norm`` and ``step_t`` options).
-ADAPTIVE_SOLVERS: frozenset[str] = frozenset(
-    {"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"}
-)
 DIVERGENCES: tuple[str, ...] = ("exact", "hutchinson")
 PROBES: tuple[str, ...] = ("rademacher", "gaussian")
+INTEGRATORS: tuple[str, ...] = ("quadrature", "augmented")
+BOUNDARIES: tuple[str, ...] = ("none", "decoder")
 
 
 # ---- divergence estimators ----------------------------------------------------------------
@@ -90,8 +96,7 @@ def sample_probes(
     """
     if probe not in PROBES:
         raise ValueError(f"unknown probe {probe!r}: choose one of {', '.join(PROBES)}")
-    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
-        raise ValueError(f"n_probes must be an integer >= 1, got {n_probes!r}")
+    check_int("n_probes", n_probes, 1)
     shape = (n_probes, *x.shape)
     if probe == "gaussian":
         return torch.randn(shape, generator=generator, dtype=x.dtype, device=x.device)
@@ -268,9 +273,17 @@ class LikelihoodResult:
         prior_logp: log π(z_T), ``(B,)``.
         delta_logp: ∫_{t_min}^T ∇·v dt, ``(B,)``.
         z: the latent x_T, shaped like ``x``.
-        nfe: number of evaluations of the ODE right-hand side (each one score evaluation plus
-            its divergence) in the forward solve.
+        nfe: number of evaluations of the ODE right-hand side in the forward solve (augmented:
+            each one score evaluation plus its divergence; quadrature: score evaluations only).
         t_min: the time the data was placed at.
+        density: what ``logp`` is: ``"log p_t_min"`` (the model's density at t_min, evaluated
+            at x) or ``"log p_0 (decoder bound)"`` (``boundary="decoder"``: a one-sample
+            estimate of a lower bound on log p_0(x)).
+        integrator: ``"augmented"`` or ``"quadrature"``.
+        divergence_evals: divergence evaluations per example, ``(B,)`` (augmented: ``nfe``
+            for everyone; quadrature: the nodes each example needed).
+        quad_error: the quadrature's per-example error estimate in nats, ``(B,)`` (NaN where
+            there is none: the augmented integrator or a single quadrature level).
     """
 
     logp: Tensor
@@ -279,6 +292,10 @@ class LikelihoodResult:
     z: Tensor
     nfe: int
     t_min: float
+    density: str = "log p_t_min"
+    integrator: str = "augmented"
+    divergence_evals: Tensor | None = None
+    quad_error: Tensor | None = None
 
     @property
     def nll(self) -> Tensor:
@@ -294,7 +311,7 @@ def log_likelihood(
     divergence: Literal["exact", "hutchinson"] = "exact",
     n_probes: int = 1,
     probe: Literal["rademacher", "gaussian"] = "rademacher",
-    method: str = "dopri5",
+    method: str | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
     t_min: float | None = None,
@@ -302,11 +319,31 @@ def log_likelihood(
     adjoint: bool = False,
     options: dict | None = None,
     solver_dtype: torch.dtype | None = torch.float64,
+    integrator: Literal["quadrature", "augmented"] = "augmented",
+    time_variable: Literal["t", "log_snr"] = "t",
+    quad_tol: float = 3e-3,
+    min_nodes: int = 4,
+    max_nodes: int = 128,
+    trace_mode: Literal["reverse", "forward"] = "reverse",
+    boundary: Literal["none", "decoder"] = "none",
+    refresh_probes: bool = False,
 ) -> LikelihoodResult:
     r"""Exact per-example log-likelihood log p_{t_min}(x) through the probability-flow ODE.
 
-    Integrates dx/dt = f x − ½ g² s(x, t) together with d/dt ∫∇·v from ``t_min`` to T with
-    torchdiffeq on ``x``'s device, then adds the prior log π(x_T) (module docstring).
+    Two integrators for log p_{t_min}(x) = log π(x_T) + ∫_{t_min}^T ∇·v dt:
+
+    - ``"quadrature"`` (opt-in, evaluation only): solve dx/dt = f x − ½ g² s(x, t) with
+      forward passes only, then integrate the divergence by nested Clenshaw–Curtis quadrature
+      on the solver's dense output, refining each example until its error estimate is below
+      ``quad_tol`` (:mod:`sdelab.quadrature`). The divergence is paid at ~9–33 nodes instead
+      of at every stage of every step.
+    - ``"augmented"`` (default): integrate x and ∫∇·v together (the classic design);
+      differentiable. It stays the default because on trained models (a 2-D toy, the digits
+      U-Net) the divergence is so sharp near t_min that the quadrature did not meet its
+      tolerance with 128 intervals (it warns; benchmarks/RESULTS.md, issue 17).
+
+    The result is the density at ``t_min`` (``result.density``); ``boundary="decoder"`` turns
+    it into an estimate of a lower bound on log p_0(x) for continuous data (below).
 
     Args:
         score_fn: ``score_fn(x, t) -> (B, ...)`` with ``t`` of shape ``(B,)``; any callable or a
@@ -319,7 +356,9 @@ def log_likelihood(
             fixed along the trajectory.
         probe: ``"rademacher"`` or ``"gaussian"`` probe entries.
         method: a torchdiffeq solver name (``dopri5``, ``dopri8``, ``bosh3``, ``rk4`` …; fixed
-            step solvers need ``options=dict(step_size=...)``).
+            step solvers need ``options=dict(step_size=...)``). Default: ``dopri8`` for the
+            quadrature (its stages are forward passes only; measured 10–80× smaller error than
+            dopri5 at the same tolerance and CPU time), ``dopri5`` for the augmented solve.
         rtol, atol: tolerances, met by *every* example (per-example error norm,
             :func:`per_example_rms_norm`).
         t_min: start time, in [schedule.t_min, T); default ``schedule.t_min``.
@@ -332,6 +371,28 @@ def log_likelihood(
             function still sees ``x.dtype``. float64 (default) keeps a float32 model's result
             accurate to the tolerance — a float32 state accumulates ~1e-4 nats of rounding over
             a hundred steps; ``None`` integrates in ``x.dtype`` (e.g. on devices without float64).
+        integrator: ``"augmented"`` (default) or ``"quadrature"`` (no gradients; warns when an
+            example misses ``quad_tol`` at ``max_nodes``).
+        time_variable: the quadrature's variable, ``"t"`` (default: measured best on VP and VE
+            here) or ``"log_snr"`` (λ uniform).
+        quad_tol: per-example bound on the quadrature's error estimate |Q_N − Q_{N/2}| (nats);
+            the estimate is pessimistic (the error of Q_{N/2}), the answer is Q_N.
+        min_nodes, max_nodes: the first and finest quadrature level (intervals; the levels
+            double). Equal values: a fixed rule, no refinement.
+        refresh_probes: Hutchinson with the quadrature only. ``False`` (default): each
+            example's probes are drawn once and reused at every node, so the integrand
+            εᵀ(∂v/∂x)ε is smooth in t and the refinement controls its quadrature error (the
+            variance is that of probes fixed along the path). ``True``: fresh probes at every
+            node — independent errors, several times less variance on smooth problems — but
+            only with a fixed rule (``min_nodes == max_nodes``), whose quadrature error is then
+            the user's to check (it is a bias: measured −0.1 nats with 16 intervals on a
+            trained 2-D checkerboard model).
+        trace_mode: the exact trace at a quadrature node by one batched backward pass
+            (``"reverse"``, faster here) or by vmapped forward-mode products (``"forward"``).
+        boundary: ``"none"`` (log p_{t_min}(x)) or ``"decoder"``: draw x_ε ~ N(α x, σ² I) at
+            t_min, and return log p_{t_min}(x_ε) + log q(x | x_ε) − log N(x_ε; α x, σ² I) with
+            the Tweedie decoder q = N(x̂_0, σ²/α² I) — an unbiased one-sample estimate of a
+            lower bound on log p_0(x) (the bounds' boundary term; uses ``generator``).
 
     Returns:
         :class:`LikelihoodResult` (``logp``, ``prior_logp``, ``delta_logp``, ``z``, ``nfe``,
@@ -340,8 +401,10 @@ def log_likelihood(
 
     Raises:
         ValueError: bad ``x`` (not floating, not a batch, NaN/inf), unknown ``divergence`` /
-            ``probe``, ``n_probes < 1``, ``t_min`` outside [schedule.t_min, T), or
-            ``adjoint=True`` with a plain callable that closes over tensors requiring grad.
+            ``probe`` / ``integrator`` / ``time_variable`` / ``boundary``, ``n_probes < 1``,
+            ``t_min`` outside [schedule.t_min, T), ``integrator="quadrature"`` with gradients
+            or ``adjoint=True``, or ``adjoint=True`` with a plain callable that closes over
+            tensors requiring grad.
 
     Example::
 
@@ -356,36 +419,142 @@ def log_likelihood(
         raise ValueError(
             f"t_min={t0:g} must lie in [schedule.t_min={schedule.t_min:g}, T={schedule.T:g})"
         )
-    div = _Divergence.make(x, divergence, n_probes, probe, generator)
+    if integrator not in INTEGRATORS:
+        raise ValueError(
+            f"unknown integrator {integrator!r}: choose one of {', '.join(INTEGRATORS)}"
+        )
+    if boundary not in BOUNDARIES:
+        raise ValueError(f"unknown boundary {boundary!r}: choose one of {', '.join(BOUNDARIES)}")
+    div = _Divergence.make(x, divergence, n_probes, probe, generator)  # validates the options
     track = _tracks_grad(score_fn, schedule, x)
+    if method is None:
+        method = "dopri8" if integrator == "quadrature" else "dopri5"
+    if integrator == "quadrature" and (track or adjoint):
+        raise ValueError(
+            "integrator='quadrature' computes no gradients: use integrator='augmented' (or run "
+            "under torch.no_grad() for evaluation)"
+        )
     if adjoint and track and not isinstance(score_fn, nn.Module):
         if _score_requires_grad(score_fn, schedule, x):
             raise ValueError(
                 "adjoint=True cannot see tensors a plain score function closes over: wrap the "
                 "score function in an nn.Module holding them as parameters (or use adjoint=False)"
             )
+    x_data = x
+    if boundary == "decoder":
+        if float(schedule.alpha_sigma(torch.tensor(t0, dtype=torch.float64))[1]) <= 0:
+            raise ValueError("boundary='decoder' needs σ(t_min) > 0: pass t_min > 0")
+        noise = randn_like(x, generator)
+        x = schedule.perturb(
+            x, torch.full((x.shape[0],), t0, dtype=x.dtype, device=x.device), noise
+        )
     b = x.shape[0]
-    func = _ProbabilityFlow(score_fn, schedule, x.shape, div, track, (t0, schedule.T), x.dtype)
     wide = solver_dtype or x.dtype
-    state0 = torch.cat([x.reshape(b, -1), x.new_zeros(b, 1)], dim=1).to(wide)
     ts = torch.tensor([t0, schedule.T], dtype=wide, device=x.device)
     opts = {"norm": per_example_rms_norm(b), **(options or {})}
     if method in ADAPTIVE_SOLVERS:  # land exactly on T instead of stepping past it
         opts.setdefault("step_t", ts[1:])
-    solve = odeint_adjoint if adjoint else odeint
-    with torch.set_grad_enabled(track):
-        final = solve(func, state0, ts, rtol=rtol, atol=atol, method=method, options=opts)[-1]
-        z = final[:, :-1].reshape(x.shape)
-        delta = final[:, -1]
+    if integrator == "quadrature":
+        # its own default norm also watches log π(x_t) (quadrature.per_example_max_norm)
+        quad_opts = dict(options or {})
+        if method in ADAPTIVE_SOLVERS:
+            quad_opts.setdefault("step_t", ts[1:])
+        if divergence == "exact":
+
+            def trace(fn, xx, rows):
+                return exact_trace(fn, xx, trace_mode)
+        elif refresh_probes:
+            if min_nodes != max_nodes:
+                raise ValueError(
+                    "refresh_probes=True needs a fixed rule (min_nodes == max_nodes, e.g. 16): "
+                    "probe noise would defeat the refinement"
+                )
+
+            def trace(fn, xx, rows):  # fresh probes at every node: independent errors
+                return hutchinson_trace(fn, xx, sample_probes(xx, n_probes, probe, generator))
+        else:
+            fixed = sample_probes(x, n_probes, probe, generator)  # one set per example
+
+            def trace(fn, xx, rows):  # the same probes at every node: a smooth integrand
+                return hutchinson_trace(fn, xx, fixed[:, rows])
+
+        quad = divergence_integral(
+            score_fn,
+            schedule,
+            x,
+            t0,
+            trace=trace,
+            method=method,
+            rtol=rtol,
+            atol=atol,
+            options=quad_opts,
+            wide=wide,
+            min_nodes=min_nodes,
+            max_nodes=max_nodes,
+            quad_tol=quad_tol,
+            time_variable=time_variable,
+        )
+        z, delta, nfe = quad.z, quad.delta, quad.nfe
+        evals, quad_error = quad.nodes, quad.error.to(x.dtype)
+        unmet = int((quad_error > quad_tol).sum())  # NaN (a fixed rule) compares False
+        if unmet:
+            warnings.warn(
+                f"{unmet} example(s) did not meet quad_tol={quad_tol:g} with max_nodes="
+                f"{max_nodes} (worst error estimate {float(quad_error.max()):.2g} nats): raise "
+                "max_nodes or use integrator='augmented'",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         prior = schedule.prior_logp(z)
         logp = prior + delta
+    else:
+        func = _ProbabilityFlow(score_fn, schedule, x.shape, div, track, (t0, schedule.T), x.dtype)
+        state0 = torch.cat([x.reshape(b, -1), x.new_zeros(b, 1)], dim=1).to(wide)
+        solve = odeint_adjoint if adjoint else odeint
+        with torch.set_grad_enabled(track):
+            final = solve(func, state0, ts, rtol=rtol, atol=atol, method=method, options=opts)[-1]
+            z = final[:, :-1].reshape(x.shape)
+            delta = final[:, -1]
+            prior = schedule.prior_logp(z)
+            logp = prior + delta
+        nfe = func.nfe
+        evals = torch.full((b,), nfe, dtype=torch.long, device=x.device)
+        quad_error = torch.full((b,), float("nan"), dtype=x.dtype, device=x.device)
+    density = "log p_t_min"
+    if boundary == "decoder":
+        with torch.set_grad_enabled(track):
+            logp = logp.to(x.dtype) - _decoder_gap(score_fn, schedule, x_data, x, noise, t0)
+        density = "log p_0 (decoder bound)"
     return LikelihoodResult(
         logp=logp.to(x.dtype),
         prior_logp=prior.to(x.dtype),
         delta_logp=delta.to(x.dtype),
         z=z.to(x.dtype),
-        nfe=func.nfe,
+        nfe=nfe,
         t_min=t0,
+        density=density,
+        integrator=integrator,
+        divergence_evals=evals,
+        quad_error=quad_error,
+    )
+
+
+def _decoder_gap(
+    score_fn: ScoreFn, schedule: Schedule, x0: Tensor, x_eps: Tensor, noise: Tensor, t0: float
+) -> Tensor:
+    """−log q(x_0 | x_ε) + log N(x_ε; α x_0, σ² I) at the drawn ε, per example, for the Tweedie
+    decoder q = N(x̂_0, σ²/α² I). Since α(x_0 − x̂_0) = σ(ε̂ − ε) the normalisers cancel up to
+    α's Jacobian: ½‖ε̂ − ε‖² − ½‖ε‖² − D log α. The sampled ½‖ε‖² (not its mean D/2) is the
+    low-variance choice for continuous data: at small σ the denoiser cannot see ε (ε̂ ≈ 0), so
+    the two squares cancel draw by draw."""
+    tb = torch.full((x0.shape[0],), t0, dtype=x0.dtype, device=x0.device)
+    alpha, sigma = schedule.alpha_sigma(tb)
+    eps_hat = -append_dims(sigma, x0.ndim) * score_fn(x_eps, tb)
+    d = x0[0].numel()
+    return (
+        0.5 * sum_except_batch((eps_hat - noise) ** 2)
+        - 0.5 * sum_except_batch(noise**2)
+        - d * alpha.log()
     )
 
 
@@ -458,10 +627,7 @@ def _dsm_offset(schedule: Schedule, x: Tensor) -> Tensor:
 
 def _check_bound_inputs(schedule: Schedule, x: Tensor, n_samples: int) -> None:
     _check_batch(x)
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
-        raise ValueError(
-            f"n_samples must be an integer >= 2 (for a standard error), got {n_samples!r}"
-        )
+    check_int("n_samples", n_samples, 2, " (for a standard error)")
     if float(schedule.alpha_sigma(torch.tensor(schedule.t_min, dtype=torch.float64))[1]) <= 0:
         raise ValueError("the bounds need σ(t_min) > 0: build the schedule with t_min > 0")
 
@@ -506,8 +672,13 @@ def elbo(
         x: data, shape ``(B, ...)``.
         n_samples: Monte-Carlo draws per example (>= 2, for the standard error).
         divergence, n_probes, probe: divergence estimator for ∇·μ, as in :func:`log_likelihood`.
-        time_sampling: ``"uniform"`` (sdeflow-light) or ``"importance"``.
+        time_sampling: ``"uniform"`` (default, sdeflow-light's) or ``"importance"`` (λ
+            uniform; measured 14% larger per-draw SD on a D = 16 Gaussian: the kinetic and
+            divergence terms cancel better under uniform t).
         generator: the source of all randomness.
+
+    All draws run as one batch of ``n_samples·B`` (one score call and one divergence pass;
+    memory grows with ``n_samples``).
 
     Returns:
         :class:`BoundResult` with ``nll_bound`` = −ELBO ≥ −log p(x) (in expectation) and ``se``.
@@ -515,28 +686,33 @@ def elbo(
     """
     _check_bound_inputs(schedule, x, n_samples)
     create_graph = _tracks_grad(score_fn, schedule, x)
+    b = x.shape[0]
     with torch.set_grad_enabled(create_graph):
-        diffusion, boundary = [], []
-        for _ in range(n_samples):
-            ts = sample_time(
-                schedule,
-                x.shape[0],
-                method=time_sampling,
-                generator=generator,
-                device=x.device,
-                dtype=x.dtype,
-            )
-            x_t = schedule.perturb(x, ts.t, randn_like(x, generator))
-            div_fn = _Divergence.make(x, divergence, n_probes, probe, generator)
-            with torch.enable_grad():
-                x_t = _leaf(x_t, create_graph)
-                score = score_fn(x_t, ts.t)
-                drift = schedule.reverse_sde(x_t, ts.t, score, lam=0.0)[0]
-                div = div_fn(drift, x_t, create_graph)
-            kinetic = 0.5 * schedule(ts.t).g2 * sum_except_batch(score**2)
-            diffusion.append(ts.weight * (kinetic - div))
-            boundary.append(_boundary_term(score_fn, schedule, x, generator))
-        result = _collect(_prior_term(schedule, x), diffusion, boundary)
+        # all n_samples draws in one batch of n·B: one score call, one divergence pass
+        xr = x.repeat(n_samples, *([1] * (x.ndim - 1)))
+        ts = sample_time(
+            schedule,
+            xr.shape[0],
+            method=time_sampling,
+            generator=generator,
+            device=x.device,
+            dtype=x.dtype,
+        )
+        x_t = schedule.perturb(xr, ts.t, randn_like(xr, generator))
+        div_fn = _Divergence.make(xr, divergence, n_probes, probe, generator)
+        g2 = schedule(ts.t).g2
+        with torch.enable_grad():
+            x_t = _leaf(x_t, create_graph)
+            score = score_fn(x_t, ts.t)
+            # ∇·μ with μ = f x − g² s whole: its linear part D f nearly cancels g² ∇·s at
+            # large t, so it is a control variate (measured: integrating D f in closed form
+            # instead raises the per-draw SD from 33 to 55 nats on a D = 16 Gaussian)
+            drift = schedule.reverse_sde(x_t, ts.t, score, lam=0.0)[0]
+            div = div_fn(drift, x_t, create_graph)
+        kinetic = 0.5 * g2 * sum_except_batch(score**2)
+        diffusion = (ts.weight * (kinetic - div)).reshape(n_samples, b)
+        boundary = _boundary_term(score_fn, schedule, xr, generator).reshape(n_samples, b)
+        result = _collect(_prior_term(schedule, x), list(diffusion), list(boundary))
     return result
 
 

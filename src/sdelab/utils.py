@@ -16,6 +16,27 @@ from torch import Tensor
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def _adaptive_solvers() -> tuple[str, ...]:
+    """torchdiffeq's adaptive Runge–Kutta solvers, read from the installed torchdiffeq (they
+    take the ``norm`` and ``step_t`` options); the known list if its internals move."""
+    try:
+        from torchdiffeq._impl.odeint import SOLVERS
+        from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver
+    except ImportError:  # pragma: no cover - another torchdiffeq layout
+        return ("adaptive_heun", "bosh3", "dopri5", "dopri8", "fehlberg2")
+    return tuple(
+        sorted(
+            name
+            for name, cls in SOLVERS.items()
+            if isinstance(cls, type) and issubclass(cls, RKAdaptiveStepsizeODESolver)
+        )
+    )
+
+
+#: torchdiffeq's adaptive Runge–Kutta solvers, the one list the samplers and the likelihood use.
+ADAPTIVE_SOLVERS: tuple[str, ...] = _adaptive_solvers()
+
+
 def append_dims(v: Tensor, ndim: int) -> Tensor:
     """Append trailing singleton dims so ``v`` broadcasts against a tensor of rank ``ndim``.
 

@@ -71,6 +71,8 @@ def _likelihood(args: argparse.Namespace) -> int:
         "dequantizer": None if args.dequantizer is None else str(Path(args.dequantizer)),
         "split": args.split,
         "repeats": args.repeats,
+        "integrator": args.integrator if args.method == "ode" else None,
+        "density": "log p_t_min" if args.method == "ode" else "bound",
     }
     path = Path(args.run) / _result_name(record)
     if info.is_main:
@@ -91,6 +93,7 @@ def _likelihood(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         resumable=True,
         resume=args.resume,
+        integrator=args.integrator,
     )
     if not info.is_main:
         return 0
@@ -140,6 +143,8 @@ def _result_name(record: dict[str, Any]) -> str:
         parts.append(record["weights"])
     if record.get("batch_size", 1000) != 1000:
         parts.append(f"b{record['batch_size']}")
+    if record.get("integrator") == "quadrature":
+        parts.append("quadrature")
     if record.get("checkpoint") is not None:
         parts.append(f"ckpt{record['checkpoint']}")
     if record.get("split", "test") != "test":
@@ -302,6 +307,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="image runs: a folder from sdelab train-dequantizer (variational dequantization "
         "instead of uniform)",
+    )
+    p.add_argument(
+        "--integrator",
+        default="augmented",
+        choices=("augmented", "quadrature"),
+        help="ODE: augmented solve (default) or forward solve + quadrature of the divergence",
     )
     p.add_argument(
         "--split", default="test", choices=("test", "train"), help="data split (default test)"

@@ -35,6 +35,7 @@ from sdelab.samplers.stochastic import (
     x0_from_score,
 )
 from sdelab.sde import Schedule
+from sdelab.utils import ADAPTIVE_SOLVERS
 
 __all__ = [
     "ADAPTIVE_METHODS",
@@ -76,7 +77,7 @@ TABLEAUX: dict[str, ButcherTableau] = {
 }
 
 #: torchdiffeq's adaptive-step solvers that ``sample_ode`` accepts.
-ADAPTIVE_METHODS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+ADAPTIVE_METHODS: tuple[str, ...] = ADAPTIVE_SOLVERS  # torchdiffeq's, read from it
 ODE_METHODS: tuple[str, ...] = (*TABLEAUX, *ADAPTIVE_METHODS)
 
 Velocity = Callable[[Tensor, Tensor], Tensor]

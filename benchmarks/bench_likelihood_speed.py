@@ -1,0 +1,457 @@
+"""Benchmark: per-example ODE likelihood accuracy per CPU second (issue 17).
+
+Run:
+  OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_likelihood_speed.py \\
+      [--digits-run RUN] [--scoresde PATH/TO/score_sde_pytorch] [--sdeflow PATH/TO/sdeflow-light]
+
+Table 1 — every example within 0.01 nats of a tight reference (augmented exact trace,
+rtol = atol = 1e-8) at the lowest cost: D = 64 Gaussian oracle (VP and VE), a D = 64 random MLP
+score (VP) and, with ``--digits-run``, a trained digits U-Net (VP, D = 64, float64 weights).
+Rows: today's default (augmented exact trace, rtol = atol = 1e-5) is speed 1.0×; the quadrature
+integrator (the new default) and its variants (time variable, forward-mode trace, Hutchinson at
+the nodes); the Score-SDE design (bench_likelihood.py's scipy re-implementation, exact trace);
+with ``--scoresde``, Score-SDE's own ``likelihood.py`` (one Rademacher probe), loaded from the
+given checkout through a small adapter (never copied here).
+
+Table 2 — one tail point in a batch (VE, D = 2, Mahalanobis radius 11 among 255 draws):
+error in the batch and alone, per tolerance and integrator.
+
+Table 3 — ELBO cost for equal standard error: ``elbo`` against sdeflow-light's
+``elbo_random_t_slice`` (``--sdeflow``; its ``lib/sdes.py`` loaded from the path) on the
+Gaussian oracle, D = 16: seconds per draw × variance = seconds to reach SE 1 nat (ratio).
+
+Table 4 — with ``--digits-run``: test-set bits/dim of the digits model (uniform
+dequantization): mean ± SE, CPU time, for today's default, the new default and Hutchinson
+variants (the data-set question of item 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import math
+import platform
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_likelihood import RandomMLP, oracle, scoresde_likelihood
+from sdelab.likelihood import elbo, log_likelihood
+from sdelab.oracle import GaussianData
+from sdelab.sde import VESchedule, VPSchedule
+
+F32, F64 = torch.float32, torch.float64
+
+
+def emit(lines: list[str], line: str) -> None:
+    """Record a table row and show it at once (long runs print as they go)."""
+    lines.append(line)
+    print(line, file=sys.stderr, flush=True)
+
+
+def timed(fn, repeats: int):
+    """Median CPU time of this process (not wall time: the machine is shared)."""
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.process_time()
+        out = fn()
+        times.append(time.process_time() - t0)
+    return statistics.median(times), out
+
+
+# ---- Score-SDE's own likelihood.py through an adapter -----------------------------------------
+class _PeerSDE:
+    """The attributes Score-SDE's likelihood.py reads from its ``sde`` object."""
+
+    def __init__(self, schedule):
+        self.schedule, self.T = schedule, schedule.T
+
+    def prior_logp(self, z):
+        return self.schedule.prior_logp(z.double())
+
+    def reverse(self, score_fn, probability_flow=True):
+        sched = self.schedule
+
+        class _R:
+            def sde(self, x, t):
+                return sched.probability_flow(x, t, score_fn(x, t)), None
+
+        return _R()
+
+
+def load_scoresde_likelihood(path: str):
+    """Score-SDE's ``likelihood.py`` with ``models.utils`` replaced by the three helpers it
+    uses (score function pass-through, numpy flattening)."""
+    mutils = types.ModuleType("models.utils")
+    mutils.get_score_fn = lambda sde, model, train=False, continuous=True: model
+    mutils.to_flattened_numpy = lambda x: x.detach().cpu().numpy().reshape((-1,))
+    mutils.from_flattened_numpy = lambda x, shape: torch.from_numpy(x.reshape(shape))
+    models = types.ModuleType("models")
+    models.utils = mutils
+    sys.modules.setdefault("models", models)
+    sys.modules["models.utils"] = mutils
+    spec = importlib.util.spec_from_file_location(
+        "scoresde_likelihood", Path(path) / "likelihood.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ---- table 1 -----------------------------------------------------------------------------------
+def cases(args):
+    d, b = 64, args.batch
+    data = oracle(d, seed=d)
+    x = data.sample(b, generator=torch.Generator().manual_seed(0))
+    mlp = RandomMLP(d).double().eval().requires_grad_(False)
+    out = [
+        ("Gaussian VP", data.score_fn(VPSchedule()), VPSchedule(), x),
+        ("Gaussian VE", data.score_fn(VESchedule()), VESchedule(), x),
+        ("random MLP VP", mlp, VPSchedule(), x),
+    ]
+    if args.only_digits:
+        out = []
+    if args.digits_run:
+        from sdelab.data.images import levels_to_model, load_digits
+        from sdelab.train.build import load_run
+
+        _, model, sched = load_run(args.digits_run)
+        model = model.double()
+        test = load_digits(split="test")
+        u = torch.rand(
+            test.levels[: args.digits_batch].shape, generator=torch.Generator().manual_seed(0)
+        )
+        xd = levels_to_model(test.levels[: args.digits_batch], 17, u=u).double()
+        out.append(("digits U-Net VP", model, sched.double(), xd))
+    return out
+
+
+def method_rows(peer):
+    rows = [
+        ("today: augmented exact, tol 1e-5", dict(integrator="augmented")),
+        ("quadrature exact, t, dopri8", dict(integrator="quadrature")),
+        ("quadrature exact, dopri5", dict(integrator="quadrature", method="dopri5")),
+        ("quadrature exact, log-SNR", dict(integrator="quadrature", time_variable="log_snr")),
+        (
+            "quadrature exact, forward-mode trace",
+            dict(integrator="quadrature", trace_mode="forward"),
+        ),
+        ("quadrature exact, tol 1e-4", dict(integrator="quadrature", rtol=1e-4, atol=1e-4)),
+        (
+            "quadrature Hutchinson 8 probes fixed per example",
+            dict(integrator="quadrature", divergence="hutchinson", n_probes=8),
+        ),
+        (
+            "quadrature Hutchinson 8 fresh probes × 17 nodes",
+            dict(
+                integrator="quadrature",
+                divergence="hutchinson",
+                n_probes=8,
+                refresh_probes=True,
+                min_nodes=16,
+                max_nodes=16,
+            ),
+        ),
+        (
+            "augmented Hutchinson 1 probe (the field's default)",
+            dict(integrator="augmented", divergence="hutchinson"),
+        ),
+    ]
+    return rows
+
+
+def case_rows(args, peer, name, score, sched, x) -> list[str]:
+    lines = []
+    tol = args.digits_ref_tol if name.startswith("digits") else 1e-8
+    with torch.no_grad():
+        ref = log_likelihood(score, sched, x, rtol=tol, atol=tol, integrator="augmented")
+    t_today = None
+    results = []
+    rows = method_rows(peer)
+    if name.startswith("digits") and args.digits_rows:
+        rows = [rows[int(i)] for i in args.digits_rows.split(",")]
+    for label, kw in rows:
+
+        def run(kw=kw):
+            with torch.no_grad():
+                return log_likelihood(
+                    score, sched, x, generator=torch.Generator().manual_seed(1), **kw
+                )
+
+        t, res = timed(run, args.repeats)
+        t_today = t if t_today is None else t_today
+        results.append((label, t, res.nfe, float(res.divergence_evals.float().mean()), res.logp))
+    if name != "digits U-Net VP":
+
+        def score32(xx, tt):  # the design runs its model in float32
+            return score(xx.double(), tt.double()).float()
+
+        t, (lp, nfe) = timed(
+            lambda: scoresde_likelihood(score32, sched, x.float(), 1e-5, 1e-5), args.repeats
+        )
+        results.append(
+            ("Score-SDE design (scipy, exact trace, float32)", t, nfe, float(nfe), lp.double())
+        )
+    if peer is not None:
+        psde = _PeerSDE(sched)
+
+        def peer_run():
+            fn = peer.get_likelihood_fn(psde, lambda v: v, eps=sched.t_min)
+            torch.manual_seed(1)
+            bpd, _, nfe = fn(
+                lambda xx, tt: score(xx.to(x.dtype), tt.to(x.dtype)).float(), x.float()
+            )
+            dim = x[0].numel()
+            # undo the peer's bits/dim "offset" hack (7 - inverse_scaler(-1) = 8 here)
+            return -(bpd.double() - 8.0) * dim * math.log(2), nfe
+
+        t, (lp, nfe) = timed(peer_run, args.repeats)
+        results.append(("Score-SDE's likelihood.py (1 probe)", t, nfe, float(nfe), lp))
+    for label, t, nfe, evals, lp in results:
+        err = (lp - ref.logp).abs()
+        emit(
+            lines,
+            f"| {name} | {label} | {t:.2f} | {t_today / t:.1f}× | {nfe} | {evals:.0f} "
+            f"| {float(err.max()):.1e} | {float(err.mean()):.1e} |",
+        )
+    return lines
+
+
+def table_accuracy(args, peer) -> list[str]:
+    lines = [
+        "| case | method | s | speed vs today | NFE | div. evals / example | max err (nats) "
+        "| mean err (nats) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case in cases(args):
+        lines += case_rows(args, peer, *case)
+    return lines
+
+
+# ---- table 2 -----------------------------------------------------------------------------------
+def tail_setup():
+    cov = torch.tensor([[1.0, 0.6], [0.6, 0.8]], dtype=F64)
+    data = GaussianData(torch.tensor([0.3, -0.2], dtype=F64), cov)
+    x = data.sample(255, generator=torch.Generator().manual_seed(0))
+    chol = torch.linalg.cholesky(cov)
+    tail = data.mean + 11 * (chol @ torch.tensor([0.6, 0.8], dtype=F64))
+    return data, torch.cat([x, tail[None]])
+
+
+def table_tail() -> list[str]:
+    data, xb = tail_setup()
+    sde = VESchedule()
+    sf = data.score_fn(sde)
+    with torch.no_grad():
+        ref = log_likelihood(sf, sde, xb, rtol=1e-9, atol=1e-9, integrator="augmented").logp
+    lines = [
+        "| integrator | rtol = atol | tail err in batch | tail err alone | max err of the 255 "
+        "| NFE batch / alone |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for integ in ("augmented", "quadrature"):
+        for tol in (1e-2, 1e-3, 1e-4):
+            with torch.no_grad():
+                rb = log_likelihood(sf, sde, xb, rtol=tol, atol=tol, integrator=integ)
+                ra = log_likelihood(sf, sde, xb[-1:], rtol=tol, atol=tol, integrator=integ)
+            eb = (rb.logp - ref).abs()
+            alone = float((ra.logp[0] - ref[-1]).abs())
+            lines.append(
+                f"| {integ} | {tol:g} | {float(eb[-1]):.3f} | {alone:.3f} "
+                f"| {float(eb[:-1].max()):.3f} | {rb.nfe} / {ra.nfe} |"
+            )
+    return lines
+
+
+# ---- table 3 -----------------------------------------------------------------------------------
+def load_sdeflow(path: str):
+    spec = importlib.util.spec_from_file_location("sdeflow_sdes", Path(path) / "lib" / "sdes.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(Path(path)))
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def table_elbo(args) -> list[str]:
+    d, b, n = 16, 256, 32
+    data = oracle(d, seed=3)
+    sde = VPSchedule(t_min=1e-3)
+    sf = data.score_fn(sde)
+    x = data.sample(b, generator=torch.Generator().manual_seed(0))
+    lines = [
+        "| estimator | s per draw (B = 256) | per-example SD of one draw (nats) | s for SE = 0.1 "
+        "nats | cost vs sdeflow-light |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    rows = []
+    for label, kw in (
+        ("sdelab elbo, uniform t (default, as sdeflow-light)", dict(time_sampling="uniform")),
+        ("sdelab elbo, importance t", dict(time_sampling="importance")),
+    ):
+
+        def run(kw=kw):
+            with torch.no_grad():
+                return elbo(
+                    sf, sde, x, n_samples=n, generator=torch.Generator().manual_seed(2), **kw
+                )
+
+        run()  # warm-up: the first call pays one-off costs
+        t, res = timed(run, args.repeats)
+        sd = float((res.se * math.sqrt(n)).mean())
+        rows.append((label, t / n, sd))
+    if args.sdeflow:
+        lib = load_sdeflow(args.sdeflow)
+        peer = _sdeflow_model(lib, sf, sde)
+
+        def run_peer():
+            with torch.no_grad():
+                torch.manual_seed(2)
+                return torch.stack(
+                    [-peer.elbo_random_t_slice(x.float()).double() for _ in range(n)]
+                )
+
+        run_peer()
+        t, draws = timed(run_peer, args.repeats)
+        rows.append(("sdeflow-light elbo_random_t_slice", t / n, float(draws.std(0).mean())))
+    base = rows[-1][1] * (rows[-1][2] / 0.1) ** 2 if args.sdeflow else None
+    for label, tpd, sd in rows:
+        cost = tpd * (sd / 0.1) ** 2
+        rel = f"{cost / base:.2f}×" if base else "–"
+        lines.append(f"| {label} | {tpd * 1e3:.1f} ms | {sd:.2f} | {cost:.2f} | {rel} |")
+    return lines
+
+
+def _sdeflow_model(lib, score_fn, sde):
+    """sdeflow-light's PluginReverseSDE over its VariancePreservingSDE with the oracle's drift
+    a = g·s (its parameterisation), so both estimate the same ELBO of the same model."""
+    base = lib.VariancePreservingSDE(beta_min=0.1, beta_max=20.0, T=1.0, t_epsilon=sde.t_min)
+
+    class Drift(torch.nn.Module):
+        def forward(self, y, t):
+            t = t.reshape(-1).double().clamp(min=sde.t_min)  # it draws t on [0, T]
+            g = sde(t).g2.sqrt()[:, None]
+            return (g * score_fn(y.double(), t)).float()
+
+    model = lib.PluginReverseSDE(base, Drift(), T=1.0, vtype="rademacher", debias=False)
+    return model.eval()
+
+
+# ---- table 4 -----------------------------------------------------------------------------------
+def table_digits_bpd(args) -> list[str]:
+    from sdelab.data.images import load_digits
+    from sdelab.evaluation import bits_per_dim
+    from sdelab.train.build import load_run
+
+    _, model, sched = load_run(args.digits_run)
+    test = load_digits(split="test")
+    k = test.levels[: args.bpd_n].to(torch.int64)
+    lines = [
+        "| estimator | bpd mean ± SE (images) | estimator-noise SE | CPU s | speed vs today "
+        "| bias vs reference (bpd) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    rows = [
+        (
+            "reference: quadrature exact, tol 1e-7",
+            dict(integrator="quadrature", rtol=1e-7, atol=1e-7, quad_tol=1e-5),
+        ),
+        ("today: augmented exact, tol 1e-5", dict(integrator="augmented")),
+        ("quadrature exact (opt-in)", dict(integrator="quadrature")),
+        ("quadrature exact, dopri8, tol 1e-4", dict(integrator="quadrature", rtol=1e-4, atol=1e-4)),
+        (
+            "quadrature Hutchinson 1 probe fixed per example",
+            dict(integrator="quadrature", divergence="hutchinson"),
+        ),
+        (
+            "quadrature Hutchinson 1 fresh probe × 17 nodes",
+            dict(
+                integrator="quadrature",
+                divergence="hutchinson",
+                refresh_probes=True,
+                min_nodes=16,
+                max_nodes=16,
+            ),
+        ),
+        (
+            "augmented Hutchinson 1 probe (Score-SDE design)",
+            dict(integrator="augmented", divergence="hutchinson"),
+        ),
+    ]
+    ref, t_today = None, None
+    for label, kw in rows:
+        t0 = time.process_time()
+        with torch.no_grad():
+            res = bits_per_dim(
+                model,
+                k,
+                17,
+                2.0,
+                -1.0,
+                schedule=sched,
+                generator=torch.Generator().manual_seed(5),
+                **kw,
+            )
+        cpu = time.process_time() - t0
+        bpd = res.bpd
+        mean, se = float(bpd.mean()), float(bpd.std() / math.sqrt(bpd.numel()))
+        ref = bpd if ref is None else ref  # the same dequantization noise in every row (seed)
+        noise_se = float((bpd - ref).std() / math.sqrt(bpd.numel()))
+        if label.startswith("today"):
+            t_today = cpu
+        speed = f"{t_today / cpu:.1f}×" if t_today else "–"
+        emit(
+            lines,
+            f"| {label} | {mean:.4f} ± {se:.4f} | {noise_se:.4f} | {cpu:.1f} | {speed} "
+            f"| {float((bpd - ref).mean()):+.4f} |",
+        )
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--digits-run", default=None, help="a trained images/digits run folder")
+    p.add_argument("--digits-batch", type=int, default=16)
+    p.add_argument("--bpd-n", type=int, default=64, help="digits test images for table 4")
+    p.add_argument("--scoresde", default=None, help="a score_sde_pytorch checkout")
+    p.add_argument("--sdeflow", default=None, help="a sdeflow-light checkout")
+    p.add_argument("--tables", default="1234")
+    p.add_argument("--only-digits", action="store_true", help="table 1: the digits case only")
+    p.add_argument("--digits-ref-tol", type=float, default=1e-8, help="digits reference tol")
+    p.add_argument("--digits-rows", default=None, help="comma-separated row numbers (from 0)")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    peer = load_scoresde_likelihood(args.scoresde) if args.scoresde else None
+    print(
+        f"## Likelihood speed (issue 17)\n\n`{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} "
+        f"UTC`, {platform.processor() or 'cpu'}, torch {torch.__version__}, 1 thread, median of "
+        f"{args.repeats} run(s); errors against the augmented exact trace at rtol = atol = 1e-8\n"
+    )
+    if "1" in args.tables:
+        print(
+            f"### Per-example accuracy per second (D = 64, B = {args.batch}; digits "
+            f"B = {args.digits_batch})\n"
+        )
+        print("\n".join(table_accuracy(args, peer)) + "\n")
+    if "2" in args.tables:
+        print("### A tail point in a batch (VE, D = 2, radius 11 among 255)\n")
+        print("\n".join(table_tail()) + "\n")
+    if "3" in args.tables:
+        print("### ELBO: cost to a standard error of 0.1 nats (oracle, VP, D = 16)\n")
+        print("\n".join(table_elbo(args)) + "\n")
+    if "4" in args.tables and args.digits_run:
+        print(
+            f"### Digits test bits/dim, first {args.bpd_n} test images (uniform dequantization)\n"
+        )
+        print("\n".join(table_digits_bpd(args)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
