@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from sdelab.cli import main
 from sdelab.discrete import DiscreteScoreModel, chain_loss
 from sdelab.likelihood import log_likelihood
 from sdelab.samplers import sample
@@ -229,3 +230,27 @@ def test_seed_001_configs_and_their_fashion_twins():
         assert full.model.image_shape == [1, 32, 32] and full.train.batch_size == 128
         assert full.model.base_channels == 128 and full.model.channel_mults == [1, 2, 2, 2]
         assert twin.data.name == "fashion_mnist" and twin.model.base_channels == 16
+
+
+def test_likelihood_vlb_of_a_ddpm_run_is_its_discrete_bound(tmp_path, capsys):
+    """`sdelab likelihood RUN --method vlb` on a DDPM run evaluates DDPM's own L_vlb: the sum of
+    its terms, and the m-term estimate agrees with the all-terms value within 5 SE."""
+    from sdelab.runs import run_vlb
+
+    run = tmp_path / "ddpm"
+    img = ["model.base_channels=8", "model.channel_mults=[1,2]", "model.num_groups=4",
+           "model.mid_attention=false", "train.steps=3", "train.batch_size=16",
+           "train.ckpt_every=3", "loss.discrete_steps=30", "loss.weighting=score-matching",
+           "loss.time_sampling=uniform"]  # fmt: skip
+    assert main(["train", "images/digits", "loss.objective=ddpm", *img, "--out", str(run)]) == 0
+    full = run_vlb(run, n=16, batch_size=8, progress=False)
+    terms = full.terms
+    torch.testing.assert_close(terms["total"], terms["prior"] + terms["diffusion"]
+                               + terms["reconstruction"])  # fmt: skip
+    assert full.bound == "ddpm" and bool((terms["total"] > 0).all())
+    est = run_vlb(run, n=16, batch_size=8, steps=5, progress=False)
+    (a, _), (b, se) = full.mean_se("total"), est.mean_se("total")
+    assert abs(a - b) < 5 * se
+    capsys.readouterr()
+    assert main(["likelihood", str(run), "--method", "vlb", "--n", "8"]) == 0
+    assert "DDPM's bound" in capsys.readouterr().out
