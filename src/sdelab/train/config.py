@@ -20,7 +20,7 @@ choices. ``sdelab train --dry-run`` prints the resolved config.
              warmup_steps: 0, grad_clip: 1.0}
     train:  {steps: 10000, batch_size: 512, ema_decay: 0.999, seed: 0, log_every: 10,
              ckpt_every: 1000, keep_last: 3, eval_every: 0, device: cpu, tensorboard: false,
-             mixed_precision: "no", grad_accum: 1}
+             mixed_precision: "no", grad_accum: 1, channels_last: false, compile: false}
     eval:   {n_test: 2000, sampler: null, steps: 500, options: {}}
 
 Built-in configs live in the package, ``src/sdelab/configs/<group>/<name>.yaml`` (installed as
@@ -299,7 +299,11 @@ class TrainConfig(_Section):
     ``pip install 'sdelab[tensorboard]'``); ``mixed_precision`` (no, bf16, fp16: autocast of the
     loss; fp16 needs CUDA and uses a gradient scaler); ``grad_accum`` (micro-batches per
     optimizer step: ``batch_size`` is the global batch, split over processes, then into
-    ``grad_accum`` micro-batches, so it must be divisible by processes × grad_accum)."""
+    ``grad_accum`` micro-batches, so it must be divisible by processes × grad_accum);
+    ``channels_last`` (store the network's 4-D weights, hence its activations, NHWC) and
+    ``compile`` (``torch.compile`` the trained network; the first step compiles, minutes on a
+    CPU): speed options with the same maths, both off by default as measured on a 2-core CPU
+    (``benchmarks/bench_unet_speed.py``)."""
 
     steps: int = Field(10_000, ge=1)
     batch_size: int = Field(512, ge=1)
@@ -313,6 +317,8 @@ class TrainConfig(_Section):
     tensorboard: bool = False
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     grad_accum: int = Field(1, ge=1)
+    channels_last: bool = False
+    compile: bool = False
 
     @field_validator("device")
     @classmethod

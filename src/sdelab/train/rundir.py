@@ -53,6 +53,8 @@ RESUMABLE_KEYS = (
     "train.tensorboard",
     "train.mixed_precision",
     "train.grad_accum",
+    "train.channels_last",
+    "train.compile",
     "eval",
 )
 
