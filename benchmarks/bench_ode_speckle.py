@@ -1,7 +1,7 @@
 """Why do probability-flow ODE samples of a short Fashion-MNIST run end as speckle (issue 22,
 item 4)? A measurement on a trained run.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_ode_speckle.py RUN [--n 64]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_ode_speckle.py RUN [--n 64] [--step S]
 
 Speckle is measured by the high-frequency energy of an image in [0, 1]: the mean squared
 discrete Laplacian, HF(x) = mean((4x − Σ neighbours)²). A sample is *speckled* when its HF
@@ -45,9 +45,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64, help="samples per sampler")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--em-steps", type=int, default=500)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint (default: newest)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config, model, schedule = load_run(args.run)
+    config, model, schedule = load_run(args.run, step=args.step)
     dataset = make_run_dataset(config)
     shape = tuple(dataset.image_shape)
     levels = dataset.test_set(1000).float()
@@ -61,7 +62,7 @@ def main() -> None:
     sk = config.sde.kwargs
     print(
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; run "
-        f"{args.run} (step of the newest checkpoint, EMA weights); {args.n} samples from the "
+        f"{args.run} (checkpoint {args.step or 'newest'}, EMA weights); {args.n} samples from the "
         f"same prior draws; speckled = HF above the test images' 99th percentile "
         f"({threshold:.4f}).\n"
     )
