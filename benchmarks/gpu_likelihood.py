@@ -99,8 +99,8 @@ def table_mlp(dev: torch.device, batch: int) -> list[str]:
 
 
 def cifar_model(dev: torch.device, schedule_name: str | None = None):
-    from sdelab.train.build import build_model
     from sdelab.sde import make_schedule
+    from sdelab.train.build import build_model
     from sdelab.train.config import load_config
 
     over = ["model.image_shape=[3, 32, 32]", "model.dim=3072"]

@@ -274,7 +274,11 @@ def build_resolved_run(
     with torch.random.fork_rng(devices=[]):  # initialise from the run seed, leave global RNG be
         torch.manual_seed(derive_seed(seed, INIT_STREAM))
         model = _allocate(config, schedule, device)
+    if config.train.channels_last:  # 4-D weights NHWC: the convs then keep activations NHWC
+        model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)
+    if config.train.compile:  # in place: the state dict and the EMA's copy stay plain
+        model.net.compile()
     o = config.optim
     opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     optimizer = opt_cls(

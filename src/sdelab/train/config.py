@@ -22,7 +22,7 @@ choices. ``sdelab train --dry-run`` prints the resolved config.
     train:  {steps: 10000, batch_size: 512, ema_decay: 0.999, seed: 0, log_every: 10,
              ckpt_every: 1000, keep_last: 3, eval_every: 0, device: cpu, tensorboard: false,
              mixed_precision: "no", grad_accum: 1, sample_every: 0, ckpt_every_epochs: 0,
-             memory_check: true, memory_limit_mb: null}
+             memory_check: true, memory_limit_mb: null, channels_last: false, compile: false}
     eval:   {n_test: 2000, sampler: null, steps: 500, options: {}, n_samples: 64,
              sampler_options: {}}
 
@@ -320,7 +320,11 @@ class TrainConfig(_Section):
     off): also checkpoint every that many passes over the training set;
     ``memory_check``: before step 1 print the parameter count and the peak memory of one trial
     step, and refuse to start when it exceeds the device's free memory (or
-    ``memory_limit_mb``)."""
+    ``memory_limit_mb``);
+    ``channels_last`` (store the network's 4-D weights, hence its activations, NHWC) and
+    ``compile`` (``torch.compile`` the trained network; the first step compiles, minutes on a
+    CPU): speed options with the same maths, both off by default as measured on a 2-core CPU
+    (``benchmarks/bench_unet_speed.py``)."""
 
     steps: int = Field(10_000, ge=1)
     batch_size: int = Field(512, ge=1)
@@ -338,6 +342,8 @@ class TrainConfig(_Section):
     ckpt_every_epochs: int = Field(0, ge=0)
     memory_check: bool = True
     memory_limit_mb: float | None = Field(None, gt=0)
+    channels_last: bool = False
+    compile: bool = False
 
     @field_validator("device")
     @classmethod

@@ -80,6 +80,8 @@ RESUMABLE_KEYS = (
     "train.ckpt_every_epochs",
     "train.memory_check",
     "train.memory_limit_mb",
+    "train.channels_last",
+    "train.compile",
     "eval",
 )
 
