@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdelab import distributed
+from sdelab.discrete import ddpm_vlb
 from sdelab.evaluation import EvaluationResult, evaluate_sharded
 from sdelab.losses import dsm_loss
 from sdelab.runs.core import LOSS_STREAM, METHODS, VLB_STREAM, LoadedRun, open_run, split_levels
@@ -20,7 +21,6 @@ from sdelab.train.build import dequantization_options
 from sdelab.train.dequantizer import check_dequantizer_fits, load_dequantizer
 from sdelab.train.evalstore import EVAL_DIR, EvalStore
 from sdelab.utils import check_int, chunk_generator, mean_se_float
-from sdelab.discrete import ddpm_vlb
 from sdelab.vdm import check_vdm_schedule, vdm_vlb
 
 
@@ -46,11 +46,12 @@ def run_likelihood(
 ) -> EvaluationResult:
     """Test-set negative log-likelihood of a run, mean ± SE in nats (and bits/dim).
 
-    ``integrator``: the ODE's ``"augmented"`` solve (x and the divergence together, the default)
-    or ``"quadrature"`` (forward solve + quadrature of the divergence,
-    :mod:`sdelab.quadrature`). ``split``: ``"test"`` (the run's fixed test set) or ``"train"`` (the training split of
-    image data; fresh training draws seeded by ``seed`` for vector data). ``repeats``: K
-    dequantization and probe draws per image (ScoreFlow's ``num_repeats``; image data only),
+    ``integrator``: the ODE's ``"augmented"`` solve (x and the divergence together, the
+    default) or ``"quadrature"`` (forward solve + quadrature of the divergence,
+    :mod:`sdelab.quadrature`). ``split``: ``"test"`` (the run's fixed test set) or ``"train"``
+    (the training split of image data; fresh training draws seeded by ``seed`` for vector
+    data). ``repeats``: K dequantization and probe draws per image (ScoreFlow's
+    ``num_repeats``; image data only),
     averaged per image, their values in ``per_repeat``. ``resumable``: write every finished
     batch to ``RUN/eval/likelihood/`` (:class:`~sdelab.train.evalstore.EvalStore`) so that an
     interrupted evaluation continues with ``resume=True`` and gives exactly the values of an
@@ -190,7 +191,9 @@ class VLBEvaluation:
     def table(self) -> str:
         """A markdown table of the terms, nats and bits/dim (mean ± SE)."""
         if self.bound == "ddpm":
-            steps = "DDPM's bound, " + ("all terms" if self.steps is None else f"{self.steps} terms")
+            steps = "DDPM's bound, " + (
+                "all terms" if self.steps is None else f"{self.steps} terms"
+            )
         else:
             steps = "continuous time" if self.steps is None else f"T = {self.steps} steps"
         data = f"{self.levels} levels" if self.levels else "continuous data"

@@ -102,7 +102,7 @@ def dsm_backward(run: Run, x0: Tensor, labels: Tensor | None = None) -> Tensor:
     them (the label-dropout mask before them, over the global batch too), so the rows of rank
     r are those a single process gives the same examples.
     """
-    cfg, info = run.config, run.dist
+    cfg = run.config
     b = x0.shape[0]
     time = sample_time(
         run.schedule,
@@ -114,27 +114,38 @@ def dsm_backward(run: Run, x0: Tensor, labels: Tensor | None = None) -> Tensor:
         dtype=x0.dtype,
     )
     noise = randn_like(x0, run.loss_gen)
-    per_rank = b // info.world_size
     net = run.ddp if run.ddp is not None else run.model.net
-    total = torch.zeros((), device=x0.device)
+
+    def micro_loss(rows: slice) -> Tensor:
+        return dsm_loss(
+            _labeled(net, None if labels is None else labels[rows]),
+            run.schedule,
+            x0[rows],
+            parametrization=cfg.loss.parametrization,
+            weighting=cfg.loss.weighting,
+            time=TimeSample(time.t[rows], time.weight[rows]),
+            noise=noise[rows],
+        ).loss
+
+    return _accumulate(run, b, micro_loss)
+
+
+def _accumulate(run: Run, b: int, micro_loss: Callable[[slice], Tensor]) -> Tensor:
+    """Backward of this rank's ``grad_accum`` micro-batches of a global batch of ``b`` rows,
+    ``micro_loss(rows) -> (micro,)`` per-example losses; returns the global mean loss
+    (all-reduced), the same on every rank."""
+    per_rank = b // run.dist.world_size
+    total = torch.zeros((), device=run.device)
     for rows, sync in _micro_batches(run, b):
         with sync:
             with _autocast(run):
-                loss = dsm_loss(
-                    _labeled(net, None if labels is None else labels[rows]),
-                    run.schedule,
-                    x0[rows],
-                    parametrization=cfg.loss.parametrization,
-                    weighting=cfg.loss.weighting,
-                    time=TimeSample(time.t[rows], time.weight[rows]),
-                    noise=noise[rows],
-                ).loss.float()  # (micro,)
+                loss = micro_loss(rows).float()  # (micro,)
             shard_mean = loss.sum() / per_rank  # DDP averages these over ranks: the global mean
             if run.scaler is not None:
                 shard_mean = run.scaler.scale(shard_mean)
             shard_mean.backward()
         total += loss.detach().sum()
-    if info.enabled:
+    if run.dist.enabled:
         import torch.distributed as dist
 
         dist.all_reduce(total)
@@ -224,35 +235,24 @@ def discrete_backward(run: Run, x0: Tensor, labels: Tensor | None = None) -> Ten
     rank's share of the global batch, in ``grad_accum`` micro-batches; returns the global mean
     (all-reduced). Integer steps and noise are drawn for the whole global batch (in that
     order, as ``chain_loss`` draws them), so every split of the batch takes the same step."""
-    cfg, info = run.config, run.dist
+    cfg = run.config
     chain = run.model.chain
     b = x0.shape[0]
     steps = torch.randint(0, chain.n, (b,), generator=run.loss_gen, device=x0.device)
     noise = randn_like(x0, run.loss_gen)
-    per_rank = b // info.world_size
     net = run.ddp if run.ddp is not None else run.model.net
-    total = torch.zeros((), device=x0.device)
-    for rows, sync in _micro_batches(run, b):
-        with sync:
-            with _autocast(run):
-                loss = chain_loss(
-                    _labeled(net, None if labels is None else labels[rows]),
-                    chain,
-                    x0[rows],
-                    parametrization=cfg.loss.parametrization,
-                    steps=steps[rows],
-                    noise=noise[rows],
-                ).loss.float()  # (micro,)
-            shard_mean = loss.sum() / per_rank  # DDP averages these over ranks: the global mean
-            if run.scaler is not None:
-                shard_mean = run.scaler.scale(shard_mean)
-            shard_mean.backward()
-        total += loss.detach().sum()
-    if info.enabled:
-        import torch.distributed as dist
 
-        dist.all_reduce(total)
-    return total / b
+    def micro_loss(rows: slice) -> Tensor:
+        return chain_loss(
+            _labeled(net, None if labels is None else labels[rows]),
+            chain,
+            x0[rows],
+            parametrization=cfg.loss.parametrization,
+            steps=steps[rows],
+            noise=noise[rows],
+        ).loss
+
+    return _accumulate(run, b, micro_loss)
 
 
 @dataclass(frozen=True)
