@@ -104,3 +104,32 @@ def test_evaluate_bad_input_is_one_line(run_dir, tmp_path, capsys, extra, messag
     args = ["evaluate", str(run_dir), "--features", "identity", "--n", "50", "--steps", "5"]
     code, _, err = run_cli(capsys, *args, *extra)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_interrupted_evaluate_resumes_to_the_same_metrics(run_dir, monkeypatch, capsys):
+    """A run killed after its first sample chunk, resumed with --resume, reports the metrics of
+    an uninterrupted one (chunk i depends only on (seed, i)); a fresh start is refused while
+    the interrupted one is there, and other options on resume too."""
+    from sdelab.runs import run_quality
+    from sdelab.train import evalstore
+
+    kw = dict(metrics="fd,sw2", features="identity", n=300, sampler="ode", steps=10,
+              batch_size=100, seed=5, progress=False)  # fmt: skip
+    full = run_quality(run_dir, **kw).result
+    put = evalstore.EvalStore.put_tensors
+
+    def dying(self, i, tensors, meta):
+        put(self, i, tensors, meta)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evalstore.EvalStore, "put_tensors", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_quality(run_dir, resumable=True, **kw)
+    monkeypatch.setattr(evalstore.EvalStore, "put_tensors", put)
+    with pytest.raises(ValueError, match="--resume"):
+        run_quality(run_dir, resumable=True, **kw)
+    with pytest.raises(ValueError, match="steps"):
+        run_quality(run_dir, resume=True, **{**kw, "steps": 11})
+    resumed = run_quality(run_dir, resume=True, **kw).result
+    assert resumed.fd == full.fd and resumed.sliced_w2 == full.sliced_w2
+    assert not (run_dir / "eval" / "quality").exists()

@@ -84,6 +84,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         reference_split=args.reference_split,
         n_reference=args.n_reference,
         kid_subset_size=args.kid_subset_size,
+        resumable=True,
+        resume=args.resume,
     )
     if not info.is_main:
         return 0
@@ -194,6 +196,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-reference", type=int, default=None, help="reference points (all)")
     p.add_argument(
         "--kid-subset-size", type=int, default=1000, help="rows per KID subset (default 1000)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted evaluation (finished sample chunks in RUN/eval/quality)",
     )
     p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw weights")
     add_checkpoint_option(p)

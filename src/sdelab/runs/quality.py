@@ -3,6 +3,7 @@ and every metric of a run's samples (:func:`run_quality`)."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sdelab import distributed
 from sdelab.data import Dataset
 from sdelab.nets.inception import load_fid_inception
 from sdelab.quality import (
@@ -30,8 +32,10 @@ from sdelab.quality import (
 )
 from sdelab.runs.core import LoadedRun, open_run
 from sdelab.runs.sampling import sample_run
+from sdelab.samplers import SampleResult
 from sdelab.sde import make_schedule
 from sdelab.train.classifier import load_classifier
+from sdelab.train.evalstore import EVAL_DIR, EvalStore
 
 # ---- sample quality --------------------------------------------------------------------------
 #: Feature extractors by CLI name (``--features``).
@@ -156,6 +160,8 @@ def run_quality(
     reference_split: str = "test",
     n_reference: int | None = None,
     kid_subset_size: int = 1000,
+    resumable: bool = False,
+    resume: bool = False,
     progress: bool = True,
 ) -> QualityEvaluation:
     """Sample-quality metrics of a trained run (``sdelab evaluate``).
@@ -165,7 +171,10 @@ def run_quality(
     the features of the run's own data set split ``reference_split`` (all of it, or the first
     ``n_reference`` points), or — for ``fd`` alone — a statistics file ``stats`` (keys ``mu``,
     ``sigma``, from ``sdelab stats`` or ScoreFlow's ``*_stats.npz``). KID uses 100 subsets of
-    ``kid_subset_size`` rows (at most the smaller set's size).
+    ``kid_subset_size`` rows (at most the smaller set's size). ``resumable``: every finished
+    sample chunk is kept in ``RUN/eval/quality/`` (removed when done) so that an interrupted
+    evaluation continues with ``resume=True`` and draws only the missing chunks, giving the
+    same samples and metrics as an uninterrupted one; other options on resume are refused.
 
     Raises:
         ValueError: unknown metrics (checked before sampling), metrics needing reference
@@ -196,6 +205,27 @@ def run_quality(
         ref = data_split(dataset, reference_split, n_reference)
         bar = tqdm(_batches(ref), disable=not progress, desc="reference features", unit="batch")
         reference = collect_features(extractor, bar)
+    store = None
+    if resumable or resume:  # finished sample chunks survive pre-emption
+        record = dict(
+            metrics=list(names), features=features, classifier=classifier and str(classifier),
+            n=n, sampler=sampler, steps=steps, seed=seed, weights=which,
+            options=options or {}, batch_size=batch_size,
+        )  # fmt: skip
+        store = EvalStore(loaded.run_dir / EVAL_DIR / "quality", record, resume=resume)
+        if distributed.get_info().is_main:
+            store.open()
+
+    def cached(i: int) -> SampleResult | None:
+        stored = store.get_tensors(i)
+        if stored is None:
+            return None
+        t, meta = stored
+        return SampleResult(samples=t["samples"], nfe=meta["nfe"], grid=meta["grid"])
+
+    def on_chunk(i: int, res: SampleResult) -> None:
+        store.put_tensors(i, {"samples": res.samples}, {"nfe": res.nfe, "grid": res.grid})
+
     res = sample_run(
         loaded,
         n=n,
@@ -204,6 +234,8 @@ def run_quality(
         seed=seed,
         options=options,
         batch_size=batch_size,
+        cached=None if store is None else cached,
+        on_chunk=None if store is None else on_chunk,
     )
     samples = res.samples
     if not bool(torch.isfinite(samples).all()):
@@ -222,4 +254,6 @@ def run_quality(
         generator=torch.Generator().manual_seed(seed),
     )
     n_ref = reference.n if isinstance(reference, FeatureStats) else len(reference.features)
+    if store is not None and distributed.get_info().is_main:
+        shutil.rmtree(store.folder)  # complete
     return QualityEvaluation(result=result, nfe=res.nfe, n_samples=len(samples), n_reference=n_ref)

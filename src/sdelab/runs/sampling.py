@@ -34,6 +34,8 @@ def sample_run(
     batch_size: int | None = None,
     guide: Callable[[Any, Any, Any], Callable] | None = None,
     progress: bool = False,
+    cached: Callable[[int], SampleResult | None] | None = None,
+    on_chunk: Callable[[int, SampleResult], None] | None = None,
 ) -> SampleResult:
     """Draw ``n`` samples from a trained run with any sampler in ``sdelab.samplers.SAMPLERS``.
 
@@ -68,6 +70,8 @@ def sample_run(
         return_trajectory=return_trajectory,
         progress=progress,
         source=f"the run {loaded.run_dir}",
+        cached=cached,
+        on_chunk=on_chunk,
     )
 
 
@@ -86,13 +90,18 @@ def sample_chunks(
     return_trajectory: bool = False,
     progress: bool = False,
     source: str = "the model",
+    cached: Callable[[int], SampleResult | None] | None = None,
+    on_chunk: Callable[[int, SampleResult], None] | None = None,
 ) -> SampleResult:
     """``n`` samples of shape ``shape`` each in chunks of ``batch_size`` (default all at once):
     chunk i seeded by (seed, i) and, under a launcher, drawn by process i mod N, gathered in
     order — the result does not depend on the number of processes. ``nfe`` is the largest of
     any chunk (the work per sample); ``return_trajectory`` needs one chunk and one process.
     ``progress`` shows how far the chunks are from T to t_min; ``source`` names the model in
-    the error for samples that are not finite (:func:`check_finite_samples`)."""
+    the error for samples that are not finite (:func:`check_finite_samples`). Pre-emption:
+    ``cached(i)`` may return chunk i from an interrupted run (not redrawn) and
+    ``on_chunk(i, result)`` is called after each chunk is drawn (to store it); chunk i depends
+    only on (seed, i), so a resumed draw equals an uninterrupted one."""
     if n < 1:
         raise ValueError(f"--n must be a positive number of samples, got {n}")
     if batch_size is not None and batch_size < 1:
@@ -109,6 +118,11 @@ def sample_chunks(
     with torch.no_grad(), bar:
         for k, i in enumerate(mine):
             b = min(size, n - i * size)
+            res = cached(i) if cached is not None else None
+            if res is not None:
+                local.append((i, res))
+                bar.set(k * size + b)
+                continue
             res = sample(
                 TimeProgress(score_fn, bar, k * size, b, schedule.T, schedule.t_min),
                 schedule,
@@ -124,7 +138,10 @@ def sample_chunks(
             if return_trajectory:
                 check_finite_samples(res.samples, source)
                 return res
-            local.append((i, replace(res, samples=res.samples.cpu())))
+            res = replace(res, samples=res.samples.cpu())
+            if on_chunk is not None:
+                on_chunk(i, res)
+            local.append((i, res))
     parts = distributed.gather_indexed(local, info)
     samples = torch.cat([p.samples for p in parts])
     check_finite_samples(samples, source)

@@ -19,6 +19,7 @@ from typing import Any
 
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from torch import Tensor
 
 from sdelab.evaluation import EvaluationResult
 from sdelab.utils import atomic_write
@@ -82,14 +83,26 @@ class EvalStore:
             return []
         return sorted(int(p.stem.split("_")[1]) for p in self.folder.glob("batch_*.safetensors"))
 
-    def get(self, i: int) -> EvaluationResult | None:
-        """Batch i's stored result, or ``None`` if it has not been computed."""
+    def get_tensors(self, i: int) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+        """Item i's stored tensors and JSON metadata, or ``None`` if it has not been stored."""
         path = self._path(i)
         if not path.is_file():
             return None
         blob = path.read_bytes()
-        t = load_safetensors(blob)
-        meta = json.loads(_metadata(blob)["result"])
+        return load_safetensors(blob), json.loads(_metadata(blob)["result"])
+
+    def put_tensors(self, i: int, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Store item i (tensors and JSON-able metadata) atomically."""
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        blob = save_safetensors(tensors, metadata={"result": json.dumps(meta)})
+        atomic_write(self._path(i), blob)
+
+    def get(self, i: int) -> EvaluationResult | None:
+        """Batch i's stored likelihood result, or ``None`` if it has not been computed."""
+        stored = self.get_tensors(i)
+        if stored is None:
+            return None
+        t, meta = stored
         return EvaluationResult(
             nll=t["nll"],
             bpd=t["bpd"],
@@ -104,13 +117,12 @@ class EvalStore:
         )
 
     def put(self, i: int, res: EvaluationResult) -> None:
-        """Store batch i's result atomically."""
-        tensors = {"nll": res.nll.contiguous(), "bpd": res.bpd.contiguous()}
+        """Store batch i's likelihood result atomically."""
+        tensors = {"nll": res.nll, "bpd": res.bpd}
         if res.per_repeat is not None:
-            tensors["per_repeat"] = res.per_repeat.contiguous()
+            tensors["per_repeat"] = res.per_repeat
         meta = {"nfe": res.nfe, "estimator": res.estimator, "dequantization": res.dequantization}
-        blob = save_safetensors(tensors, metadata={"result": json.dumps(meta)})
-        atomic_write(self._path(i), blob)
+        self.put_tensors(i, tensors, meta)
 
 
 def _metadata(blob: bytes) -> dict[str, str]:
