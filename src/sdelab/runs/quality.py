@@ -236,6 +236,7 @@ def run_quality(
         batch_size=batch_size,
         cached=None if store is None else cached,
         on_chunk=None if store is None else on_chunk,
+        progress=progress,
     )
     samples = res.samples
     if not bool(torch.isfinite(samples).all()):
