@@ -17,6 +17,7 @@ from sdelab.data import Dataset
 from sdelab.parametrization import ScoreModel
 from sdelab.sde import Schedule
 from sdelab.train.build import load_run, make_run_dataset, resolve_device
+from sdelab.train.checkpoint import best_step, list_checkpoints
 from sdelab.train.config import RunConfig
 from sdelab.utils import atomic_write
 
@@ -36,12 +37,14 @@ def eval_device(info: distributed.DistInfo) -> torch.device:
 @dataclass(frozen=True)
 class LoadedRun:
     """A trained run read once (checkpoint loaded and hash-checked a single time): its folder,
-    config, model (EMA or raw weights, on this process's evaluation device) and schedule."""
+    config, model (EMA or raw weights, on this process's evaluation device), schedule and the
+    step of the checkpoint read."""
 
     run_dir: Path
     config: RunConfig
     model: ScoreModel
     schedule: Schedule
+    step: int | None = None
 
     @property
     def dataset(self) -> Dataset:
@@ -67,7 +70,10 @@ def open_run(
             "with a lower optim.lr (or resume an earlier checkpoint with sdelab train --resume "
             "... optim.lr=...)"
         )
-    return LoadedRun(Path(run), config, model, schedule)
+    resolved = best_step(run) if step == "best" else step
+    if resolved is None:
+        resolved = list_checkpoints(run)[-1][0]
+    return LoadedRun(Path(run), config, model, schedule, int(resolved))
 
 
 def check_finite_samples(samples: torch.Tensor, source: str) -> None:

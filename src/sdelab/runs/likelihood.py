@@ -123,6 +123,7 @@ def run_likelihood(
             batch_size=batch_size,
             seed=seed,
             weights=which,
+            checkpoint=loaded.step,
             repeats=repeats,
             dequantizer=None if dequantizer is None else str(Path(dequantizer).resolve()),
             **{k: v for k, v in {**discrete, **kwargs}.items() if k != "dequantizer"},

@@ -209,7 +209,7 @@ def run_quality(
     if resumable or resume:  # finished sample chunks survive pre-emption
         record = dict(
             metrics=list(names), features=features, classifier=classifier and str(classifier),
-            n=n, sampler=sampler, steps=steps, seed=seed, weights=which,
+            n=n, sampler=sampler, steps=steps, seed=seed, weights=which, checkpoint=loaded.step,
             options=options or {}, batch_size=batch_size,
         )  # fmt: skip
         store = EvalStore(loaded.run_dir / EVAL_DIR / "quality", record, resume=resume)
