@@ -191,8 +191,9 @@ def checkpoint_arg(text: str) -> int | str:
     return step
 
 
-def add_checkpoint_option(p: argparse.ArgumentParser) -> None:
-    """``--checkpoint best|STEP`` (default: the newest checkpoint)."""
+def add_weights_options(p: argparse.ArgumentParser) -> None:
+    """``--weights ema|raw`` and ``--checkpoint best|STEP`` (default: the newest checkpoint)."""
+    p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw weights")
     p.add_argument(
         "--checkpoint",
         type=checkpoint_arg,

@@ -9,7 +9,7 @@ from typing import Any
 
 from sdelab.cli.common import (
     CLIError,
-    add_checkpoint_option,
+    add_weights_options,
     check_new_files,
     join_launched_group,
     nonneg_int,
@@ -328,7 +328,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="continue an interrupted evaluation (RUN/eval/likelihood) with the same options",
     )
-    p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw weights")
-    add_checkpoint_option(p)
+    add_weights_options(p)
     p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default 0)")
     p.set_defaults(func=_likelihood)

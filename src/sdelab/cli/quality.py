@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sdelab.cli.common import CLIError, add_checkpoint_option, join_launched_group, parse_options
+from sdelab.cli.common import (
+    CLIError,
+    add_weights_options,
+    join_launched_group,
+    nonneg_int,
+    parse_options,
+    positive_int,
+)
 from sdelab.data import DATASETS, make_dataset
 from sdelab.quality import METRICS, save_stats
 from sdelab.runs import (
@@ -176,16 +183,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     _add_features(p)
     p.add_argument(
-        "--n", "--num-samples", dest="n", type=int, default=1000, help="samples (default 1000)"
+        "--n",
+        "--num-samples",
+        dest="n",
+        type=positive_int,
+        default=1000,
+        help="samples (default 1000)",
     )
     p.add_argument(
         "--sampler", default="euler_maruyama", choices=sorted(SAMPLERS), help="(euler_maruyama)"
     )
-    p.add_argument("--steps", type=int, default=1000, help="sampler steps (default 1000)")
+    p.add_argument("--steps", type=positive_int, default=1000, help="sampler steps (default 1000)")
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="sampler option"
     )
-    p.add_argument("--batch-size", type=int, default=None, help="samples per chunk")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="samples per chunk")
     p.add_argument("--stats", metavar="FILE.npz", help="reference statistics (fd only)")
     p.add_argument(
         "--reference-split",
@@ -193,7 +205,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         choices=("train", "test"),
         help="the run's data split to compare with (default test)",
     )
-    p.add_argument("--n-reference", type=int, default=None, help="reference points (all)")
+    p.add_argument("--n-reference", type=positive_int, default=None, help="reference points (all)")
     p.add_argument(
         "--kid-subset-size", type=int, default=1000, help="rows per KID subset (default 1000)"
     )
@@ -202,7 +214,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="continue an interrupted evaluation (finished sample chunks in RUN/eval/quality)",
     )
-    p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw weights")
-    add_checkpoint_option(p)
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_weights_options(p)
+    p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default 0)")
     p.set_defaults(func=_evaluate)

@@ -8,7 +8,7 @@ from pathlib import Path
 from sdelab.cli.common import (
     DEFAULT_STEPS,
     CLIError,
-    add_checkpoint_option,
+    add_weights_options,
     check_new_files,
     check_sampler_options,
     finite_float,
@@ -157,8 +157,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="sampler option, repeatable (snr=0.16, lam=0.5, method=rk4, ...)",
     )
-    p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="EMA or raw weights")
-    add_checkpoint_option(p)
+    add_weights_options(p)
     p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default 0)")
     p.add_argument(
         "--class",
