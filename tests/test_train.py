@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -83,6 +85,20 @@ def test_mlp_uses_time_and_rejects_bad_args():
         MLP(2, embedding="rope")
     with pytest.raises(ValueError, match="model.dim is unset"):
         build_model(tiny(), make_schedule("vp"))
+
+
+def test_cosine_lr_decays_from_peak_to_floor():
+    cfg = tiny(
+        "optim.warmup_steps=2", "optim.lr=1.0", "optim.schedule=cosine", "optim.min_lr_ratio=0.1"
+    ).optim
+    lrs = [lr_at(cfg, s, 10) for s in range(10)]
+    assert lrs[:2] == [0.5, 1.0]  # warm-up, then the peak at the end of the warm-up
+    assert all(a > b for a, b in itertools.pairwise(lrs[1:]))  # strictly decreasing
+    assert math.isclose(lrs[-1], 0.1)  # the floor at the last update
+    mid = lr_at(cfg, 5, 10)  # halfway through the decay: the mean of peak and floor
+    assert math.isclose(mid, 0.55)
+    with pytest.raises(ValueError, match="total number of steps"):
+        lr_at(cfg, 3)
 
 
 def test_lr_warmup_and_ema():
@@ -372,3 +388,13 @@ def test_sigterm_saves_and_exits_cleanly_then_resume_is_exact(tmp_path, referenc
     assert load_checkpoint(run_dir).step == step  # saved at the step it stopped
     assert read_metrics(run_dir)[-1]["step"] == step
     resume_and_compare(run_dir, reference)
+
+
+def test_mixed_precision_auto_follows_the_device(tmp_path, monkeypatch):
+    """auto trains in bf16 exactly where the device computes it natively, else in fp32."""
+    run = build_run(tiny("train.mixed_precision=auto"), tmp_path)
+    monkeypatch.setattr(objectives, "native_bf16", lambda device: True)
+    assert objectives.precision_of(run) == "bf16"
+    monkeypatch.setattr(objectives, "native_bf16", lambda device: False)
+    assert objectives.precision_of(run) == "no"
+    assert objectives.native_bf16(torch.device("meta")) is False

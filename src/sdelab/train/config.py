@@ -18,7 +18,7 @@ choices. ``sdelab train --dry-run`` prints the resolved config.
              time_sampling: uniform, low_discrepancy: false, vlb_steps: 0,
              discrete_steps: 1000}                               # objective: dsm vdm ddpm smld
     optim:  {name: adam, lr: 0.001, betas: [0.9, 0.999], eps: 1.0e-08, weight_decay: 0.0,
-             warmup_steps: 0, grad_clip: 1.0}
+             warmup_steps: 0, schedule: constant, min_lr_ratio: 0.0, grad_clip: 1.0}
     train:  {steps: 10000, batch_size: 512, ema_decay: 0.999, seed: 0, log_every: 10,
              ckpt_every: 1000, keep_last: 3, eval_every: 0, device: cpu, tensorboard: false,
              mixed_precision: "no", grad_accum: 1, sample_every: 0, ckpt_every_epochs: 0,
@@ -283,8 +283,9 @@ class LossConfig(_Section):
 
 class OptimConfig(_Section):
     """Optimiser: ``name`` adam or adamw; ``lr``; ``betas``; ``eps``; ``weight_decay``;
-    ``warmup_steps`` of linear warm-up from lr/warmup_steps to lr; ``grad_clip``: max global
-    gradient norm (null: no clipping)."""
+    ``warmup_steps`` of linear warm-up from lr/warmup_steps to lr; ``schedule`` after the
+    warm-up: ``constant`` or ``cosine`` (decay to ``min_lr_ratio``·lr at the last of
+    ``train.steps``); ``grad_clip``: max global gradient norm (null: no clipping)."""
 
     name: Literal["adam", "adamw"] = "adam"
     lr: float = Field(1e-3, gt=0)
@@ -292,6 +293,8 @@ class OptimConfig(_Section):
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip: float | None = Field(1.0, gt=0)
 
     @field_validator("betas")
@@ -312,7 +315,8 @@ class TrainConfig(_Section):
     always saved), ``eval_every`` (0: never) and how many checkpoints to ``keep_last``;
     ``device`` (cpu, cuda, cuda:N, mps, auto); ``tensorboard`` (needs
     ``pip install 'sdelab[tensorboard]'``); ``mixed_precision`` (no, bf16, fp16: autocast of the
-    loss; fp16 needs CUDA and uses a gradient scaler); ``grad_accum`` (micro-batches per
+    loss; fp16 needs CUDA and uses a gradient scaler; auto: bf16 where the device computes it
+    natively — a CPU with AVX-512 BF16/AMX, a CUDA GPU of compute capability ≥ 8 — else no); ``grad_accum`` (micro-batches per
     optimizer step: ``batch_size`` is the global batch, split over processes, then into
     ``grad_accum`` micro-batches, so it must be divisible by processes × grad_accum);
     ``sample_every`` (0: never): write ``samples/step_NNNNNNNN.png`` and ``.npy`` from the EMA
@@ -336,7 +340,7 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0)
     device: str = "cpu"
     tensorboard: bool = False
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     grad_accum: int = Field(1, ge=1)
     sample_every: int = Field(0, ge=0)
     ckpt_every_epochs: int = Field(0, ge=0)

@@ -162,7 +162,7 @@ def train_step(run: Run) -> StepStats:
     cfg = run.config
     objective = OBJECTIVES[cfg.loss.objective]
     x0, labels = objective.batch(run)
-    lr = lr_at(cfg.optim, run.step)
+    lr = lr_at(cfg.optim, run.step, cfg.train.steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     run.optimizer.zero_grad(set_to_none=True)
@@ -186,12 +186,22 @@ def train_step(run: Run) -> StepStats:
     return StepStats(loss=float(loss.detach()), grad_norm=float(grad_norm), lr=lr)
 
 
-def lr_at(optim: OptimConfig, step: int) -> float:
+def lr_at(optim: OptimConfig, step: int, total_steps: int | None = None) -> float:
     """Learning rate of update number ``step + 1``: linear warm-up over ``warmup_steps``
-    (lr·1/W, lr·2/W, …, lr), then constant."""
-    if optim.warmup_steps == 0:
+    (lr·1/W, lr·2/W, …, lr), then constant (``optim.schedule: constant``) or a cosine decay
+    from lr at the end of the warm-up to ``optim.min_lr_ratio``·lr at update ``total_steps``
+    (``optim.schedule: cosine``; ``total_steps`` is ``train.steps``)."""
+    n = step + 1
+    if optim.warmup_steps and n < optim.warmup_steps:
+        return optim.lr * n / optim.warmup_steps
+    if optim.schedule == "constant":
         return optim.lr
-    return optim.lr * min(1.0, (step + 1) / optim.warmup_steps)
+    if total_steps is None:
+        raise ValueError("optim.schedule=cosine needs the run's total number of steps")
+    span = max(1, total_steps - max(optim.warmup_steps, 1))
+    progress = min(1.0, max(0.0, (n - max(optim.warmup_steps, 1)) / span))
+    low = optim.min_lr_ratio * optim.lr
+    return low + (optim.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def ema_decay_at(decay: float, step: int) -> float:
