@@ -484,6 +484,7 @@ def table_dataset_bpd(args) -> list[str]:
                 deq["shift"],
                 schedule=sched,
                 generator=torch.Generator().manual_seed(5),
+                dtype=torch.float64,
                 **kw,
             )
         cpu = time.process_time() - t0
