@@ -159,6 +159,15 @@ def plot_points(points: list[dict], path: Path) -> None:
                 capsize=3,
                 label=recipe,
             )
+            if len({p["n"] for p in pts}) > 1:  # say which points saw fewer test images
+                for p in pts:
+                    ax.annotate(
+                        f"n={p['n']}",
+                        (p["cpu_min"], p["bpd"]),
+                        fontsize=7,
+                        xytext=(4, 4),
+                        textcoords="offset points",
+                    )
         bpd, minutes = TARGETS[data]
         ax.axhline(bpd, color="k", ls=":", lw=1)
         ax.axvline(minutes, color="k", ls=":", lw=1)

@@ -316,9 +316,10 @@ class TrainConfig(_Section):
     ``device`` (cpu, cuda, cuda:N, mps, auto); ``tensorboard`` (needs
     ``pip install 'sdelab[tensorboard]'``); ``mixed_precision`` (no, bf16, fp16: autocast of the
     loss; fp16 needs CUDA and uses a gradient scaler; auto: bf16 where the device computes it
-    natively — a CPU with AVX-512 BF16/AMX, a CUDA GPU of compute capability ≥ 8 — else no); ``grad_accum`` (micro-batches per
-    optimizer step: ``batch_size`` is the global batch, split over processes, then into
-    ``grad_accum`` micro-batches, so it must be divisible by processes × grad_accum);
+    natively — a CPU with AVX-512 BF16/AMX, a CUDA GPU of compute capability ≥ 8 — else no);
+    ``grad_accum`` (micro-batches per optimizer step: ``batch_size`` is the global batch, split
+    over processes, then into ``grad_accum`` micro-batches, so it must be divisible by
+    processes × grad_accum);
     ``sample_every`` (0: never): write ``samples/step_NNNNNNNN.png`` and ``.npy`` from the EMA
     model with ``eval.sampler`` / ``eval.steps`` and a fixed seed; ``ckpt_every_epochs`` (0:
     off): also checkpoint every that many passes over the training set;
