@@ -199,6 +199,57 @@ class QuadratureOutput:
     nfe: int
 
 
+def forward_path(
+    score_fn: ScoreFn,
+    schedule: Schedule,
+    x: Tensor,
+    t0: float,
+    times: Tensor,
+    *,
+    method: str,
+    rtol: float,
+    atol: float,
+    options: dict,
+    wide: torch.dtype,
+    prior_control: bool = True,
+) -> tuple[Tensor, int]:
+    """x(t) of the probability-flow ODE at ``times`` (ascending, from t0) by forward passes
+    alone, ``(len(times), B, D)`` in ``wide``, and the number of right-hand-side evaluations.
+
+    ``prior_control``: integrate log π(x_t) beside x (free: x·v) and make the step controller
+    hold its local error below ``atol`` nats per example, so that a point far in the tail,
+    where the latent's log-density is most sensitive to x, gets the steps it needs.
+    ``options["norm"]`` overrides the default per-example norm."""
+    b, dim = x.shape[0], x[0].numel()
+    calls = [0]
+    inv_s2 = 1.0 / schedule.prior_std**2
+
+    def velocity(t: Tensor, y: Tensor) -> Tensor:
+        calls[0] += 1
+        xx = y[:, :dim].reshape(x.shape).to(x.dtype)
+        tt = t.to(x.dtype).clamp(t0, schedule.T).reshape(1)
+        coef = schedule(tt)  # f and g² once for the batch (one time per evaluation)
+        s = score_fn(xx, tt.expand(b)).reshape(b, -1)
+        v = (coef.f * xx.reshape(b, -1) - 0.5 * coef.g2 * s).to(y.dtype)  # f x − ½ g² s
+        if not prior_control:
+            return v
+        # d/dt log π(x_t) = ∇log π · v = −x·v / s²: watched by the step controller in nats
+        dp = -(y[:, :dim] * v).sum(1, keepdim=True) * inv_s2
+        return torch.cat([v, dp], dim=1)
+
+    opts = dict(options)
+    y0 = x.reshape(b, -1).to(wide)
+    rtol_t, atol_t = rtol, atol
+    if prior_control:
+        y0 = torch.cat([y0, y0.new_zeros(b, 1)], dim=1)
+        rtol_t = torch.full((dim + 1,), rtol, dtype=wide, device=x.device)
+        rtol_t[-1] = 0.0  # the log-density is controlled in absolute nats
+        opts.setdefault("norm", per_example_max_norm(b, dim))
+    with torch.no_grad():
+        path = odeint(velocity, y0, times, rtol=rtol_t, atol=atol_t, method=method, options=opts)
+    return path[..., :dim], calls[0]
+
+
 def divergence_integral(
     score_fn: ScoreFn,
     schedule: Schedule,
@@ -249,35 +300,20 @@ def divergence_integral(
         raise ValueError(f"max_nodes must be min_nodes times a power of two, got {max_nodes}")
     b, dim = x.shape[0], x[0].numel()
     grid = quadrature_grid(schedule, t0, levels, time_variable, wide, x.device)
-    calls = [0]
-
-    inv_s2 = 1.0 / schedule.prior_std**2
-
-    def velocity(t: Tensor, y: Tensor) -> Tensor:
-        calls[0] += 1
-        xx = y[:, :dim].reshape(x.shape).to(x.dtype)
-        tt = t.to(x.dtype).clamp(t0, schedule.T).reshape(1)
-        coef = schedule(tt)  # f and g² once for the batch (one time per evaluation)
-        s = score_fn(xx, tt.expand(b)).reshape(b, -1)
-        v = (coef.f * xx.reshape(b, -1) - 0.5 * coef.g2 * s).to(y.dtype)  # f x − ½ g² s
-        if not prior_control:
-            return v
-        # d/dt log π(x_t) = ∇log π · v = −x·v / s²: watched by the step controller in nats
-        dp = -(y[:, :dim] * v).sum(1, keepdim=True) * inv_s2
-        return torch.cat([v, dp], dim=1)
-
-    opts = dict(options)
-    y0 = x.reshape(b, -1).to(wide)
-    rtol_t, atol_t = rtol, atol
-    if prior_control:
-        y0 = torch.cat([y0, y0.new_zeros(b, 1)], dim=1)
-        rtol_t = torch.full((dim + 1,), rtol, dtype=wide, device=x.device)
-        rtol_t[-1] = 0.0  # the log-density is controlled in absolute nats
-        opts.setdefault("norm", per_example_max_norm(b, dim))
-    with torch.no_grad():
-        path = odeint(
-            velocity, y0, grid.times, rtol=rtol_t, atol=atol_t, method=method, options=opts
-        )[..., :dim]  # (n_max + 1, B, D): the solver's dense output at every node
+    # (n_max + 1, B, D): the solver's dense output at every node
+    path, nfe = forward_path(
+        score_fn,
+        schedule,
+        x,
+        t0,
+        grid.times,
+        method=method,
+        rtol=rtol,
+        atol=atol,
+        options=options,
+        wide=wide,
+        prior_control=prior_control,
+    )
     n_max = levels[-1]
     h = torch.full((n_max + 1, b), float("nan"), dtype=wide, device=x.device)  # integrand
     done_idx: set[int] = set()
@@ -330,7 +366,7 @@ def divergence_integral(
         delta=delta,
         error=error,
         nodes=nodes,
-        nfe=calls[0],
+        nfe=nfe,
     )
 
 
@@ -395,39 +431,19 @@ def randomized_divergence_integral(
     ends = torch.tensor([t0, schedule.T], dtype=torch.float64)
     times, inverse = torch.unique(torch.cat([ends[:1], t_nodes, ends[1:]]), return_inverse=True)
     position = inverse[1:-1]  # index in `times` of node (group, k)
-    calls = [0]
-    inv_s2 = 1.0 / schedule.prior_std**2
-
-    def velocity(t: Tensor, y: Tensor) -> Tensor:
-        calls[0] += 1
-        xx = y[:, :dim].reshape(x.shape).to(x.dtype)
-        tt = t.to(x.dtype).clamp(t0, schedule.T).reshape(1)
-        coef = schedule(tt)
-        s = score_fn(xx, tt.expand(b)).reshape(b, -1)
-        v = (coef.f * xx.reshape(b, -1) - 0.5 * coef.g2 * s).to(y.dtype)
-        if not prior_control:
-            return v
-        dp = -(y[:, :dim] * v).sum(1, keepdim=True) * inv_s2
-        return torch.cat([v, dp], dim=1)
-
-    opts = dict(options)
-    y0 = x.reshape(b, -1).to(wide)
-    rtol_t, atol_t = rtol, atol
-    if prior_control:
-        y0 = torch.cat([y0, y0.new_zeros(b, 1)], dim=1)
-        rtol_t = torch.full((dim + 1,), rtol, dtype=wide, device=x.device)
-        rtol_t[-1] = 0.0
-        opts.setdefault("norm", per_example_max_norm(b, dim))
-    with torch.no_grad():
-        path = odeint(
-            velocity,
-            y0,
-            times.to(wide).to(x.device),
-            rtol=rtol_t,
-            atol=atol_t,
-            method=method,
-            options=opts,
-        )[..., :dim]
+    path, nfe = forward_path(
+        score_fn,
+        schedule,
+        x,
+        t0,
+        times.to(wide).to(x.device),
+        method=method,
+        rtol=rtol,
+        atol=atol,
+        options=options,
+        wide=wide,
+        prior_control=prior_control,
+    )
     # (node, example) pairs: example r uses its group's K nodes
     node_index = position.reshape(g, nodes)[group_of]  # (B, K) rows of `path`
     w = weights.reshape(g, nodes)[group_of].to(wide).to(x.device)  # (B, K)
@@ -458,5 +474,5 @@ def randomized_divergence_integral(
         delta=delta,
         error=error,
         nodes=torch.full((b,), nodes, dtype=torch.long, device=x.device),
-        nfe=calls[0],
+        nfe=nfe,
     )
