@@ -336,7 +336,7 @@ def log_likelihood(
 ) -> LikelihoodResult:
     r"""Exact per-example log-likelihood log p_{t_min}(x) through the probability-flow ODE.
 
-    Two integrators for log p_{t_min}(x) = log π(x_T) + ∫_{t_min}^T ∇·v dt:
+    Three integrators for log p_{t_min}(x) = log π(x_T) + ∫_{t_min}^T ∇·v dt:
 
     - ``"quadrature"`` (opt-in, evaluation only): solve dx/dt = f x − ½ g² s(x, t) with
       forward passes only, then integrate the divergence by nested Clenshaw–Curtis quadrature
@@ -467,43 +467,23 @@ def log_likelihood(
     opts = {"norm": per_example_rms_norm(b), **(options or {})}
     if method in ADAPTIVE_SOLVERS:  # land exactly on T instead of stepping past it
         opts.setdefault("step_t", ts[1:])
-    if integrator == "randomized":
-        if time_variable != "t":
+    if integrator != "augmented":
+        fresh = integrator == "randomized" or refresh_probes
+        if integrator == "randomized" and time_variable != "t":
             raise ValueError(
                 "integrator='randomized' integrates in t (its tanh-sinh map already crowds the "
                 "nodes at both ends): drop time_variable"
             )
-        quad_opts = dict(options or {})
-        if method in ADAPTIVE_SOLVERS:
-            quad_opts.setdefault("step_t", ts[1:])
-        if divergence == "exact":
-
-            def trace(fn, xx, rows):
-                return exact_trace(fn, xx, trace_mode)
-        else:
-
-            def trace(fn, xx, rows):  # fresh probes at every node: independent errors
-                return hutchinson_trace(fn, xx, sample_probes(xx, n_probes, probe, generator))
-
-        quad = randomized_divergence_integral(
-            score_fn,
-            schedule,
-            x,
-            t0,
-            trace=trace,
-            method=method,
-            rtol=rtol,
-            atol=atol,
-            options=quad_opts,
-            wide=wide,
-            generator=generator,
-            nodes=nodes,
-        )
-        z, delta, nfe = quad.z, quad.delta, quad.nfe
-        evals, quad_error = quad.nodes, quad.error.to(x.dtype)
-        prior = schedule.prior_logp(z)
-        logp = prior + delta
-    elif integrator == "quadrature":
+        if (
+            refresh_probes
+            and integrator == "quadrature"
+            and divergence != "exact"
+            and (min_nodes != max_nodes)
+        ):
+            raise ValueError(
+                "refresh_probes=True needs a fixed rule (min_nodes == max_nodes, e.g. 16): "
+                "probe noise would defeat the refinement"
+            )
         # its own default norm also watches log π(x_t) (quadrature.per_example_max_norm)
         quad_opts = dict(options or {})
         if method in ADAPTIVE_SOLVERS:
@@ -512,12 +492,7 @@ def log_likelihood(
 
             def trace(fn, xx, rows):
                 return exact_trace(fn, xx, trace_mode)
-        elif refresh_probes:
-            if min_nodes != max_nodes:
-                raise ValueError(
-                    "refresh_probes=True needs a fixed rule (min_nodes == max_nodes, e.g. 16): "
-                    "probe noise would defeat the refinement"
-                )
+        elif fresh:
 
             def trace(fn, xx, rows):  # fresh probes at every node: independent errors
                 return hutchinson_trace(fn, xx, sample_probes(xx, n_probes, probe, generator))
@@ -527,25 +502,29 @@ def log_likelihood(
             def trace(fn, xx, rows):  # the same probes at every node: a smooth integrand
                 return hutchinson_trace(fn, xx, fixed[:, rows])
 
-        quad = divergence_integral(
-            score_fn,
-            schedule,
-            x,
-            t0,
-            trace=trace,
-            method=method,
-            rtol=rtol,
-            atol=atol,
-            options=quad_opts,
-            wide=wide,
-            min_nodes=min_nodes,
-            max_nodes=max_nodes,
-            quad_tol=quad_tol,
-            time_variable=time_variable,
+        common = dict(
+            trace=trace, method=method, rtol=rtol, atol=atol, options=quad_opts, wide=wide
         )
+        if integrator == "randomized":
+            quad = randomized_divergence_integral(
+                score_fn, schedule, x, t0, generator=generator, nodes=nodes, **common
+            )
+        else:
+            quad = divergence_integral(
+                score_fn,
+                schedule,
+                x,
+                t0,
+                min_nodes=min_nodes,
+                max_nodes=max_nodes,
+                quad_tol=quad_tol,
+                time_variable=time_variable,
+                **common,
+            )
         z, delta, nfe = quad.z, quad.delta, quad.nfe
         evals, quad_error = quad.nodes, quad.error.to(x.dtype)
-        unmet = int((quad_error > quad_tol).sum())  # NaN (a fixed rule) compares False
+        # NaN (a fixed rule) compares False; the randomized rule's spread is not a tolerance
+        unmet = int((quad_error > quad_tol).sum()) if integrator == "quadrature" else 0
         if unmet:
             warnings.warn(
                 f"{unmet} example(s) did not meet quad_tol={quad_tol:g} with max_nodes="

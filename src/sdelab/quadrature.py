@@ -250,6 +250,39 @@ def forward_path(
     return path[..., :dim], calls[0]
 
 
+def node_divergence(
+    score_fn: ScoreFn,
+    schedule: Schedule,
+    x: Tensor,
+    path: Tensor,
+    times: Tensor,
+    ks: Tensor,
+    rs: Tensor,
+    trace: Callable[[Callable[[Tensor], Tensor], Tensor, Tensor], Tensor],
+) -> Tensor:
+    """∇·v − D f at the (node, example) pairs ``(ks, rs)`` of a :func:`forward_path` solve at
+    ``times``, ``(len(ks),)`` in ``path.dtype``: the quadratures' integrand, whose linear part
+    ∇·(f x) = D f is left to :func:`linear_part`."""
+    dim = x[0].numel()
+    xs = path[ks, rs].reshape(-1, *x.shape[1:]).to(x.dtype)
+    tb = times[ks].to(x.dtype)
+
+    def flow(xx: Tensor) -> Tensor:
+        return schedule.probability_flow(xx, tb, score_fn(xx, tb))
+
+    div = trace(flow, xs, rs).to(path.dtype)
+    return div - dim * schedule.f(times[ks]).to(path.dtype)
+
+
+def linear_part(
+    schedule: Schedule, t0: float, dim: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """∫_{t0}^T ∇·(f x) dt = D log(α_T / α_{t0}) in closed form (a scalar tensor)."""
+    ends = torch.tensor([t0, schedule.T], dtype=dtype, device=device)
+    log_alpha = schedule.alpha_sigma(ends)[0].to(dtype).log()
+    return dim * (log_alpha[1] - log_alpha[0])
+
+
 def divergence_integral(
     score_fn: ScoreFn,
     schedule: Schedule,
@@ -332,15 +365,7 @@ def divergence_integral(
             part = pairs[start : start + chunk]
             ks = torch.tensor([k for k, _ in part], device=x.device)
             rs = torch.tensor([r for _, r in part], device=x.device)
-            xs = path[ks, rs].reshape(-1, *x.shape[1:]).to(x.dtype)
-            tb = grid.times[ks].to(x.dtype)
-
-            def flow(xx: Tensor, tb: Tensor = tb) -> Tensor:
-                return schedule.probability_flow(xx, tb, score_fn(xx, tb))
-
-            div = trace(flow, xs, rs).to(wide)
-            # the linear part ∇·(f x) = D f is integrated in closed form below
-            h[ks, rs] = div - dim * schedule.f(grid.times[ks]).to(wide)
+            h[ks, rs] = node_divergence(score_fn, schedule, x, path, grid.times, ks, rs, trace)
         done_idx.update(idx)
         nodes[rows] += len(idx)
         w = grid.weights[n]
@@ -358,9 +383,7 @@ def divergence_integral(
             break
     if len(levels) == 1:  # one level: no estimate
         error = torch.full_like(error, float("nan"))
-    ends = torch.tensor([t0, schedule.T], dtype=wide, device=x.device)
-    log_alpha = schedule.alpha_sigma(ends)[0].to(wide).log()
-    delta = delta + dim * (log_alpha[1] - log_alpha[0])
+    delta = delta + linear_part(schedule, t0, dim, wide, x.device)
     return QuadratureOutput(
         z=path[-1].reshape(x.shape),
         delta=delta,
@@ -431,12 +454,13 @@ def randomized_divergence_integral(
     ends = torch.tensor([t0, schedule.T], dtype=torch.float64)
     times, inverse = torch.unique(torch.cat([ends[:1], t_nodes, ends[1:]]), return_inverse=True)
     position = inverse[1:-1]  # index in `times` of node (group, k)
+    times = times.to(dtype=wide, device=x.device)
     path, nfe = forward_path(
         score_fn,
         schedule,
         x,
         t0,
-        times.to(wide).to(x.device),
+        times,
         method=method,
         rtol=rtol,
         atol=atol,
@@ -447,7 +471,6 @@ def randomized_divergence_integral(
     # (node, example) pairs: example r uses its group's K nodes
     node_index = position.reshape(g, nodes)[group_of]  # (B, K) rows of `path`
     w = weights.reshape(g, nodes)[group_of].to(wide).to(x.device)  # (B, K)
-    t_of = times.to(wide).to(x.device)
     h = torch.empty(b, nodes, dtype=wide, device=x.device)
     ks_all = node_index.reshape(-1).to(x.device)
     rs_all = torch.arange(b, device=x.device).repeat_interleave(nodes)
@@ -455,20 +478,11 @@ def randomized_divergence_integral(
     chunk = max(b, batch_limit)
     for start in range(0, ks_all.numel(), chunk):
         ks, rs, kk = (a[start : start + chunk] for a in (ks_all, rs_all, kk_all))
-        xs = path[ks, rs].reshape(-1, *x.shape[1:]).to(x.dtype)
-        tb = t_of[ks].to(x.dtype)
-
-        def flow(xx: Tensor, tb: Tensor = tb) -> Tensor:
-            return schedule.probability_flow(xx, tb, score_fn(xx, tb))
-
-        div = trace(flow, xs, rs).to(wide)
-        h[rs, kk] = div - dim * schedule.f(t_of[ks]).to(wide)
+        h[rs, kk] = node_divergence(score_fn, schedule, x, path, times, ks, rs, trace)
     terms = w * h
-    delta = terms.sum(1)
-    error = (2 * terms[:, 0::2].sum(1) - 2 * terms[:, 1::2].sum(1)).abs() / 2
-    ends = torch.tensor([t0, schedule.T], dtype=wide, device=x.device)
-    log_alpha = schedule.alpha_sigma(ends)[0].to(wide).log()
-    delta = delta + dim * (log_alpha[1] - log_alpha[0])
+    delta = terms.sum(1) + linear_part(schedule, t0, dim, wide, x.device)
+    # the half-rules Q_even = 2 Σ_even, Q_odd = 2 Σ_odd: |Q_even − Q_odd| / 2
+    error = (terms[:, 0::2].sum(1) - terms[:, 1::2].sum(1)).abs()
     return QuadratureOutput(
         z=path[-1].reshape(x.shape),
         delta=delta,
