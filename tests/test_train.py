@@ -22,7 +22,7 @@ from sdelab.losses import dsm_loss, sample_time
 from sdelab.nets.mlp import MLP
 from sdelab.parametrization import KINDS, ScoreModel
 from sdelab.sde import make_schedule
-from sdelab.train import objectives
+from sdelab.train import build, objectives
 from sdelab.train.build import build_model, build_run, load_run, resolve_config
 from sdelab.train.checkpoint import (
     CheckpointError,
@@ -392,9 +392,13 @@ def test_sigterm_saves_and_exits_cleanly_then_resume_is_exact(tmp_path, referenc
 
 def test_mixed_precision_auto_follows_the_device(tmp_path, monkeypatch):
     """auto trains in bf16 exactly where the device computes it natively, else in fp32."""
-    run = build_run(tiny("train.mixed_precision=auto"), tmp_path)
-    monkeypatch.setattr(objectives, "native_bf16", lambda device: True)
-    assert objectives.precision_of(run) == "bf16"
-    monkeypatch.setattr(objectives, "native_bf16", lambda device: False)
-    assert objectives.precision_of(run) == "no"
-    assert objectives.native_bf16(torch.device("meta")) is False
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(build, "native_bf16", lambda device: True)
+    assert build.resolve_precision("auto", cpu) == "bf16"
+    assert build_run(tiny("train.mixed_precision=auto"), tmp_path).precision == "bf16"
+    monkeypatch.setattr(build, "native_bf16", lambda device: False)
+    assert build.resolve_precision("auto", cpu) == "no"
+    assert build_run(tiny("train.mixed_precision=auto"), tmp_path / "b").precision == "no"
+    assert build.resolve_precision("bf16", cpu) == "bf16"  # explicit names pass through
+    monkeypatch.undo()
+    assert build.native_bf16(torch.device("meta")) is False

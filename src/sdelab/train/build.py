@@ -65,6 +65,25 @@ class Run:
     dist: DistInfo = field(default_factory=DistInfo)  # this process's rank of how many
     ddp: torch.nn.Module | None = None  # DistributedDataParallel(model.net) with > 1 process
     scaler: torch.amp.GradScaler | None = None  # fp16 only
+    precision: str = "no"  # the autocast precision: no, bf16 or fp16 (auto resolved)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (CPU: AVX-512 BF16 / AMX through oneDNN;
+    CUDA: compute capability 8.0 or newer), so that ``mixed_precision: auto`` picks bf16."""
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``train.mixed_precision`` with ``auto`` resolved for ``device``: ``bf16`` where it
+    computes bfloat16 natively (:func:`native_bf16`), else ``no``; other names unchanged."""
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "no"
+    return name
 
 
 def resolve_device(name: str = "auto", info: DistInfo | None = None) -> torch.device:
@@ -264,7 +283,7 @@ def build_resolved_run(
 ) -> Run:
     """:func:`build_run` for a config already resolved (:func:`resolve_config`) and checked
     (:func:`check_world`) on ``device`` (:func:`resolve_device`)."""
-    precision = config.train.mixed_precision
+    precision = resolve_precision(config.train.mixed_precision, device)
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError(
             f"train.mixed_precision=fp16 needs CUDA, but the run is on {device}: use bf16 or no"
@@ -304,6 +323,7 @@ def build_resolved_run(
         dist=info,
         ddp=ddp,
         scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
+        precision=precision,
     )
 
 

@@ -198,8 +198,8 @@ def lr_at(optim: OptimConfig, step: int, total_steps: int | None = None) -> floa
         return optim.lr
     if total_steps is None:
         raise ValueError("optim.schedule=cosine needs the run's total number of steps")
-    span = max(1, total_steps - max(optim.warmup_steps, 1))
-    progress = min(1.0, max(0.0, (n - max(optim.warmup_steps, 1)) / span))
+    peak = max(optim.warmup_steps, 1)  # the update at which the decay starts from lr
+    progress = min(1.0, max(0.0, (n - peak) / max(1, total_steps - peak)))
     low = optim.min_lr_ratio * optim.lr
     return low + (optim.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

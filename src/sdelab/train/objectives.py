@@ -85,27 +85,8 @@ def _micro_batches(run: Run, b: int) -> Iterator[tuple[slice, contextlib.Abstrac
         yield slice(lo, lo + micro), sync
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 natively (CPU: AVX-512 BF16 / AMX through oneDNN;
-    CUDA: compute capability 8.0 or newer), so that ``mixed_precision: auto`` picks bf16."""
-    if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    return False
-
-
-def precision_of(run: Run) -> str:
-    """The autocast precision the run trains in: ``train.mixed_precision``, with ``auto``
-    resolved to ``bf16`` on a device with native bfloat16 (:func:`native_bf16`), else ``no``."""
-    precision = run.config.train.mixed_precision
-    if precision == "auto":
-        return "bf16" if native_bf16(run.device) else "no"
-    return precision
-
-
 def _autocast(run: Run):
-    precision = precision_of(run)
+    precision = run.precision
     if precision == "no":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
