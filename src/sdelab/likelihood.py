@@ -333,6 +333,9 @@ def log_likelihood(
     boundary: Literal["none", "decoder"] = "none",
     refresh_probes: bool = False,
     nodes: int = 16,
+    prior_control: bool | None = None,
+    solve_in: Literal["t", "log_snr"] | None = None,
+    step_control: Literal["batch", "example"] | None = None,
 ) -> LikelihoodResult:
     r"""Exact per-example log-likelihood log p_{t_min}(x) through the probability-flow ODE.
 
@@ -369,7 +372,8 @@ def log_likelihood(
         method: a torchdiffeq solver name (``dopri5``, ``dopri8``, ``bosh3``, ``rk4`` …; fixed
             step solvers need ``options=dict(step_size=...)``). Default: ``dopri8`` for the
             quadrature (its stages are forward passes only; measured 10–80× smaller error than
-            dopri5 at the same tolerance and CPU time), ``dopri5`` for the augmented solve.
+            dopri5 at the same tolerance and CPU time), ``dopri5`` for the augmented solve and
+            the randomized rule.
         rtol, atol: tolerances, met by *every* example (per-example error norm,
             :func:`per_example_rms_norm`).
         t_min: start time, in [schedule.t_min, T); default ``schedule.t_min``.
@@ -385,7 +389,18 @@ def log_likelihood(
         integrator: ``"augmented"`` (default), ``"quadrature"`` (no gradients; warns when an
             example misses ``quad_tol`` at ``max_nodes``) or ``"randomized"`` (no gradients;
             unbiased per example, exact only on average: for test-set means).
-        nodes: the randomized rule's number of nodes per example (even).
+        nodes: the randomized rule's number of nodes per example (even). Its estimator noise
+            falls as 1/√nodes at the cost of one divergence per node, while the forward solve
+            is paid once: measured on the digits U-Net, 16–64 nodes (benchmarks/RESULTS.md).
+        prior_control: quadrature rules only: also integrate log π(x_t) and hold its local
+            error to ``atol`` nats per example (the tail-point fix of the per-example
+            ``"quadrature"``, its default); ``None``: on for ``"quadrature"``, off for
+            ``"randomized"`` (a data-set mean needs no per-example guarantee, and the forward
+            solve in λ meets the bias target with ~3× fewer evaluations without it).
+        solve_in: the forward-only solve's independent variable, ``"t"`` or ``"log_snr"``
+            (:func:`sdelab.quadrature.forward_path`); ``None``: ``"t"`` for ``"quadrature"``,
+            ``"log_snr"`` for ``"randomized"`` (the solve in t carries a systematic error of x_T
+            ≈ 700× its tolerance on the digits U-Net, the one in λ ≈ 70×).
         time_variable: the quadrature's variable, ``"t"`` (default: measured best on VP and VE
             here) or ``"log_snr"`` (λ uniform).
         quad_tol: per-example bound on the quadrature's error estimate |Q_N − Q_{N/2}| (nats);
@@ -400,6 +415,11 @@ def log_likelihood(
             only with a fixed rule (``min_nodes == max_nodes``), whose quadrature error is then
             the user's to check (it is a bias: measured −0.1 nats with 16 intervals on a
             trained 2-D checkerboard model).
+        step_control: quadrature rules only: ``"batch"`` (default: one step sequence for
+            the batch, accepted when the worst example meets the tolerance) or ``"example"``
+            (every example on its own Dormand–Prince 5(4) step sequence,
+            :mod:`sdelab.batched_rk`; needs ``method="dopri5"``): an example's result in a
+            batch is then exactly its result alone, at any tolerance.
         trace_mode: the exact trace at a quadrature node by one batched backward pass
             (``"reverse"``, faster here) or by vmapped forward-mode products (``"forward"``).
         boundary: ``"none"`` (log p_{t_min}(x)) or ``"decoder"``: draw x_ε ~ N(α x, σ² I) at
@@ -441,7 +461,16 @@ def log_likelihood(
     div = _Divergence.make(x, divergence, n_probes, probe, generator)  # validates the options
     track = _tracks_grad(score_fn, schedule, x)
     if method is None:
-        method = "dopri5" if integrator == "augmented" else "dopri8"
+        method = "dopri8" if integrator == "quadrature" else "dopri5"
+    if integrator == "augmented" and (step_control is not None or solve_in is not None):
+        raise ValueError(
+            "step_control and solve_in belong to the forward-only solve of "
+            "integrator='quadrature' or 'randomized', not to the augmented solve"
+        )
+    if prior_control is None:  # the measured defaults of each integrator (issue 17)
+        prior_control = integrator == "quadrature"
+    if solve_in is None:
+        solve_in = "log_snr" if integrator == "randomized" else "t"
     if integrator != "augmented" and (track or adjoint):
         raise ValueError(
             f"integrator={integrator!r} computes no gradients: use integrator='augmented' (or run "
@@ -503,7 +532,15 @@ def log_likelihood(
                 return hutchinson_trace(fn, xx, fixed[:, rows])
 
         common = dict(
-            trace=trace, method=method, rtol=rtol, atol=atol, options=quad_opts, wide=wide
+            trace=trace,
+            method=method,
+            rtol=rtol,
+            atol=atol,
+            options=quad_opts,
+            wide=wide,
+            prior_control=prior_control,
+            solve_in=solve_in,
+            step_control=step_control or "batch",
         )
         if integrator == "randomized":
             quad = randomized_divergence_integral(

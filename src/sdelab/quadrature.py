@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
+from sdelab.batched_rk import solve_per_example
 from sdelab.sde import Schedule
 from sdelab.utils import ScoreFn
 
@@ -41,6 +42,10 @@ TIME_VARIABLES: tuple[str, ...] = ("log_snr", "t")
 #: exact-trace implementations: batched reverse mode (one backward pass with D cotangents)
 #: or forward mode (torch.func.vmap over D Jacobian-vector products).
 TRACE_MODES: tuple[str, ...] = ("reverse", "forward")
+#: independent variables of the forward-only solve (:func:`forward_path`).
+SOLVE_VARIABLES: tuple[str, ...] = ("t", "log_snr")
+#: step controls of the forward-only solve: one sequence for the batch, or one per example.
+STEP_CONTROLS: tuple[str, ...] = ("batch", "example")
 
 
 def clenshaw_curtis(n: int, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
@@ -212,41 +217,123 @@ def forward_path(
     options: dict,
     wide: torch.dtype,
     prior_control: bool = True,
+    solve_in: str = "t",
+    step_control: str = "batch",
 ) -> tuple[Tensor, int]:
     """x(t) of the probability-flow ODE at ``times`` (ascending, from t0) by forward passes
-    alone, ``(len(times), B, D)`` in ``wide``, and the number of right-hand-side evaluations.
+    alone, ``(len(times), B, D)`` in ``wide``, and the number of right-hand-side evaluations
+    (batched calls).
 
     ``prior_control``: integrate log π(x_t) beside x (free: x·v) and make the step controller
     hold its local error below ``atol`` nats per example, so that a point far in the tail,
     where the latent's log-density is most sensitive to x, gets the steps it needs.
-    ``options["norm"]`` overrides the default per-example norm."""
+    ``options["norm"]`` overrides the default per-example norm (``step_control="batch"``).
+
+    ``solve_in``: the solver's independent variable, ``"t"`` or ``"log_snr"`` (λ, descending
+    from λ(t0)). Near t_min the flow expands every direction off the data at rate ≈ ½g²/σ²,
+    so in t the first steps are stiff and their local errors are amplified by σ_T/σ_{t0}
+    (≈ 100 for VP with t_min = 1e-3) into a *systematic* error of x_T; in λ that rate is
+    ≈ ½ per unit everywhere and equal steps in λ are equally hard.
+
+    ``step_control``: ``"batch"`` (torchdiffeq: one step sequence for the batch, accepted when
+    the worst example meets the tolerance; any of its methods) or ``"example"``
+    (:func:`sdelab.batched_rk.solve_per_example`: Dormand–Prince 5(4) with every example on
+    its own step sequence — in a batch exactly as alone; ``method`` must be ``"dopri5"``)."""
+    if solve_in not in SOLVE_VARIABLES:
+        raise ValueError(
+            f"unknown solve_in {solve_in!r}: choose one of {', '.join(SOLVE_VARIABLES)}"
+        )
+    if step_control not in STEP_CONTROLS:
+        raise ValueError(
+            f"unknown step_control {step_control!r}: choose one of {', '.join(STEP_CONTROLS)}"
+        )
+    if step_control == "example" and method != "dopri5":
+        raise ValueError(
+            f"step_control='example' is Dormand–Prince 5(4): pass method='dopri5', not {method!r}"
+        )
     b, dim = x.shape[0], x[0].numel()
     calls = [0]
     inv_s2 = 1.0 / schedule.prior_std**2
+    lam_range = None
+    if solve_in == "log_snr":
+        ends = schedule.log_snr(torch.tensor([t0, schedule.T], dtype=torch.float64))
+        lam_range = (float(ends[1]), float(ends[0]))  # λ(T) < λ(t0)
 
-    def velocity(t: Tensor, y: Tensor) -> Tensor:
+    def rhs(u: Tensor, y: Tensor) -> Tensor:
+        """dy/du at ``u`` (the solver's variable, ``(1,)`` or ``(b,)``) for the rows ``y``."""
         calls[0] += 1
-        xx = y[:, :dim].reshape(x.shape).to(x.dtype)
-        tt = t.to(x.dtype).clamp(t0, schedule.T).reshape(1)
-        coef = schedule(tt)  # f and g² once for the batch (one time per evaluation)
-        s = score_fn(xx, tt.expand(b)).reshape(b, -1)
-        v = (coef.f * xx.reshape(b, -1) - 0.5 * coef.g2 * s).to(y.dtype)  # f x − ½ g² s
-        if not prior_control:
-            return v
-        # d/dt log π(x_t) = ∇log π · v = −x·v / s²: watched by the step controller in nats
-        dp = -(y[:, :dim] * v).sum(1, keepdim=True) * inv_s2
-        return torch.cat([v, dp], dim=1)
+        n = y.shape[0]
+        if lam_range is None:
+            tt = u.to(torch.float64).clamp(t0, schedule.T)
+        else:  # a trial step may overshoot λ(T) (the first step's guess can be huge)
+            lam = u.to(torch.float64).clamp(*lam_range)
+            tt = schedule.t_of_log_snr(lam).clamp(t0, schedule.T)
+        tt = tt.to(x.dtype)
+        coef = schedule(tt)  # f and g² (one time for the batch, or one per example)
+        xx = y[:, :dim].reshape(n, *x.shape[1:]).to(x.dtype)
+        s = score_fn(xx, tt.expand(n)).reshape(n, -1)
+        v = coef.f.reshape(-1, 1) * xx.reshape(n, -1) - 0.5 * coef.g2.reshape(-1, 1) * s
+        v = v.to(y.dtype)  # f x − ½ g² s
+        if prior_control:
+            # d/dt log π(x_t) = ∇log π · v = −x·v / s²: watched by the step controller in nats
+            dp = -(y[:, :dim] * v).sum(1, keepdim=True) * inv_s2
+            v = torch.cat([v, dp], dim=1)
+        if lam_range is not None:
+            v = v / coef.d_log_snr.reshape(-1, 1).to(y.dtype)
+        return v
 
-    opts = dict(options)
     y0 = x.reshape(b, -1).to(wide)
     rtol_t, atol_t = rtol, atol
     if prior_control:
         y0 = torch.cat([y0, y0.new_zeros(b, 1)], dim=1)
         rtol_t = torch.full((dim + 1,), rtol, dtype=wide, device=x.device)
         rtol_t[-1] = 0.0  # the log-density is controlled in absolute nats
-        opts.setdefault("norm", per_example_max_norm(b, dim))
+    # the solver's output points: t, or the distinct λ of the times, descending (times that
+    # round onto one λ share it)
+    if lam_range is None:
+        grid, inverse = times, None
+    else:
+        lam_all = schedule.log_snr(times.to(torch.float64)).to(wide)
+        lam_all[0] = lam_range[1]
+        grid, inverse = torch.unique(lam_all, return_inverse=True)
+        grid = grid.flip(0)
+        inverse = grid.numel() - 1 - inverse
+    start = float(grid[0])
     with torch.no_grad():
-        path = odeint(velocity, y0, times, rtol=rtol_t, atol=atol_t, method=method, options=opts)
+        if step_control == "example":
+
+            def norm(e: Tensor) -> Tensor:  # per example: the x part's RMS, log π on its own
+                if not prior_control:
+                    return e.pow(2).mean(1).sqrt()
+                return torch.maximum(e[:, :dim].pow(2).mean(1).sqrt(), e[:, dim].abs())
+
+            sol = solve_per_example(
+                lambda u, y, rows: rhs(u, y),
+                y0,
+                start,
+                grid[1:] if float(grid[0]) == start else grid,
+                rtol=rtol_t,
+                atol=atol_t,
+                norm=norm,
+            )
+            path = torch.cat([y0[None], sol.ys], dim=0)
+        else:
+            opts = dict(options)
+            if prior_control:
+                opts.setdefault("norm", per_example_max_norm(b, dim))
+            if lam_range is not None and "step_t" in opts:  # stop times in t: take them to λ
+                opts["step_t"] = schedule.log_snr(
+                    torch.as_tensor(opts["step_t"]).to(torch.float64)
+                ).to(wide)
+
+            def rhs_shared(u: Tensor, y: Tensor) -> Tensor:
+                return rhs(u.reshape(1), y)
+
+            path = odeint(
+                rhs_shared, y0, grid, rtol=rtol_t, atol=atol_t, method=method, options=opts
+            )
+    if inverse is not None:
+        path = path[inverse]
     return path[..., :dim], calls[0]
 
 
@@ -301,6 +388,8 @@ def divergence_integral(
     time_variable: str = "t",
     batch_limit: int = 256,
     prior_control: bool = True,
+    solve_in: str = "t",
+    step_control: str = "batch",
 ) -> QuadratureOutput:
     """Forward-only solve of x(t) plus nested quadrature of the divergence (module docstring).
 
@@ -346,6 +435,8 @@ def divergence_integral(
         options=options,
         wide=wide,
         prior_control=prior_control,
+        solve_in=solve_in,
+        step_control=step_control,
     )
     n_max = levels[-1]
     h = torch.full((n_max + 1, b), float("nan"), dtype=wide, device=x.device)  # integrand
@@ -410,6 +501,8 @@ def randomized_divergence_integral(
     groups: int = 8,
     batch_limit: int = 256,
     prior_control: bool = True,
+    solve_in: str = "t",
+    step_control: str = "batch",
 ) -> QuadratureOutput:
     r"""Forward-only solve of x(t) plus a *randomly shifted* rule for ∫∇·v dt: unbiased.
 
@@ -467,6 +560,8 @@ def randomized_divergence_integral(
         options=options,
         wide=wide,
         prior_control=prior_control,
+        solve_in=solve_in,
+        step_control=step_control,
     )
     # (node, example) pairs: example r uses its group's K nodes
     node_index = position.reshape(g, nodes)[group_of]  # (B, K) rows of `path`
