@@ -26,6 +26,7 @@ from sdelab.runs import (
     run_vlb,
     write_json,
 )
+from sdelab.runs.likelihood import RUN_INTEGRATORS, default_rtol, resolve_integrator
 from sdelab.train.checkpoint import load_checkpoint
 
 
@@ -51,6 +52,9 @@ def _likelihood(args: argparse.Namespace) -> int:
     image = config.data.name in IMAGE_DATA_NAMES
     if args.probes is None and not args.exact_trace and image:  # images: Hutchinson, 1 probe
         args.probes = 1
+    integrator = resolve_integrator(args.integrator, args.probes is None)
+    if args.rtol is None:
+        args.rtol = default_rtol(integrator)
     atol = args.rtol if args.atol is None else args.atol
     if args.method == "ode":
         divergence = "exact" if args.probes is None else f"hutchinson x{args.probes}"
@@ -71,9 +75,10 @@ def _likelihood(args: argparse.Namespace) -> int:
         "dequantizer": None if args.dequantizer is None else str(Path(args.dequantizer)),
         "split": args.split,
         "repeats": args.repeats,
-        "integrator": args.integrator if args.method == "ode" else None,
+        "integrator": integrator if args.method == "ode" else None,
         "density": "log p_t_min" if args.method == "ode" else "bound",
     }
+    record["nodes"] = args.nodes if record["integrator"] == "randomized" else None
     path = Path(args.run) / _result_name(record)
     if info.is_main:
         check_new_files([path], force=args.force, hint=_KEEP)
@@ -94,6 +99,7 @@ def _likelihood(args: argparse.Namespace) -> int:
         resumable=True,
         resume=args.resume,
         integrator=args.integrator,
+        nodes=args.nodes,
     )
     if not info.is_main:
         return 0
@@ -145,6 +151,8 @@ def _result_name(record: dict[str, Any]) -> str:
         parts.append(f"b{record['batch_size']}")
     if record.get("integrator") == "quadrature":
         parts.append("quadrature")
+    if record.get("integrator") == "randomized":
+        parts.append(f"randomized{record.get('nodes', 32)}")
     if record.get("checkpoint") is not None:
         parts.append(f"ckpt{record['checkpoint']}")
     if record.get("split", "test") != "test":
@@ -294,7 +302,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=positive_int, default=1000, help="batch size (default 1000)"
     )
     p.add_argument(
-        "--rtol", type=positive_float, default=1e-5, help="ODE relative tolerance (default 1e-5)"
+        "--rtol",
+        type=positive_float,
+        default=None,
+        help="ODE relative tolerance (default 1e-5; 3e-5 for --integrator randomized, its "
+        "solver bias measured ≤ 0.0011 bpd there)",
     )
     p.add_argument(
         "--atol", type=positive_float, default=None, help="ODE absolute tolerance (default rtol)"
@@ -310,9 +322,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--integrator",
-        default="augmented",
-        choices=("augmented", "quadrature"),
-        help="ODE: augmented solve (default) or forward solve + quadrature of the divergence",
+        default="auto",
+        choices=RUN_INTEGRATORS,
+        help="ODE: auto (default: randomized with --probes, augmented with --exact-trace), "
+        "augmented (x and the divergence solved together), quadrature (per example) or "
+        "randomized (unbiased shifted rule with fresh probes: test-set means)",
+    )
+    p.add_argument(
+        "--nodes",
+        type=positive_int,
+        default=32,
+        help="--integrator randomized: divergence nodes per image (even; default 32)",
     )
     p.add_argument(
         "--split", default="test", choices=("test", "train"), help="data split (default test)"
