@@ -1,6 +1,6 @@
 """The per-example Runge–Kutta solver (sdelab.batched_rk) against closed-form solutions: the
-order of the method, batch = alone, outputs in both directions, and the probability-flow
-tail point solved in a batch as alone (issue 17, item 3)."""
+order of the method, batch = alone and outputs in both directions (the probability-flow tail
+point solved in a batch as alone: tests/test_quadrature.py)."""
 
 from __future__ import annotations
 
@@ -79,29 +79,3 @@ def test_refuses_a_hopeless_step_budget():
         solve_per_example(
             rhs, torch.ones(3, 2, dtype=D64), 0.0, T_OUT, rtol=1e-9, atol=1e-9, max_steps=3
         )
-
-
-def test_the_tail_point_is_no_worse_for_its_batch():
-    """Issue 17, item 3: VE, D = 2, a point at Mahalanobis radius 11 among 255 ordinary draws:
-    with step_control="example" its log-likelihood in the batch equals its value alone at
-    every tolerance, and at rtol = atol = 1e-3 it is within 0.1 nats of a tight reference."""
-    from sdelab.likelihood import log_likelihood
-    from sdelab.oracle import GaussianData
-    from sdelab.sde import VESchedule
-
-    cov = torch.tensor([[1.0, 0.6], [0.6, 0.8]], dtype=D64)
-    data = GaussianData(torch.tensor([0.3, -0.2], dtype=D64), cov)
-    x = data.sample(255, generator=torch.Generator().manual_seed(0))
-    tail = data.mean + 11 * (torch.linalg.cholesky(cov) @ torch.tensor([0.6, 0.8], dtype=D64))
-    xb = torch.cat([x, tail[None]])
-    sde = VESchedule()
-    score = data.score_fn(sde)
-    kw = dict(integrator="quadrature", method="dopri5", step_control="example")
-    with torch.no_grad():
-        ref = float(log_likelihood(score, sde, tail[None], rtol=1e-9, atol=1e-9).logp[0])
-        for tol in (1e-2, 1e-3):
-            in_batch = float(log_likelihood(score, sde, xb, rtol=tol, atol=tol, **kw).logp[-1])
-            alone = float(log_likelihood(score, sde, tail[None], rtol=tol, atol=tol, **kw).logp[0])
-            assert math.isclose(in_batch, alone, rel_tol=0, abs_tol=1e-9), (tol, in_batch, alone)
-            if tol == 1e-3:
-                assert abs(in_batch - ref) < 0.1, (in_batch, ref)

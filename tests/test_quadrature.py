@@ -178,16 +178,20 @@ def test_fixed_probes_refine_like_the_exact_trace():
         log_likelihood(sf, sde, x[:2], divergence="hutchinson", refresh_probes=True)
 
 
-def test_tail_point_is_not_worse_off_in_its_batch():
-    """VE, D = 2: a point at Mahalanobis radius 11 among 255 draws, rtol = atol = 1e-3. The
-    step controller also watches log π(x_t) in absolute nats, so the tail point's error stays
-    ≤ 0.1 nats in the batch and alone (the augmented design: ~0.24 at this tolerance)."""
+def tail_batch():
+    """VE, D = 2: 255 draws and a point at Mahalanobis radius 11 last (issue 17, item 3)."""
     cov = torch.tensor([[1.0, 0.6], [0.6, 0.8]], dtype=D64)
     data = GaussianData(torch.tensor([0.3, -0.2], dtype=D64), cov)
     x = data.sample(255, generator=torch.Generator().manual_seed(0))
     tail = data.mean + 11 * (torch.linalg.cholesky(cov) @ torch.tensor([0.6, 0.8], dtype=D64))
-    xb = torch.cat([x, tail[None]])
-    sde = VESchedule()
+    return data, torch.cat([x, tail[None]]), tail, VESchedule()
+
+
+def test_tail_point_is_not_worse_off_in_its_batch():
+    """VE, D = 2: a point at Mahalanobis radius 11 among 255 draws, rtol = atol = 1e-3. The
+    step controller also watches log π(x_t) in absolute nats, so the tail point's error stays
+    ≤ 0.1 nats in the batch and alone (the augmented design: ~0.24 at this tolerance)."""
+    data, xb, tail, sde = tail_batch()
     sf = data.score_fn(sde)
     with torch.no_grad():
         batch = log_likelihood(sf, sde, xb, rtol=1e-3, atol=1e-3)
@@ -349,3 +353,19 @@ def test_run_integrator_auto_picks_by_trace():
     assert resolve_integrator("auto", exact_trace=True) == "augmented"
     assert resolve_integrator("auto", exact_trace=False) == "randomized"
     assert resolve_integrator("quadrature", exact_trace=False) == "quadrature"
+
+
+def test_steps_per_example_give_the_tail_point_its_value_alone():
+    """Issue 17, item 3, at every tolerance: with step_control="example" the tail point's
+    log-likelihood in the batch equals its value alone (1e-2 and 1e-3), and at rtol = atol =
+    1e-3 it is within 0.1 nats of the closed form."""
+    data, xb, tail, sde = tail_batch()
+    score = data.score_fn(sde)
+    kw = dict(method="dopri5", step_control="example")
+    with torch.no_grad():
+        for tol in (1e-2, 1e-3):
+            batch = log_likelihood(score, sde, xb, rtol=tol, atol=tol, **kw)
+            alone = log_likelihood(score, sde, tail[None], rtol=tol, atol=tol, **kw)
+            assert math.isclose(float(batch.logp[-1]), float(alone.logp[0]), abs_tol=1e-9)
+    err = float((alone.logp - closed_form(data, sde, tail[None], alone.z)).abs()[0])
+    assert err < 0.1, err
