@@ -45,9 +45,35 @@ RECIPES = {
         ],
         "v_bf16_cos_8000": ["train.steps=8000", "model.embedding_scale=1000"],
         "v_bf16_cos_emb100_4500": ["train.steps=4500"],
+        # regularization against the overfitting of the 1438 training digits
+        "v_emb100_drop01_6000": ["train.steps=6000", "model.dropout=0.1"],
+        "v_emb100_drop03_6000": ["train.steps=6000", "model.dropout=0.3"],
+        "v_emb100_c48_drop03_6000": [
+            "train.steps=6000",
+            "model.dropout=0.3",
+            "model.base_channels=48",
+        ],
+        # data at t_min: σ(1e-3) ≈ 0.01 blurs the edges of the 2/17-wide dequantization bins
+        "v_emb100_drop01_tmin1e-4_6000": [
+            "train.steps=6000",
+            "model.dropout=0.1",
+            "sde.kwargs.t_min=1e-4",
+        ],
+        "v_emb100_drop01_tmin1e-5_6000": [
+            "train.steps=6000",
+            "model.dropout=0.1",
+            "sde.kwargs.t_min=1e-5",
+        ],
+        "v_emb100_drop01_ema9995_6000": [
+            "train.steps=6000",
+            "model.dropout=0.1",
+            "train.ema_decay=0.9995",
+        ],
     },
     "fashion": {
         "v_lw_is_bf16_cos_emb100_6500": ["train.steps=6500"],
+        # σ(1e-3) ≈ 0.01 is wider than a bin (2/256): the background's hard edge at −1 blurs
+        "v_emb100_tmin1e-5_7500": ["train.steps=7500", "sde.kwargs.t_min=1e-5"],
     },
 }
 

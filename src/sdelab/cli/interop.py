@@ -64,8 +64,6 @@ def diffusers_likelihood(args: argparse.Namespace) -> int:
         raise CLIError("--diffusers needs --data NAME (the test data set, e.g. cifar10)")
     if args.method == "vlb":
         raise CLIError("--method vlb is for VDM runs; use ode, elbo or scoreflow with --diffusers")
-    if args.rtol is None:  # foreign models: the augmented solve (sdelab.runs.foreign)
-        args.rtol = 1e-5
     model = _load(args, info)
     dataset = make_dataset(args.data, **parse_options(args.data_option))
     dataset.load()
