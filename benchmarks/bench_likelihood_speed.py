@@ -482,7 +482,7 @@ def table_dataset_bpd(args) -> list[str]:
             ),
             (
                 f"randomized, {nodes} nodes, dopri5 in t, tol 1e-5",
-                dict(rnd, nodes=nodes, method="dopri5", rtol=1e-5, atol=1e-5),
+                dict(rnd, nodes=nodes, method="dopri5", solve_in="t", rtol=1e-5, atol=1e-5),
                 f"rnd{nodes}",
             ),
         ]

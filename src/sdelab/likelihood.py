@@ -402,7 +402,7 @@ def log_likelihood(
             (:func:`sdelab.quadrature.forward_path`); ``None``: ``"t"`` for ``"quadrature"``,
             ``"log_snr"`` for ``"randomized"`` (on the digits U-Net the solve in t carries a
             systematic error of x_T ≈ 700× its tolerance, +0.007 bpd at 1e-5, the one in λ
-            ≈ 70×; on Fashion-MNIST both stay within 0.0003 bpd at 1e-5).
+            ≈ 70×; on Fashion-MNIST λ at 1e-5 leaves +0.0003 bpd).
         time_variable: the quadrature's variable, ``"t"`` (default: measured best on VP and VE
             here) or ``"log_snr"`` (λ uniform).
         quad_tol: per-example bound on the quadrature's error estimate |Q_N − Q_{N/2}| (nats);

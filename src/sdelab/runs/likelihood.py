@@ -63,8 +63,8 @@ def run_likelihood(
     ``"randomized"`` (forward solve in log-SNR + a randomly shifted ``nodes``-point rule with
     fresh Hutchinson probes: unbiased, for test-set means; :mod:`sdelab.quadrature`).
     ``"auto"`` (default): ``"randomized"`` with Hutchinson probes (a test-set mean; measured
-    against the augmented solve at the same estimator SE, solver bias ≤ 0.001 bpd: ≈ 5× less
-    CPU on the digits U-Net, 1.5–2× on Fashion-MNIST, where one augmented pass already reaches
+    against the augmented solve at the same estimator SE, solver bias ≤ 0.001 bpd: 4.6× less
+    CPU on the digits U-Net, 1.5× on Fashion-MNIST, where one augmented pass already reaches
     the SE; benchmarks/RESULTS.md, issue 17), ``"augmented"`` with the exact trace
     (per-example values). ``atol``: ``None`` → ``rtol``.
     ``split``: ``"test"`` (the run's fixed test set) or ``"train"``
