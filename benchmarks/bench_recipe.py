@@ -57,6 +57,8 @@ RECIPES = {
             "model.dropout=0.1",
             "sde.kwargs.t_min=1e-4",
         ],
+        # EMA rate (on the current config)
+        "v_emb100_drop01_tmin1e-5_ema9995_6000": ["train.steps=6000", "train.ema_decay=0.9995"],
         "v_emb100_drop01_tmin1e-5_6000": [
             "train.steps=6000",
             "model.dropout=0.1",
