@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from sdelab.batched_rk import solve_per_example
+from sdelab.batched_rk import rms_norm, solve_per_example
 from sdelab.sde import Schedule
 from sdelab.utils import ScoreFn
 
@@ -177,11 +177,16 @@ def per_example_max_norm(batch_size: int, dim: int) -> Callable[[Tensor], Tensor
     rather than as one of dim + 1 components of an RMS."""
 
     def norm(scaled_error: Tensor) -> Tensor:
-        e = scaled_error.reshape(batch_size, dim + 1)
-        rms = e[:, :dim].pow(2).mean(dim=1).sqrt()
-        return torch.maximum(rms, e[:, dim].abs()).max()
+        return example_errors(scaled_error.reshape(batch_size, dim + 1), dim).max()
 
     return norm
+
+
+def example_errors(scaled_error: Tensor, dim: int) -> Tensor:
+    """Per example ``(B,)`` of a ``(B, dim + 1)`` scaled error [x part, scalar]: max(RMS of the
+    x part, |scalar|) — the measure :func:`per_example_max_norm` takes the maximum of."""
+    rms = scaled_error[:, :dim].pow(2).mean(dim=1).sqrt()
+    return torch.maximum(rms, scaled_error[:, dim].abs())
 
 
 @dataclass(frozen=True)
@@ -298,23 +303,16 @@ def forward_path(
         grid, inverse = torch.unique(lam_all, return_inverse=True)
         grid = grid.flip(0)
         inverse = grid.numel() - 1 - inverse
-    start = float(grid[0])
     with torch.no_grad():
         if step_control == "example":
-
-            def norm(e: Tensor) -> Tensor:  # per example: the x part's RMS, log π on its own
-                if not prior_control:
-                    return e.pow(2).mean(1).sqrt()
-                return torch.maximum(e[:, :dim].pow(2).mean(1).sqrt(), e[:, dim].abs())
-
             sol = solve_per_example(
                 lambda u, y, rows: rhs(u, y),
                 y0,
-                start,
-                grid[1:] if float(grid[0]) == start else grid,
+                float(grid[0]),
+                grid[1:],
                 rtol=rtol_t,
                 atol=atol_t,
-                norm=norm,
+                norm=(lambda e: example_errors(e, dim)) if prior_control else rms_norm,
             )
             path = torch.cat([y0[None], sol.ys], dim=0)
         else:
