@@ -56,6 +56,7 @@ from torchdiffeq import odeint, odeint_adjoint
 
 from sdelab.losses import TimeSample, dsm_loss, sample_time
 from sdelab.quadrature import (
+    ForwardSolve,
     divergence_integral,
     exact_trace,
     hutchinson_trace,
@@ -533,17 +534,17 @@ def log_likelihood(
             def trace(fn, xx, rows):  # the same probes at every node: a smooth integrand
                 return hutchinson_trace(fn, xx, fixed[:, rows])
 
-        common = dict(
-            trace=trace,
+        solve = ForwardSolve(
             method=method,
             rtol=rtol,
             atol=atol,
-            options=quad_opts,
             wide=wide,
+            options=quad_opts,
             prior_control=prior_control,
             solve_in=solve_in,
             step_control=step_control or "batch",
         )
+        common = dict(trace=trace, solve=solve)
         if integrator == "randomized":
             quad = randomized_divergence_integral(
                 score_fn, schedule, x, t0, generator=generator, nodes=nodes, **common

@@ -27,7 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -335,6 +335,43 @@ def forward_path(
     return path[..., :dim], calls[0]
 
 
+@dataclass(frozen=True)
+class ForwardSolve:
+    """How the quadrature rules solve x(t): :func:`forward_path`'s settings, given once.
+
+    ``wide`` is the dtype of the integrated state; ``options`` go to torchdiffeq
+    (``"norm"`` overrides the per-example norm); the rest as :func:`forward_path`."""
+
+    method: str
+    rtol: float
+    atol: float
+    wide: torch.dtype
+    options: dict = field(default_factory=dict)
+    prior_control: bool = True
+    solve_in: str = "t"
+    step_control: str = "batch"
+
+    def path(
+        self, score_fn: ScoreFn, schedule: Schedule, x: Tensor, t0: float, times: Tensor
+    ) -> tuple[Tensor, int]:
+        """:func:`forward_path` with these settings."""
+        return forward_path(
+            score_fn,
+            schedule,
+            x,
+            t0,
+            times,
+            method=self.method,
+            rtol=self.rtol,
+            atol=self.atol,
+            options=self.options,
+            wide=self.wide,
+            prior_control=self.prior_control,
+            solve_in=self.solve_in,
+            step_control=self.step_control,
+        )
+
+
 def node_divergence(
     score_fn: ScoreFn,
     schedule: Schedule,
@@ -375,19 +412,12 @@ def divergence_integral(
     t0: float,
     *,
     trace: Callable[[Callable[[Tensor], Tensor], Tensor, Tensor], Tensor],
-    method: str,
-    rtol: float,
-    atol: float,
-    options: dict,
-    wide: torch.dtype,
+    solve: ForwardSolve,
     min_nodes: int = 8,
     max_nodes: int = 128,
     quad_tol: float = 1e-3,
     time_variable: str = "t",
     batch_limit: int = 256,
-    prior_control: bool = True,
-    solve_in: str = "t",
-    step_control: str = "batch",
 ) -> QuadratureOutput:
     """Forward-only solve of x(t) plus nested quadrature of the divergence (module docstring).
 
@@ -395,11 +425,10 @@ def divergence_integral(
     the indices in the batch of ``x``'s examples (for probes fixed per example). Runs without
     gradients. Levels run from ``min_nodes`` to ``max_nodes`` intervals (powers of two times
     ``min_nodes``); an example stops refining once its error estimate is ≤ ``quad_tol`` nats.
-    ``prior_control``: integrate log π(x_t) beside x (free: x·v) and make the step controller
-    hold its local error below ``atol`` nats per example, so that a point far in the tail,
-    where the latent's log-density is most sensitive to x, gets the steps it needs (a
-    relative tolerance on x alone loosens exactly there). ``options["norm"]`` overrides the
-    default per-example norm.
+    ``solve``: how x(t) is solved (:class:`ForwardSolve`; its ``prior_control`` also
+    integrates log π(x_t) and holds its local error below ``atol`` nats per example, so that a
+    point far in the tail, where the latent's log-density is most sensitive to x, gets the
+    steps it needs — a relative tolerance on x alone loosens exactly there).
     The divergences of a level's new nodes are evaluated together, ``batch_limit`` (node,
     example) pairs per call (at least one node for the whole batch).
     """
@@ -419,23 +448,10 @@ def divergence_integral(
     if levels[-1] != max_nodes:
         raise ValueError(f"max_nodes must be min_nodes times a power of two, got {max_nodes}")
     b, dim = x.shape[0], x[0].numel()
+    wide = solve.wide
     grid = quadrature_grid(schedule, t0, levels, time_variable, wide, x.device)
     # (n_max + 1, B, D): the solver's dense output at every node
-    path, nfe = forward_path(
-        score_fn,
-        schedule,
-        x,
-        t0,
-        grid.times,
-        method=method,
-        rtol=rtol,
-        atol=atol,
-        options=options,
-        wide=wide,
-        prior_control=prior_control,
-        solve_in=solve_in,
-        step_control=step_control,
-    )
+    path, nfe = solve.path(score_fn, schedule, x, t0, grid.times)
     n_max = levels[-1]
     h = torch.full((n_max + 1, b), float("nan"), dtype=wide, device=x.device)  # integrand
     done_idx: set[int] = set()
@@ -489,18 +505,11 @@ def randomized_divergence_integral(
     t0: float,
     *,
     trace: Callable[[Callable[[Tensor], Tensor], Tensor, Tensor], Tensor],
-    method: str,
-    rtol: float,
-    atol: float,
-    options: dict,
-    wide: torch.dtype,
+    solve: ForwardSolve,
     generator: torch.Generator | None = None,
     nodes: int = 16,
     groups: int = 8,
     batch_limit: int = 256,
-    prior_control: bool = True,
-    solve_in: str = "t",
-    step_control: str = "batch",
 ) -> QuadratureOutput:
     r"""Forward-only solve of x(t) plus a *randomly shifted* rule for ∫∇·v dt: unbiased.
 
@@ -545,22 +554,9 @@ def randomized_divergence_integral(
     ends = torch.tensor([t0, schedule.T], dtype=torch.float64)
     times, inverse = torch.unique(torch.cat([ends[:1], t_nodes, ends[1:]]), return_inverse=True)
     position = inverse[1:-1]  # index in `times` of node (group, k)
+    wide = solve.wide
     times = times.to(dtype=wide, device=x.device)
-    path, nfe = forward_path(
-        score_fn,
-        schedule,
-        x,
-        t0,
-        times,
-        method=method,
-        rtol=rtol,
-        atol=atol,
-        options=options,
-        wide=wide,
-        prior_control=prior_control,
-        solve_in=solve_in,
-        step_control=step_control,
-    )
+    path, nfe = solve.path(score_fn, schedule, x, t0, times)
     # (node, example) pairs: example r uses its group's K nodes
     node_index = position.reshape(g, nodes)[group_of]  # (B, K) rows of `path`
     w = weights.reshape(g, nodes)[group_of].to(wide).to(x.device)  # (B, K)
