@@ -486,6 +486,18 @@ def table_dataset_bpd(args) -> list[str]:
                 f"rnd{nodes}",
             ),
         ]
+        rows += [
+            (
+                f"randomized, {nodes} nodes, DPM-Solver++(3M) {steps} steps in λ"
+                + (" (the default)" if (nodes, steps) == (32, 64) else ""),
+                dict(rnd, nodes=nodes, method="dpm3m", options={"steps": steps}),
+                f"rnd{nodes}",
+            )
+            for steps in args.bpd_steps
+        ]
+    if args.bpd_rows:  # the base row (the first) always, then those matching a substring
+        keep = args.bpd_rows.split("|")
+        rows = rows[:1] + [r for r in rows[1:] if any(k in r[0] for k in keep)]
     twins = {"aug": dict(aug, **tight)}
     twins.update({f"rnd{m}": dict(rnd, nodes=m, **tight) for m in args.bpd_nodes})
 
@@ -575,6 +587,18 @@ def main() -> None:
         type=lambda v: [int(a) for a in v.split(",")],
         default=[16, 64],
         help="table 5: node counts of the randomized rule",
+    )
+    p.add_argument(
+        "--bpd-steps",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[32, 64],
+        help="table 5: DPM-Solver++(3M) step counts of the randomized rows (default 32,64)",
+    )
+    p.add_argument(
+        "--bpd-rows",
+        default=None,
+        help="table 5: |-separated substrings of the row labels to run (the Score-SDE "
+        "design at tol 1e-5, the base of the speeds, always runs)",
     )
     p.add_argument("--scoresde", default=None, help="a score_sde_pytorch checkout")
     p.add_argument("--sdeflow", default=None, help="a sdeflow-light checkout")

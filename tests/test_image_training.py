@@ -203,18 +203,27 @@ def test_likelihood_bits_per_dim(digits_run, method, extra, divergence, capsys):
 
 
 def test_image_likelihood_defaults_to_the_randomized_rule(digits_run, capsys):
-    """Image runs: ``--integrator auto`` is the randomized rule (32 nodes, recorded
-    in the result and its file name); ``--integrator augmented`` the classic design. Both
-    estimate the same test-set bits/dim: their difference is within 4 standard errors of the
-    paired per-image difference (both are unbiased up to their solver error)."""
+    """Image runs: ``--integrator auto`` is the randomized rule (32 nodes) on DPM-Solver++(3M)
+    with 64 steps (recorded in the result and its file name); ``--integrator augmented`` the
+    classic design. Both estimate the same test-set bits/dim: their difference is within 4
+    standard errors (both are unbiased up to their solver error); so is the randomized rule
+    on the adaptive dopri5."""
     base = ["likelihood", str(digits_run), "--n", "32", "--seed", "3"]
     assert main(base) == 0
     rnd = recorded(capsys.readouterr().out)
-    assert (rnd["integrator"], rnd["nodes"], rnd["rtol"]) == ("randomized", 32, 1e-5)
-    assert list(digits_run.glob("likelihood_*randomized32*.json"))
+    assert (rnd["integrator"], rnd["nodes"]) == ("randomized", 32)
+    assert (rnd["solver"], rnd["solver_steps"], rnd["nfe"]) == ("dpm3m", 64, 65)
+    assert list(digits_run.glob("likelihood_*randomized32_dpm3m64*.json"))
+    assert main([*base, "--solver", "dopri5"]) == 0
+    adaptive = recorded(capsys.readouterr().out)
+    assert (adaptive["solver"], adaptive["solver_steps"]) == ("dopri5", None)
+    se = math.hypot(rnd["bpd_se"], adaptive["bpd_se"])
+    assert abs(rnd["bpd_mean"] - adaptive["bpd_mean"]) < 4 * se
+    assert main([*base, "--integrator", "augmented", "--solver", "dpm3m"]) != 0
+    assert "fixed-grid" in capsys.readouterr().err
     assert main([*base, "--integrator", "augmented"]) == 0
     aug = recorded(capsys.readouterr().out)
-    assert (aug["integrator"], aug["nodes"], aug["rtol"]) == ("augmented", None, 1e-5)
+    assert (aug["integrator"], aug["nodes"], aug["solver"]) == ("augmented", None, None)
     se = math.hypot(rnd["bpd_se"], aug["bpd_se"])  # a conservative SE of the difference
     assert abs(rnd["bpd_mean"] - aug["bpd_mean"]) < 4 * se, (rnd["bpd_mean"], aug["bpd_mean"])
     assert main([*base, "--integrator", "randomized", "--nodes", "3"]) != 0  # odd: refused

@@ -56,6 +56,8 @@ from torchdiffeq import odeint, odeint_adjoint
 
 from sdelab.losses import TimeSample, dsm_loss, sample_time
 from sdelab.quadrature import (
+    EXPONENTIAL_METHODS,
+    EXPONENTIAL_STEPS,
     ForwardSolve,
     divergence_integral,
     exact_trace,
@@ -375,7 +377,12 @@ def log_likelihood(
             step solvers need ``options=dict(step_size=...)``). Default: ``dopri8`` for the
             quadrature (its stages are forward passes only; measured 10–80× smaller error than
             dopri5 at the same tolerance and CPU time), ``dopri5`` for the augmented solve and
-            the randomized rule.
+            the randomized rule. The quadrature rules also take ``"dpm3m"`` / ``"dpm2m"``:
+            DPM-Solver++ run from the data to the prior on ``options["steps"]`` equal steps
+            in λ (default 64; :func:`sdelab.quadrature.exponential_path`), with dense output
+            at no extra evaluation — no step control, so ``rtol``/``atol`` play no part;
+            ``sdelab likelihood`` uses 3M with 64 steps for image runs (its bias measured
+            ≤ 0.001 bpd on the trained digits and Fashion-MNIST U-Nets).
         rtol, atol: tolerances, met by *every* example (per-example error norm,
             :func:`per_example_rms_norm`).
         t_min: start time, in [schedule.t_min, T); default ``schedule.t_min``.
@@ -470,10 +477,16 @@ def log_likelihood(
             "step_control and solve_in belong to the forward-only solve of "
             "integrator='quadrature' or 'randomized', not to the augmented solve"
         )
+    exponential = method in EXPONENTIAL_METHODS
+    if exponential and integrator == "augmented":
+        raise ValueError(
+            f"method={method!r} is a fixed-grid forward-only solve: use it with "
+            "integrator='randomized' or 'quadrature'"
+        )
     if prior_control is None:  # the measured defaults of each integrator (issue 17)
-        prior_control = integrator == "quadrature"
+        prior_control = integrator == "quadrature" and not exponential
     if solve_in is None:
-        solve_in = "log_snr" if integrator == "randomized" else "t"
+        solve_in = "log_snr" if integrator == "randomized" or exponential else "t"
     if integrator != "augmented" and (track or adjoint):
         raise ValueError(
             f"integrator={integrator!r} computes no gradients: use integrator='augmented' (or run "
@@ -520,6 +533,8 @@ def log_likelihood(
         quad_opts = dict(options or {})
         if method in ADAPTIVE_SOLVERS:
             quad_opts.setdefault("step_t", ts[1:])
+        if exponential:
+            quad_opts.setdefault("steps", EXPONENTIAL_STEPS)
         if divergence == "exact":
 
             def trace(fn, xx, rows):

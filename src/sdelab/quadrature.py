@@ -46,6 +46,11 @@ TRACE_MODES: tuple[str, ...] = ("reverse", "forward")
 SOLVE_VARIABLES: tuple[str, ...] = ("t", "log_snr")
 #: step controls of the forward-only solve: one sequence for the batch, or one per example.
 STEP_CONTROLS: tuple[str, ...] = ("batch", "example")
+#: fixed-grid exponential integrators of the forward-only solve (:func:`exponential_path`):
+#: DPM-Solver++ (2M, 3M) run from the data to the prior, ``options["steps"]`` steps in λ.
+EXPONENTIAL_METHODS: dict[str, int] = {"dpm2m": 2, "dpm3m": 3}
+#: their default number of steps (``options["steps"]``), measured in benchmarks/RESULTS.md
+EXPONENTIAL_STEPS: int = 64
 
 
 def clenshaw_curtis(n: int, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
@@ -243,7 +248,27 @@ def forward_path(
     ``step_control``: ``"batch"`` (torchdiffeq: one step sequence for the batch, accepted when
     the worst example meets the tolerance; any of its methods) or ``"example"``
     (:func:`sdelab.batched_rk.solve_per_example`: Dormand–Prince 5(4) with every example on
-    its own step sequence — in a batch exactly as alone; ``method`` must be ``"dopri5"``)."""
+    its own step sequence — in a batch exactly as alone; ``method`` must be ``"dopri5"``).
+
+    ``method="dpm2m"`` or ``"dpm3m"``: no adaptive solver but :func:`exponential_path` with
+    ``options["steps"]`` equal steps in λ (no step control: ``rtol``, ``atol`` and
+    ``prior_control`` play no part; ``solve_in`` must be ``"log_snr"``)."""
+    if method in EXPONENTIAL_METHODS:
+        if solve_in != "log_snr" or step_control != "batch":
+            raise ValueError(
+                f"method={method!r} steps on a fixed grid in λ: pass solve_in='log_snr' and "
+                f"step_control='batch' (got {solve_in!r}, {step_control!r})"
+            )
+        steps = options.get("steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+            raise ValueError(
+                f"method={method!r} needs options={{'steps': N}} with an integer N >= 2 "
+                f"(got {steps!r})"
+            )
+        return exponential_path(
+            score_fn, schedule, x, t0, times, steps=steps, order=EXPONENTIAL_METHODS[method],
+            wide=wide,
+        )  # fmt: skip
     if solve_in not in SOLVE_VARIABLES:
         raise ValueError(
             f"unknown solve_in {solve_in!r}: choose one of {', '.join(SOLVE_VARIABLES)}"
@@ -333,6 +358,112 @@ def forward_path(
     if inverse is not None:
         path = path[inverse]
     return path[..., :dim], calls[0]
+
+
+def exponential_path(
+    score_fn: ScoreFn,
+    schedule: Schedule,
+    x: Tensor,
+    t0: float,
+    times: Tensor,
+    *,
+    steps: int,
+    order: int = 2,
+    wide: torch.dtype = torch.float64,
+) -> tuple[Tensor, int]:
+    r"""x(t) of the probability-flow ODE at ``times`` (ascending, from t0 to T) by
+    DPM-Solver++ run *forward*, from the data to the prior: ``steps`` equal steps in
+    ℓ = λ/2 = log(α/σ), ``(len(times), B, D)`` in ``wide``, and the number of score evaluations.
+
+    The exact step from ℓ_i to ℓ is x(ℓ) = (σ/σ_i) x_i + α ∫_{ℓ_i}^{ℓ} e^{−(ℓ−m)} x̂_0(m) dm with
+    the data prediction x̂_0 = (x + σ² s)/α; the multistep rule of order ``order`` (2: 2M, 3: 3M)
+    puts the polynomial through the last ``order`` x̂_0 values into that integral. 2M starts
+    with one first-order step (its O(h²) local error keeps global order 2); 3M starts with a
+    midpoint step (one more evaluation, at ℓ_0 + h/2, whose x̂_0 joins the history: NFE =
+    steps + 1), as the sampler's 3M does. The linear part — the expansion at
+    rate ≈ ½g²/σ² that makes t_min stiff for a Runge–Kutta solver in t — is integrated exactly,
+    so the error comes from x̂_0's variation alone. The same formula with ℓ anywhere inside a
+    step is the dense output at no extra evaluation: every output time is served by the step
+    that contains it. No error control: the accuracy is the user's to check against a tight
+    adaptive solve (``benchmarks/bench_likelihood_speed.py``, table 5, measures the bias).
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    b, dim = x.shape[0], x[0].numel()
+    f64 = torch.float64
+    t_end = torch.tensor([t0, schedule.T], dtype=f64)
+    ell_end = 0.5 * schedule.log_snr(t_end)
+    ell_grid = torch.linspace(float(ell_end[0]), float(ell_end[1]), steps + 1, dtype=f64)
+    t_grid = schedule.t_of_log_snr(2 * ell_grid).to(f64).clamp(t0, schedule.T)
+    t_grid[0], t_grid[-1] = t0, schedule.T
+    alpha_g, sigma_g = (v.to(f64) for v in schedule.alpha_sigma(t_grid))
+    t_out = times.to(f64).cpu()
+    alpha_o, sigma_o = (v.to(f64) for v in schedule.alpha_sigma(t_out))
+    ell_out = 0.5 * schedule.log_snr(t_out).to(f64)
+    ell_out[t_out <= t0] = ell_grid[0]  # the start is the grid's start exactly
+    y = x.reshape(b, -1).to(wide)
+    out = torch.empty(t_out.numel(), b, dim, dtype=wide, device=x.device)
+    hist: list[tuple[Tensor, float]] = []  # (x̂_0, ℓ) of the previous steps, newest last
+    start: tuple[Tensor, float] | None = None  # 3M's midpoint (x̂_0, ℓ) in the first step
+    nfe = 0
+
+    def data_prediction(y: Tensor, t: Tensor, alpha: float, sigma: float) -> Tensor:
+        tt = t.to(x.dtype).to(x.device).expand(b)
+        s = score_fn(y.reshape(x.shape).to(x.dtype), tt).reshape(b, -1).to(wide)
+        return (y + sigma**2 * s) / alpha
+
+    def advance(y: Tensor, x0: Tensor, i: int, ell: float, alpha: float, sigma: float) -> Tensor:
+        """The order-k multistep step from grid point i to ℓ (any ℓ inside the step)."""
+        ell_i = float(ell_grid[i])
+        h = ell - ell_i
+        if h == 0.0:
+            return y
+        phi1 = math.expm1(-h)
+        nxt = (sigma / float(sigma_g[i])) * y - alpha * phi1 * x0
+        k = min(order, len(hist) + 1)
+        if start is not None:  # x̂_0 linear through ℓ_0 and the midpoint: local error O(h³)
+            x0_m, ell_m = start
+            nxt = nxt + alpha * (phi1 + h) * (x0_m - x0) / (ell_m - ell_i)
+        elif k == 2:
+            x0_1, ell_1 = hist[-1]
+            r0 = (ell_i - ell_1) / h
+            nxt = nxt - (0.5 * alpha * phi1 / r0) * (x0 - x0_1)
+        elif k == 3:
+            (x0_2, ell_2), (x0_1, ell_1) = hist[-2], hist[-1]
+            r0, r1 = (ell_i - ell_1) / h, (ell_1 - ell_2) / h
+            d1_0, d1_1 = (x0 - x0_1) / r0, (x0_1 - x0_2) / r1
+            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)  # h x̂_0' + O(h³)
+            d2 = 2 * (d1_0 - d1_1) / (r0 + r1)  # h² x̂_0'' + O(h³)
+            phi2 = phi1 / h + 1
+            phi3 = phi2 / h - 0.5
+            nxt = nxt + alpha * (phi2 * d1 - phi3 * d2)
+        return nxt
+
+    j = 0
+    with torch.no_grad():
+        for i in range(steps):
+            x0 = data_prediction(y, t_grid[i], float(alpha_g[i]), float(sigma_g[i]))
+            nfe += 1
+            if order == 3 and i == 0:
+                ell_m = float(ell_grid[0] + 0.5 * (ell_grid[1] - ell_grid[0]))
+                t_m = schedule.t_of_log_snr(torch.tensor([2 * ell_m], dtype=f64)).to(f64)
+                a_m, s_m = (float(v) for v in schedule.alpha_sigma(t_m))
+                y_m = (s_m / float(sigma_g[0])) * y - a_m * math.expm1(-(ell_m - ell_grid[0])) * x0
+                start = (data_prediction(y_m, t_m[0], a_m, s_m), ell_m)
+                nfe += 1
+            last = i == steps - 1
+            # the outputs inside this step (ℓ decreasing); the last step takes the rest
+            while j < t_out.numel() and (last or ell_out[j] > ell_grid[i + 1]):
+                out[j] = advance(y, x0, i, float(ell_out[j]), float(alpha_o[j]), float(sigma_o[j]))
+                j += 1
+            y = advance(y, x0, i, float(ell_grid[i + 1]), float(alpha_g[i + 1]),
+                        float(sigma_g[i + 1]))  # fmt: skip
+            hist = [*hist[-1:], (x0, float(ell_grid[i]))]
+            if start is not None:  # the midpoint's x̂_0 is the next step's newest value
+                hist, start = [hist[-1], start], None
+    if t_out.numel() and t_out[-1] >= schedule.T:
+        out[-1] = y  # T exactly: the last grid point
+    return out, nfe
 
 
 @dataclass(frozen=True)

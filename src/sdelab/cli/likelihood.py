@@ -26,7 +26,13 @@ from sdelab.runs import (
     run_vlb,
     write_json,
 )
-from sdelab.runs.likelihood import RUN_INTEGRATORS, resolve_integrator
+from sdelab.runs.likelihood import (
+    AUTO_SOLVER_STEPS,
+    RUN_INTEGRATORS,
+    RUN_SOLVERS,
+    resolve_integrator,
+    resolve_solver,
+)
 from sdelab.train.checkpoint import load_checkpoint
 
 
@@ -77,6 +83,9 @@ def _likelihood(args: argparse.Namespace) -> int:
         "density": "log p_t_min" if args.method == "ode" else "bound",
     }
     record["nodes"] = args.nodes if record["integrator"] == "randomized" else None
+    solver = resolve_solver(args.solver, integrator) if args.method == "ode" else None
+    record["solver"] = solver
+    record["solver_steps"] = args.solver_steps if solver in ("dpm2m", "dpm3m") else None
     path = Path(args.run) / _result_name(record)
     if info.is_main:
         check_new_files([path], force=args.force, hint=_KEEP)
@@ -98,6 +107,8 @@ def _likelihood(args: argparse.Namespace) -> int:
         resume=args.resume,
         integrator=args.integrator,
         nodes=args.nodes,
+        solver=args.solver,
+        solver_steps=args.solver_steps,
     )
     if not info.is_main:
         return 0
@@ -151,6 +162,10 @@ def _result_name(record: dict[str, Any]) -> str:
         parts.append("quadrature")
     if record.get("integrator") == "randomized":
         parts.append(f"randomized{record.get('nodes', 32)}")
+    if record.get("solver_steps") is not None:  # a fixed grid: dpm3m64
+        parts.append(f"{record['solver']}{record['solver_steps']}")
+    elif record.get("solver") is not None:
+        parts.append(record["solver"])
     if record.get("checkpoint") is not None:
         parts.append(f"ckpt{record['checkpoint']}")
     if record.get("split", "test") != "test":
@@ -327,6 +342,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=32,
         help="--integrator randomized: divergence nodes per image (even; default 32)",
+    )
+    p.add_argument(
+        "--solver",
+        default="auto",
+        choices=RUN_SOLVERS,
+        help="ODE solver: auto (default: dpm3m for --integrator randomized, else the "
+        "integrator's adaptive default), dopri5/dopri8 (adaptive, --rtol/--atol) or "
+        "dpm3m/dpm2m (DPM-Solver++ from the data to the prior on --solver-steps steps in "
+        "log-SNR; randomized or quadrature only)",
+    )
+    p.add_argument(
+        "--solver-steps",
+        type=positive_int,
+        default=AUTO_SOLVER_STEPS,
+        help=f"--solver dpm3m/dpm2m: steps in log-SNR (default {AUTO_SOLVER_STEPS})",
     )
     p.add_argument(
         "--split", default="test", choices=("test", "train"), help="data split (default test)"
