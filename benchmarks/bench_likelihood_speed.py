@@ -471,7 +471,7 @@ def table_dataset_bpd(args) -> list[str]:
         rows += [
             (
                 f"randomized, {nodes} nodes, dopri5 in λ, tol 1e-5"
-                + (" (the default)" if nodes == 32 else ""),
+                + (" (the previous default)" if nodes == 32 else ""),
                 dict(lam, rtol=1e-5, atol=1e-5),
                 f"rnd{nodes}",
             ),

@@ -32,7 +32,7 @@ RUN_INTEGRATORS: tuple[str, ...] = ("auto", "augmented", "quadrature", "randomiz
 RUN_SOLVERS: tuple[str, ...] = ("auto", "dopri5", "dopri8", *EXPONENTIAL_METHODS)
 #: ``solver="auto"`` with the randomized rule: DPM-Solver++(3M) on 64 steps in λ (issue 17:
 #: solver bias ≤ 0.001 bpd on the digits and Fashion-MNIST U-Nets against dopri8 at 1e-7,
-#: 1.4–2.2× less CPU than dopri5 at 1e-5 in λ; benchmarks/RESULTS.md).
+#: 1.5–2.2× less CPU than dopri5 at 1e-5 in λ; benchmarks/RESULTS.md).
 AUTO_SOLVER_STEPS: int = EXPONENTIAL_STEPS
 
 
@@ -82,11 +82,12 @@ def run_likelihood(
     ``"quadrature"`` (forward solve + nested quadrature of the divergence, per example) or
     ``"randomized"`` (forward solve in log-SNR + a randomly shifted ``nodes``-point rule with
     fresh Hutchinson probes: unbiased, for test-set means; :mod:`sdelab.quadrature`).
-    ``"auto"`` (default): ``"randomized"`` with Hutchinson probes (a test-set mean; measured
-    against the augmented solve at the same estimator SE, solver bias ≤ 0.001 bpd: 4.6× less
-    CPU on the digits U-Net, 1.5× on Fashion-MNIST, where one augmented pass already reaches
-    the SE; benchmarks/RESULTS.md, issue 17), ``"augmented"`` with the exact trace
-    (per-example values). ``atol``: ``None`` → ``rtol``.
+    ``"auto"`` (default): ``"randomized"`` with Hutchinson probes (a test-set mean; with the
+    default solver, measured against the augmented solve at the same estimator SE ≤ 0.005
+    bpd and solver bias ≤ 0.001 bpd: 9.4× less CPU on the digits U-Net, 2.3× on
+    Fashion-MNIST — 5.3× there with ``nodes=16, solver_steps=32``, since one pass over 1000
+    images already reaches the SE; benchmarks/RESULTS.md, issue 17), ``"augmented"`` with the
+    exact trace (per-example values). ``atol``: ``None`` → ``rtol``.
     ``solver``: the ODE solver: ``"dopri5"``/``"dopri8"`` (adaptive, to ``rtol``/``atol``) or,
     for the quadrature rules, ``"dpm3m"``/``"dpm2m"`` (DPM-Solver++ run from the data to the
     prior on ``solver_steps`` equal steps in λ: no step control, so no tolerance).
