@@ -20,6 +20,11 @@ feeds back into x. Here the two are separated:
 
 Each node costs one divergence (exact trace or Hutchinson with fresh probes per node); the
 quadrature needs ~16–64 nodes where the augmented solve takes ~100–300 steps of six stages.
+
+The forward-only solve is torchdiffeq's adaptive solvers (:func:`forward_path`, in t or in
+log-SNR, one step sequence for the batch or one per example) or a fixed-grid exponential
+integrator, DPM-Solver++ run from the data to the prior (:func:`exponential_path`,
+``method="dpm3m"``), whose dense output at the nodes costs no evaluation.
 """
 
 from __future__ import annotations
