@@ -39,6 +39,7 @@ from torch import Tensor
 from torchdiffeq import odeint
 
 from sdelab.batched_rk import rms_norm, solve_per_example
+from sdelab.samplers.ode import dpm_update
 from sdelab.sde import Schedule
 from sdelab.utils import ScoreFn
 
@@ -418,31 +419,18 @@ def exponential_path(
         return (y + sigma**2 * s) / alpha
 
     def advance(y: Tensor, x0: Tensor, i: int, ell: float, alpha: float, sigma: float) -> Tensor:
-        """The order-k multistep step from grid point i to ℓ (any ℓ inside the step)."""
+        """The multistep update from grid point i to ℓ (any ℓ inside the step)."""
         ell_i = float(ell_grid[i])
         h = ell - ell_i
         if h == 0.0:
             return y
-        phi1 = math.expm1(-h)
-        nxt = (sigma / float(sigma_g[i])) * y - alpha * phi1 * x0
-        k = min(order, len(hist) + 1)
-        if start is not None:  # x̂_0 linear through ℓ_0 and the midpoint: local error O(h³)
-            x0_m, ell_m = start
-            nxt = nxt + alpha * (phi1 + h) * (x0_m - x0) / (ell_m - ell_i)
-        elif k == 2:
-            x0_1, ell_1 = hist[-1]
-            r0 = (ell_i - ell_1) / h
-            nxt = nxt - (0.5 * alpha * phi1 / r0) * (x0 - x0_1)
-        elif k == 3:
-            (x0_2, ell_2), (x0_1, ell_1) = hist[-2], hist[-1]
-            r0, r1 = (ell_i - ell_1) / h, (ell_1 - ell_2) / h
-            d1_0, d1_1 = (x0 - x0_1) / r0, (x0_1 - x0_2) / r1
-            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)  # h x̂_0' + O(h³)
-            d2 = 2 * (d1_0 - d1_1) / (r0 + r1)  # h² x̂_0'' + O(h³)
-            phi2 = phi1 / h + 1
-            phi3 = phi2 / h - 0.5
-            nxt = nxt + alpha * (phi2 * d1 - phi3 * d2)
-        return nxt
+        ratio = sigma / float(sigma_g[i])
+        if start is None:
+            return dpm_update(y, x0, hist[len(hist) - (order - 1) :], ell_i, h, ratio, alpha)
+        # 3M's first step: x̂_0 linear through ℓ_0 and the midpoint (local error O(h³))
+        x0_m, ell_m = start
+        slope = (x0_m - x0) / (ell_m - ell_i)
+        return ratio * y - alpha * math.expm1(-h) * x0 + alpha * (math.expm1(-h) + h) * slope
 
     j = 0
     with torch.no_grad():

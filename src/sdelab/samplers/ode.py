@@ -19,7 +19,7 @@ which needs only α, σ and λ of the schedule, so it runs on any schedule.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +47,7 @@ __all__ = [
     "ButcherTableau",
     "dpm_solver_default_order",
     "dpm_solver_orders",
+    "dpm_update",
     "rk_step",
     "sample_dpm_solver",
     "sample_ode",
@@ -233,6 +234,40 @@ def dpm_solver_orders(
     return tuple(orders)
 
 
+def dpm_update(
+    x: Tensor,
+    x0: Tensor,
+    hist: Sequence[tuple[Tensor, Tensor | float]],
+    ell_i: Tensor | float,
+    h: Tensor | float,
+    sigma_ratio: Tensor | float,
+    alpha: Tensor | float,
+) -> Tensor:
+    """One DPM-Solver++ update from ℓ_i to ℓ_i + h (either direction), of order
+    ``len(hist) + 1``: x(ℓ) = (σ/σ_i) x + α ∫_{ℓ_i}^{ℓ} e^{−(ℓ−m)} x̂_0(m) dm with x̂_0 the
+    polynomial through ``x0`` (at ℓ_i) and the ``hist`` values ``(x̂_0, ℓ)``, newest last:
+    DDIM (none), 2M (one) or 3M (two; its φ-functions φ₁ = e^{−h} − 1, φ₂ = φ₁/h + 1,
+    φ₃ = φ₂/h − ½). ``sigma_ratio`` = σ/σ_i and ``alpha`` = α at the target."""
+    phi1 = torch.expm1(torch.as_tensor(-h, dtype=torch.float64))
+    out = sigma_ratio * x - alpha * phi1 * x0
+    if len(hist) == 1:
+        x0_1, ell_1 = hist[-1]
+        r0 = (ell_i - ell_1) / h
+        out = out - (0.5 * alpha * phi1 / r0) * (x0 - x0_1)
+    elif len(hist) == 2:
+        (x0_2, ell_2), (x0_1, ell_1) = hist
+        r0, r1 = (ell_i - ell_1) / h, (ell_1 - ell_2) / h
+        d1_0, d1_1 = (x0 - x0_1) / r0, (x0_1 - x0_2) / r1
+        d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)  # h x̂_0' + O(h³)
+        d2 = 2 * (d1_0 - d1_1) / (r0 + r1)  # h² x̂_0'' + O(h³)
+        phi2 = phi1 / h + 1
+        phi3 = phi2 / h - 0.5
+        out = out + alpha * (phi2 * d1 - phi3 * d2)
+    elif hist:
+        raise ValueError(f"DPM-Solver++ has orders 1 to 3: got {len(hist)} past values")
+    return out
+
+
 def sample_dpm_solver(
     score_fn: ScoreFn,
     schedule: Schedule,
@@ -279,7 +314,6 @@ def sample_dpm_solver(
         x0 = x0_from_score(score_at(score_fn, x, ts[i]), schedule, x, ts[i])
         h, ell_i = ell[i + 1] - ell[i], ell[i]
         phi1 = torch.expm1(-h)
-        x_next = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * phi1 * x0
         if order == 3 and i == 0:  # midpoint start: local error O(h³)
             ell_m = ell[0] + 0.5 * h
             t_m = schedule.t_of_log_snr(2 * ell_m).to(ts.dtype)
@@ -291,18 +325,9 @@ def sample_dpm_solver(
             hist = [(x0, ell[0])]
             x0 = x0_m
             ell_i = ell_m
-        elif k == 2:
-            r0 = (ell_i - hist[-1][1]) / h
-            x_next = x_next - (0.5 * alpha[i + 1] * phi1 / r0) * (x0 - hist[-1][0])
-        elif k == 3:
-            (x0_2, ell_2), (x0_1, ell_1) = hist[-2], hist[-1]
-            r0, r1 = (ell_i - ell_1) / h, (ell_1 - ell_2) / h
-            d1_0, d1_1 = (x0 - x0_1) / r0, (x0_1 - x0_2) / r1
-            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)  # h x̂_0' + O(h³)
-            d2 = 2 * (d1_0 - d1_1) / (r0 + r1)  # h² x̂_0'' + O(h³)
-            phi2 = phi1 / h + 1
-            phi3 = phi2 / h - 0.5
-            x_next = x_next + alpha[i + 1] * (phi2 * d1 - phi3 * d2)
+        else:
+            past = hist[len(hist) - (k - 1) :] if k > 1 else []
+            x_next = dpm_update(x, x0, past, ell_i, h, sigma[i + 1] / sigma[i], alpha[i + 1])
         x = apply_constraint(constraint, x_next, ts[i + 1])
         hist = [*hist[-1:], (x0, ell_i)]
         if callback is not None:
