@@ -384,7 +384,7 @@ def test_sigint_during_sampling_exits_130_in_one_line(run_dir, tmp_path):
             "--n",
             "50000",
             "--steps",
-            "1000",
+            "5000",  # a long job: the signal cannot miss it on a loaded machine
             "--out",
             str(out),
         ],
