@@ -13,6 +13,7 @@ from sdelab.cli import main
 from sdelab.oracle import GaussianData
 from sdelab.parametrization import score_fn_to_kind
 from sdelab.runs import run_vlb
+from sdelab.runs.core import open_run
 from sdelab.sde import VDMLinearSchedule, make_schedule
 from sdelab.train.build import build_run, load_run
 from sdelab.train.checkpoint import load_checkpoint, prefixed
@@ -180,9 +181,15 @@ def test_vlb_command_on_a_trained_image_run(tmp_path, capsys):
     """Digits with the discretized decoder: bits/dim finite and positive (a bound on a
     probability mass), terms summing to the total; the JSON record and T steps too."""
     run = tmp_path / "digits"
-    over = [*DIGITS, "train.steps=3", "train.ckpt_every=3"]
+    over = [*DIGITS, "train.steps=6", "train.ckpt_every=3", "train.keep_last=5"]
     assert main(["train", "images/vdm_digits", *over, "--out", str(run)]) == 0
     capsys.readouterr()
+    # --checkpoint: the bound of that checkpoint, in a file of its own
+    assert main(["likelihood", str(run), "--method", "vlb", "--n", "16", "--checkpoint", "3"]) == 0
+    early = recorded(capsys.readouterr().out)
+    assert early["checkpoint"] == 3 and list(run.glob("likelihood_vlb_*ckpt3*.json"))
+    ref = run_vlb(open_run(run, step=3), n=16, progress=False)
+    assert early["total_nats_mean"] == pytest.approx(float(ref.terms["total"].mean()), rel=1e-6)
     code = main(["likelihood", str(run), "--method", "vlb", "--steps", "50", "--n", "40"])
     out = capsys.readouterr().out
     assert code == 0 and "T = 50 steps, 17 levels" in out and "reconstruction" in out

@@ -217,13 +217,14 @@ def _vlb(args: argparse.Namespace, info) -> int:
         "seed": args.seed,
         "weights": args.weights,
         "batch_size": args.batch_size,
+        "checkpoint": args.checkpoint,
     }
     path = Path(args.run) / _result_name(record)
     if info.is_main:
         check_new_files([path], force=args.force, hint=_KEEP)
     try:
         res = run_vlb(
-            args.run,
+            open_run(args.run, args.weights, args.checkpoint),
             steps=args.steps,
             n=args.n,
             batch_size=args.batch_size,
