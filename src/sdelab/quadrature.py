@@ -441,7 +441,8 @@ def exponential_path(
                 ell_m = float(ell_grid[0] + 0.5 * (ell_grid[1] - ell_grid[0]))
                 t_m = schedule.t_of_log_snr(torch.tensor([2 * ell_m], dtype=f64)).to(f64)
                 a_m, s_m = (float(v) for v in schedule.alpha_sigma(t_m))
-                y_m = (s_m / float(sigma_g[0])) * y - a_m * math.expm1(-(ell_m - ell_grid[0])) * x0
+                ell_0 = float(ell_grid[0])
+                y_m = dpm_update(y, x0, [], ell_0, ell_m - ell_0, s_m / float(sigma_g[0]), a_m)
                 start = (data_prediction(y_m, t_m[0], a_m, s_m), ell_m)
                 nfe += 1
             last = i == steps - 1
