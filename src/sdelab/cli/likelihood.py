@@ -18,6 +18,7 @@ from sdelab.cli.common import (
 )
 from sdelab.cli.interop import add_diffusers_options, diffusers_likelihood
 from sdelab.data.image_data import IMAGE_DATA_NAMES
+from sdelab.quadrature import EXPONENTIAL_METHODS
 from sdelab.repeats import repeat_statistics
 from sdelab.runs import (
     open_run,
@@ -85,7 +86,7 @@ def _likelihood(args: argparse.Namespace) -> int:
     record["nodes"] = args.nodes if record["integrator"] == "randomized" else None
     solver = resolve_solver(args.solver, integrator) if args.method == "ode" else None
     record["solver"] = solver
-    record["solver_steps"] = args.solver_steps if solver in ("dpm2m", "dpm3m") else None
+    record["solver_steps"] = args.solver_steps if solver in EXPONENTIAL_METHODS else None
     path = Path(args.run) / _result_name(record)
     if info.is_main:
         check_new_files([path], force=args.force, hint=_KEEP)
