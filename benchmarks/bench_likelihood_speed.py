@@ -23,6 +23,20 @@ Gaussian oracle, D = 16: seconds per draw × variance = seconds to reach SE 1 na
 Table 4 — with ``--digits-run``: test-set bits/dim of the digits model (uniform
 dequantization): mean ± SE, CPU time, for today's default, the new default and Hutchinson
 variants (the data-set question of item 2).
+
+Table 5 — with ``--bpd-run``: test-set bits/dim of a trained image run, CPU time to SE ≤ 0.005
+bpd at solver bias ≤ 0.002 bpd per estimator (the Score-SDE design, the randomized rule on
+dopri5 and on DPM-Solver++(3M)), each paired with its tight twin (``table_dataset_bpd``).
+
+Table 6 — with ``--bpd-run``: the fixed-grid forward solve's bias against its step count
+(``--bpd-steps``), split into the prior term and the divergence integral.
+
+Table 7 — with ``--digits-run``: how many exact-trace nodes Clenshaw–Curtis and
+Gauss–Legendre rules in t and in λ need on the trained U-Net's divergence (item 1's bound).
+
+Table 8 — trace estimators at the quadrature's nodes at equal matrix-vector products: the
+exact trace, Rademacher probes and Hutch++ on table 1's cases (item 1's variance-reduction
+lever).
 """
 
 from __future__ import annotations
@@ -147,6 +161,18 @@ def method_rows(peer):
         (
             "quadrature exact, dopri5, tol 1e-3",
             dict(integrator="quadrature", method="dopri5", rtol=1e-3, atol=1e-3),
+        ),
+        (
+            "quadrature exact, DPM-Solver++(3M) 64 steps, quad_tol 0.01",
+            dict(
+                integrator="quadrature",
+                method="dpm3m",
+                options={"steps": 64},
+                solve_in="log_snr",
+                quad_tol=1e-2,
+                min_nodes=4,
+                max_nodes=128,
+            ),
         ),
         (
             "quadrature Hutchinson 8 probes fixed per example",
@@ -566,6 +592,231 @@ def table_dataset_bpd(args) -> list[str]:
     return lines
 
 
+def _run_images(run: str, n: int, start: int = 0):
+    """(model, schedule, y, D) for test images ``start .. start + n`` of a trained image run,
+    uniformly dequantized with seed 5 (the model in float32, as a user runs it)."""
+    from sdelab.dequantization import dequantize
+    from sdelab.runs.core import split_levels
+    from sdelab.train.build import dequantization_options, load_run, make_run_dataset
+
+    config, model, sched = load_run(run)
+    dataset = make_run_dataset(config)
+    k = split_levels(dataset, "test", start + n).to(torch.int64)[start:]
+    deq = dequantization_options(dataset)
+    g = torch.Generator().manual_seed(5)
+    y = dequantize(k, deq["levels"], deq["scale"], deq["shift"], generator=g).y
+    return model, sched, y, k[0].numel()
+
+
+def table_steps_bias(args) -> list[str]:
+    """Solver bias of the fixed-grid forward solve (DPM-Solver++ 3M / 2M) against its step
+    count, split into the prior term log π(x_T) and the divergence integral.
+
+    The randomized rule (``--steps-nodes`` nodes, one probe) on the first ``--bpd-n`` test
+    images from ``--steps-start``; each row is paired with the same estimator, same random
+    numbers, solved by dopri8 at rtol = atol = 1e-7 (its tight twin), so every difference is
+    the fixed grid's error alone; ± is the SE of the paired mean over images."""
+    model, sched, y, dim = _run_images(args.bpd_run, args.bpd_n, args.steps_start)
+    n, c = y.shape[0], 1.0 / (dim * math.log(2))
+    rnd = dict(integrator="randomized", divergence="hutchinson", prior_control=False)
+    rnd["nodes"] = args.steps_nodes
+
+    def run(**kw):
+        t0 = time.process_time()
+        with torch.no_grad():
+            res = log_likelihood(
+                model, sched, y, generator=torch.Generator().manual_seed(7), **rnd, **kw
+            )
+        return res, time.process_time() - t0
+
+    ref, cpu_ref = run(method="dopri8", rtol=1e-7, atol=1e-7)
+    lines = [
+        f"{dim}-dimensional images {args.steps_start}–{args.steps_start + n - 1} of the test "
+        f"split of `{args.bpd_run}`, randomized rule with {args.steps_nodes} nodes; tight twin "
+        f"(dopri8, tol 1e-7): {ref.nfe} evaluations, {cpu_ref:.0f} CPU s. Bias in bpd "
+        "(estimate − twin, mean ± SE over images).",
+        "",
+        "| solver | steps | NFE | bias (bpd) | of it: log π(x_T) | of it: ∫∇·v dt | CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def pm(v: torch.Tensor) -> str:
+        return f"{float(v.mean()):+.4f} ± {float(v.std() / math.sqrt(n)):.4f}"
+
+    for method in args.steps_methods:
+        for steps in args.bpd_steps:
+            res, cpu = run(method=method, options={"steps": steps})
+            total = -(res.logp - ref.logp) * c
+            prior = -(res.prior_logp - ref.prior_logp) * c
+            integral = -(res.delta_logp - ref.delta_logp) * c
+            emit(
+                lines,
+                f"| {method} | {steps} | {res.nfe} | {pm(total)} | {pm(prior)} "
+                f"| {pm(integral)} | {cpu:.1f} |",
+            )
+    return lines
+
+
+def table_unet_nodes(args) -> list[str]:
+    """How many exact-trace nodes a quadrature rule needs on a trained model's divergence.
+
+    For ``--nodes-n`` dequantized test images of ``--digits-run`` (float64 weights), x(t) is
+    solved once by DPM-Solver++(3M) on 1024 steps; the exact divergence is evaluated on the
+    nested Clenshaw–Curtis grids up to ``--nodes-max`` intervals in t and in λ and on
+    Gauss–Legendre rules of 8–64 nodes in both; each rule's integral is compared with the
+    finest Clenshaw–Curtis rule in t. The target of item 1 (every example within 0.01 nats)
+    then says how many traces any of these rules needs, against the augmented solve's steps."""
+    import numpy as np
+
+    from sdelab.quadrature import exact_trace, forward_path, node_divergence, quadrature_grid
+
+    model, sched, y, _ = _run_images(args.digits_run, args.nodes_n)
+    model, sched, y = model.double(), sched.double(), y.double()
+    n, t0, T = y.shape[0], float(sched.t_min), float(sched.T)
+    levels = [8]
+    while levels[-1] < args.nodes_max:
+        levels.append(2 * levels[-1])
+    rules: list[tuple[str, str, int, torch.Tensor, torch.Tensor]] = []  # kind, var, m, t, w
+    for var in ("t", "log_snr"):
+        grid = quadrature_grid(sched, t0, levels, var)
+        for m, w in grid.weights.items():
+            rules.append(("Clenshaw–Curtis", var, m + 1, grid.times, w))
+        lam0, lam1 = sched.log_snr(torch.tensor([t0, T], dtype=F64)).tolist()
+        for m in (8, 12, 16, 24, 32, 48, 64):
+            u, w = (torch.tensor(a, dtype=F64) for a in np.polynomial.legendre.leggauss(m))
+            if var == "t":
+                tt, ww = t0 + (u + 1) * 0.5 * (T - t0), w * 0.5 * (T - t0)
+            else:
+                tt = sched.t_of_log_snr(lam0 + (u + 1) * 0.5 * (lam1 - lam0)).to(F64)
+                ww = w * 0.5 * (lam1 - lam0) / sched.d_log_snr(tt).to(F64)
+            rules.append(("Gauss–Legendre", var, m, tt, ww))
+    times, inverse = torch.unique(torch.cat([r[3] for r in rules]), return_inverse=True)
+    t_start = time.process_time()
+    with torch.no_grad():
+        path, _ = forward_path(
+            model, sched, y, t0, times, method="dpm3m", rtol=0.0, atol=0.0,
+            options={"steps": 1024}, wide=F64, solve_in="log_snr",
+        )  # fmt: skip
+    h = torch.empty(times.numel(), n, dtype=F64)
+    chunk = max(1, 64 // n)
+
+    def trace(fn, xx, rows):
+        return exact_trace(fn, xx)
+
+    for s in range(0, times.numel(), chunk):
+        ks = torch.arange(s, min(s + chunk, times.numel())).repeat_interleave(n)
+        rs = torch.arange(n).repeat(ks.numel() // n)
+        with torch.no_grad():
+            h[ks, rs] = node_divergence(model, sched, y, path, times, ks, rs, trace)
+    cpu = time.process_time() - t_start
+    values, offset = [], 0
+    for kind, var, m, tt, ww in rules:
+        idx = inverse[offset : offset + tt.numel()]
+        offset += tt.numel()
+        values.append((kind, var, m, (ww[:, None] * h[idx]).sum(0)))
+    ref = next(v for k, var, m, v in values if var == "t" and m == levels[-1] + 1)
+    with torch.no_grad():
+        aug = log_likelihood(model, sched, y, integrator="augmented")
+    lines = [
+        f"{n} dequantized test images of `{args.digits_run}` (float64), {times.numel()} exact "
+        f"traces in {cpu:.0f} CPU s. Reference: Clenshaw–Curtis in t with {levels[-1] + 1} "
+        f"nodes. Today's per-example default (augmented exact trace, tol 1e-5) takes "
+        f"{aug.nfe} traced evaluations per example.",
+        "",
+        "| rule | variable | nodes (= exact traces) | max error (nats) | errors per example |",
+        "|---|---|---:|---:|---|",
+    ]
+    for kind, var, m, q in values:
+        err = (q - ref).abs()
+        per = ", ".join(f"{float(e):.3f}" for e in (q - ref))
+        var_name = "λ" if var == "log_snr" else "t"
+        emit(lines, f"| {kind} | {var_name} | {m} | {float(err.max()):.4f} | {per} |")
+    return lines
+
+
+def hutchpp_trace(fn, x: torch.Tensor, matvecs: int, generator: torch.Generator) -> torch.Tensor:
+    """Hutch++ (Meyer et al. 2021) per example with ``matvecs`` products in two batched
+    backward passes: a sketch Q = orth(Jᵀ S) of m/3 Rademacher columns, tr(Qᵀ J Q) exactly,
+    and Hutchinson with the rest on (I − QQᵀ) J (I − QQᵀ). (A benchmark estimator: measured
+    below against the plain Rademacher estimator at equal matvecs, not used by the library.)"""
+    b, d = x.shape[0], x[0].numel()
+    k = matvecs // 3
+
+    def rademacher(n: int) -> torch.Tensor:
+        draw = torch.randint(0, 2, (n, b, d), generator=generator, dtype=torch.int64)
+        return draw.to(x.dtype) * 2 - 1
+
+    with torch.enable_grad():
+        xl = x.detach().requires_grad_(True)
+        out = fn(xl)
+        sketch = rademacher(k).reshape(k, *x.shape)
+        y = torch.autograd.grad(out, xl, sketch, is_grads_batched=True, retain_graph=True)[0]
+        q = torch.linalg.qr(y.reshape(k, b, d).permute(1, 2, 0))[0]  # (B, D, k)
+        g = rademacher(matvecs - 2 * k).permute(1, 2, 0)
+        g = g - q @ (q.transpose(1, 2) @ g)
+        cot = torch.cat([q, g], dim=2).permute(2, 0, 1)  # (k + g, B, D)
+        rows = torch.autograd.grad(out, xl, cot.reshape(-1, *x.shape), is_grads_batched=True)[
+            0
+        ].reshape(-1, b, d)
+    prod = (rows * cot).sum(2)
+    return prod[:k].sum(0) + prod[k:].mean(0)
+
+
+def table_trace_estimators(args) -> list[str]:
+    """Trace estimators at the quadrature's nodes, at equal matrix-vector products.
+
+    On table 1's three D = 64 cases, x(t) is solved once (dopri8, tol 1e-8) and ∫∇·v dt is the
+    17-node Clenshaw–Curtis rule in t with, at every node, the exact trace (D = 64 products),
+    the Rademacher estimator (fresh probes per node) or Hutch++ with m products. The error is
+    the integral's against the exact trace at the same nodes, so only the estimator's error is
+    in it; CPU is the whole call's (the same forward solve in every row)."""
+    from sdelab.quadrature import ForwardSolve, divergence_integral, exact_trace, hutchinson_trace
+
+    solve = ForwardSolve(method="dopri8", rtol=1e-8, atol=1e-8, wide=F64)
+    lines = [
+        "| case | estimator at the 17 nodes | products per node | CPU s | max error (nats) "
+        "| mean error (nats) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, score, sched, x in cases(args):
+        gen = torch.Generator().manual_seed(11)
+
+        def rad(fn, xx, rows, m, gen=gen):
+            draw = torch.randint(0, 2, (m, *xx.shape), generator=gen, dtype=torch.int64)
+            return hutchinson_trace(fn, xx, draw.to(xx.dtype) * 2 - 1)
+
+        estimators = [("exact trace", 64, lambda fn, xx, rows: exact_trace(fn, xx))]
+        for m in (8, 24, 48):
+            estimators.append(
+                (f"Rademacher, {m} probes", m, lambda fn, xx, rows, m=m: rad(fn, xx, rows, m))
+            )
+        for m in (24, 48):
+            estimators.append(
+                (
+                    f"Hutch++, {m} products",
+                    m,
+                    lambda fn, xx, rows, m=m, gen=gen: hutchpp_trace(fn, xx, m, gen),
+                )
+            )
+        ref = None
+        for label, m, trace in estimators:
+            t0 = time.process_time()
+            with torch.no_grad():
+                out = divergence_integral(
+                    score, sched, x, float(sched.t_min), trace=trace, solve=solve,
+                    min_nodes=16, max_nodes=16, time_variable="t",
+                )  # fmt: skip
+            cpu = time.process_time() - t0
+            ref = out.delta if ref is None else ref
+            err = (out.delta - ref).abs()
+            emit(
+                lines,
+                f"| {name} | {label} | {m} | {cpu:.2f} | {float(err.max()):.2e} "
+                f"| {float(err.mean()):.2e} |",
+            )
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=1)
@@ -600,6 +851,16 @@ def main() -> None:
         help="table 5: |-separated substrings of the row labels to run (the Score-SDE "
         "design at tol 1e-5, the base of the speeds, always runs)",
     )
+    p.add_argument("--steps-start", type=int, default=0, help="table 6: first test image")
+    p.add_argument("--steps-nodes", type=int, default=16, help="table 6: nodes of the rule")
+    p.add_argument(
+        "--steps-methods",
+        type=lambda v: v.split(","),
+        default=["dpm3m"],
+        help="table 6: fixed-grid methods (dpm3m,dpm2m)",
+    )
+    p.add_argument("--nodes-n", type=int, default=2, help="table 7: test images")
+    p.add_argument("--nodes-max", type=int, default=512, help="table 7: finest grid intervals")
     p.add_argument("--scoresde", default=None, help="a score_sde_pytorch checkout")
     p.add_argument("--sdeflow", default=None, help="a sdeflow-light checkout")
     p.add_argument("--tables", default="1234")
@@ -634,6 +895,15 @@ def main() -> None:
     if "5" in args.tables and args.bpd_run:
         print("### Test-set bits/dim of a trained image run: estimators side by side\n")
         print("\n".join(table_dataset_bpd(args)) + "\n")
+    if "6" in args.tables and args.bpd_run:
+        print("### Fixed-grid solver bias against its steps, term by term\n")
+        print("\n".join(table_steps_bias(args)) + "\n")
+    if "7" in args.tables and args.digits_run:
+        print("### Exact-trace nodes a quadrature rule needs on the trained U-Net\n")
+        print("\n".join(table_unet_nodes(args)) + "\n")
+    if "8" in args.tables:
+        print("### Trace estimators at the nodes, at equal matrix-vector products (D = 64)\n")
+        print("\n".join(table_trace_estimators(args)) + "\n")
 
 
 if __name__ == "__main__":
