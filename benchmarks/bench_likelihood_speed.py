@@ -456,6 +456,29 @@ def table_digits_bpd(args) -> list[str]:
 SE_TARGET, BIAS_TARGET = 0.005, 0.002  # bpd: issue 17, item 2
 
 
+def _run_test_levels(run: str, n: int, start: int = 0):
+    """(model, schedule, k, dequantization options) of a trained image run: its test images
+    ``start .. start + n`` as integer levels (the model in float32, as a user runs it)."""
+    from sdelab.runs.core import split_levels
+    from sdelab.train.build import dequantization_options, load_run, make_run_dataset
+
+    config, model, sched = load_run(run)
+    dataset = make_run_dataset(config)
+    k = split_levels(dataset, "test", start + n).to(torch.int64)[start:]
+    return model, sched, k, dequantization_options(dataset)
+
+
+def _run_images(run: str, n: int, start: int = 0):
+    """(model, schedule, y, D): :func:`_run_test_levels`' images uniformly dequantized with
+    seed 5."""
+    from sdelab.dequantization import dequantize
+
+    model, sched, k, deq = _run_test_levels(run, n, start)
+    g = torch.Generator().manual_seed(5)
+    y = dequantize(k, deq["levels"], deq["scale"], deq["shift"], generator=g).y
+    return model, sched, y, k[0].numel()
+
+
 def table_dataset_bpd(args) -> list[str]:
     """Test-set mean bits/dim of a trained image run: CPU time to SE ≤ 0.005 bpd with solver
     bias ≤ 0.002 bpd, per estimator.
@@ -471,13 +494,8 @@ def table_dataset_bpd(args) -> list[str]:
     the measured CPU per image × N × passes. Speeds are ratios to the Score-SDE design's
     cheapest setting that meets the bias target (all in this one run)."""
     from sdelab.evaluation import bits_per_dim
-    from sdelab.runs.core import split_levels
-    from sdelab.train.build import dequantization_options, load_run, make_run_dataset
 
-    config, model, sched = load_run(args.bpd_run)
-    dataset = make_run_dataset(config)
-    k = split_levels(dataset, "test", args.bpd_n).to(torch.int64)
-    deq = dequantization_options(dataset)
+    model, sched, k, deq = _run_test_levels(args.bpd_run, args.bpd_n)
     n, dim = k.shape[0], k[0].numel()
     n_target = args.bpd_target_n or n
     aug = dict(integrator="augmented", divergence="hutchinson")
@@ -590,22 +608,6 @@ def table_dataset_bpd(args) -> list[str]:
             f"| {to_target:.0f} | {speed} |",
         )
     return lines
-
-
-def _run_images(run: str, n: int, start: int = 0):
-    """(model, schedule, y, D) for test images ``start .. start + n`` of a trained image run,
-    uniformly dequantized with seed 5 (the model in float32, as a user runs it)."""
-    from sdelab.dequantization import dequantize
-    from sdelab.runs.core import split_levels
-    from sdelab.train.build import dequantization_options, load_run, make_run_dataset
-
-    config, model, sched = load_run(run)
-    dataset = make_run_dataset(config)
-    k = split_levels(dataset, "test", start + n).to(torch.int64)[start:]
-    deq = dequantization_options(dataset)
-    g = torch.Generator().manual_seed(5)
-    y = dequantize(k, deq["levels"], deq["scale"], deq["shift"], generator=g).y
-    return model, sched, y, k[0].numel()
 
 
 def table_steps_bias(args) -> list[str]:
