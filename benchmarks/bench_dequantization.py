@@ -7,7 +7,7 @@ RUN is a trained image run (e.g. ``sdelab train images/digits --out RUN``). The 
 
 1. trains a variational dequantizer (``sdelab.nets.dequantizer``, preset ``--preset``) for
    ``--steps`` steps on the run's training images against the frozen EMA score model, with
-   ScoreFlow's bound as −log p (``sdelab.dequantizer_training.train_dequantizer``), and times it;
+   ScoreFlow's bound as −log p (``sdelab.likelihood.dequantizer.train_dequantizer``), and times it;
 2. evaluates the first ``--n`` test images with each dequantization, using the **same** score
    model, the **same** images and the same probes: the probability-flow ODE likelihood
    (Hutchinson, ``--probes`` Rademacher probes, rtol = atol = 1e-5) and the ScoreFlow bound,
@@ -26,14 +26,14 @@ import time
 
 import torch
 
-from sdelab.dequantization import (
+from sdelab.likelihood import log_likelihood, scoreflow_bound
+from sdelab.likelihood.dequantization import (
     Dequantized,
     dequantize,
     nats_to_bpd,
     variational_dequantize,
 )
-from sdelab.dequantizer_training import train_dequantizer
-from sdelab.likelihood import log_likelihood, scoreflow_bound
+from sdelab.likelihood.dequantizer import train_dequantizer
 from sdelab.nets.dequantizer import Dequantizer
 from sdelab.train.build import load_run, make_run_dataset
 

@@ -32,7 +32,7 @@ import torch
 
 from sdelab.data.png import save_level_grid
 from sdelab.discrete import DiscreteScoreModel, ddpm_vlb
-from sdelab.evaluation import evaluate_likelihood
+from sdelab.likelihood.bpd import evaluate_likelihood
 from sdelab.train.build import load_run, make_run_dataset
 from sdelab.train.config import load_config
 from sdelab.train.loop import train

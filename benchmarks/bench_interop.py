@@ -31,8 +31,8 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from scipy.interpolate import PchipInterpolator
 
 from sdelab.data.images import load_digits
-from sdelab.evaluation import bits_per_dim
 from sdelab.interop import DiffusersUNet, from_diffusers, load_diffusers
+from sdelab.likelihood.bpd import bits_per_dim
 from sdelab.parametrization import ScoreModel
 from sdelab.samplers import sample
 from sdelab.sde import VPSchedule

@@ -384,7 +384,7 @@ def _sdeflow_model(lib, score_fn, sde):
 # ---- table 4 -----------------------------------------------------------------------------------
 def table_digits_bpd(args) -> list[str]:
     from sdelab.data.images import load_digits
-    from sdelab.evaluation import bits_per_dim
+    from sdelab.likelihood.bpd import bits_per_dim
     from sdelab.train.build import load_run
 
     _, model, sched = load_run(args.digits_run)
@@ -471,7 +471,7 @@ def _run_test_levels(run: str, n: int, start: int = 0):
 def _run_images(run: str, n: int, start: int = 0):
     """(model, schedule, y, D): :func:`_run_test_levels`' images uniformly dequantized with
     seed 5."""
-    from sdelab.dequantization import dequantize
+    from sdelab.likelihood.dequantization import dequantize
 
     model, sched, k, deq = _run_test_levels(run, n, start)
     g = torch.Generator().manual_seed(5)
@@ -493,7 +493,7 @@ def table_dataset_bpd(args) -> list[str]:
     passes needed for SE ≤ 0.005 are max(1, (SE/0.005)²), and the CPU time to the target is
     the measured CPU per image × N × passes. Speeds are ratios to the Score-SDE design's
     cheapest setting that meets the bias target (all in this one run)."""
-    from sdelab.evaluation import bits_per_dim
+    from sdelab.likelihood.bpd import bits_per_dim
 
     model, sched, k, deq = _run_test_levels(args.bpd_run, args.bpd_n)
     n, dim = k.shape[0], k[0].numel()
@@ -670,7 +670,9 @@ def table_unet_nodes(args) -> list[str]:
     then says how many traces any of these rules needs, against the augmented solve's steps."""
     import numpy as np
 
-    from sdelab.quadrature import exact_trace, forward_path, node_divergence, quadrature_grid
+    from sdelab.likelihood.divergence import exact_trace
+    from sdelab.likelihood.forward import forward_path
+    from sdelab.likelihood.quadrature import node_divergence, quadrature_grid
 
     model, sched, y, _ = _run_images(args.digits_run, args.nodes_n)
     model, sched, y = model.double(), sched.double(), y.double()
@@ -772,7 +774,9 @@ def table_trace_estimators(args) -> list[str]:
     the Rademacher estimator (fresh probes per node) or Hutch++ with m products. The error is
     the integral's against the exact trace at the same nodes, so only the estimator's error is
     in it; CPU is the whole call's (the same forward solve in every row)."""
-    from sdelab.quadrature import ForwardSolve, divergence_integral, exact_trace, hutchinson_trace
+    from sdelab.likelihood.divergence import exact_trace, hutchinson_trace
+    from sdelab.likelihood.forward import ForwardSolve
+    from sdelab.likelihood.quadrature import divergence_integral
 
     solve = ForwardSolve(method="dopri8", rtol=1e-8, atol=1e-8, wide=F64)
     lines = [

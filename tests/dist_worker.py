@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from sdelab import distributed
-from sdelab.evaluation import evaluate_sharded
+from sdelab.likelihood.bpd import evaluate_sharded
 from sdelab.runs import run_likelihood, sample_run
 from sdelab.sde import make_schedule
 

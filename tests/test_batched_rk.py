@@ -1,4 +1,4 @@
-"""The per-example Runge–Kutta solver (sdelab.batched_rk) against closed-form solutions: the
+"""The per-example Runge–Kutta solver (sdelab.likelihood.batched_rk) against closed-form solutions: the
 order of the method, batch = alone and outputs in both directions (the probability-flow tail
 point solved in a batch as alone: tests/test_quadrature.py)."""
 
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from sdelab.batched_rk import solve_per_example
+from sdelab.likelihood.batched_rk import solve_per_example
 
 D64 = torch.float64
 RATES = torch.tensor([0.5, 3.0, 30.0], dtype=D64)

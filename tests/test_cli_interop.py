@@ -11,8 +11,8 @@ import torch
 
 from cli_helpers import run_cli
 from sdelab.data import make_dataset
-from sdelab.evaluation import LIKELIHOOD_STREAM, evaluate_likelihood
 from sdelab.interop import load_diffusers
+from sdelab.likelihood.bpd import LIKELIHOOD_STREAM, evaluate_likelihood
 from sdelab.utils import chunk_generator
 
 diffusers = pytest.importorskip("diffusers")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy import stats
 
-from sdelab.dequantization import check_levels, dequantize, nats_to_bpd
-from sdelab.evaluation import bits_per_dim
+from sdelab.likelihood.bpd import bits_per_dim
+from sdelab.likelihood.dequantization import check_levels, dequantize, nats_to_bpd
 from sdelab.oracle import GaussianData
 from sdelab.sde import VESchedule, VPSchedule
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdelab.evaluation import evaluate_sharded
+from sdelab.likelihood.bpd import evaluate_sharded
 from sdelab.runs import run_likelihood, sample_run
 from sdelab.sde import make_schedule
 from sdelab.train.build import build_run

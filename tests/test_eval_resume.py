@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sdelab.cli import main
-from sdelab.repeats import repeat_statistics
+from sdelab.likelihood.repeats import repeat_statistics
 from sdelab.runs import run_likelihood, run_loss
 from sdelab.train import evalstore
 

@@ -231,7 +231,7 @@ def test_image_likelihood_defaults_to_the_randomized_rule(digits_run, capsys):
 
 
 def test_likelihood_matches_evaluate_likelihood(digits_run):
-    from sdelab.evaluation import evaluate_likelihood
+    from sdelab.likelihood.bpd import evaluate_likelihood
     from sdelab.runs import run_likelihood
     from sdelab.train.build import load_run
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from sdelab.evaluation import bits_per_dim
 from sdelab.interop import DiscreteVPSchedule, from_diffusers, from_k_diffusion, load_diffusers
 from sdelab.likelihood import log_likelihood
+from sdelab.likelihood.bpd import bits_per_dim
 from sdelab.oracle import GaussianData
 from sdelab.samplers import sample
 
@@ -386,7 +386,7 @@ def test_ode_likelihood_on_a_ddpm_schedule_is_exact():
 def test_exact_divergence_works_through_a_diffusers_unet():
     """The batched (vmap) backward fails inside UNet2DModel; the exact trace falls back to one
     VJP per direction and still equals the trace of the Jacobian."""
-    from sdelab.likelihood import _Divergence
+    from sdelab.likelihood.divergence import _Divergence
 
     unet, scheduler = tiny_unet(in_channels=1, out_channels=1), ddpm()
     score_fn, schedule = from_diffusers(unet, scheduler)

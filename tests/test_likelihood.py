@@ -8,13 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from sdelab.evaluation import evaluate_likelihood
-from sdelab.likelihood import (
-    elbo,
-    log_likelihood,
+from sdelab.likelihood import elbo, log_likelihood, scoreflow_bound
+from sdelab.likelihood.bpd import evaluate_likelihood
+from sdelab.likelihood.divergence import sample_probes
+from sdelab.likelihood.ode import (
     per_example_rms_norm,
-    sample_probes,
-    scoreflow_bound,
 )
 from sdelab.oracle import GaussianData
 from sdelab.sde import SubVPSchedule, VESchedule, VPSchedule

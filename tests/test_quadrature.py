@@ -1,4 +1,4 @@
-"""The quadrature integrator of the ODE likelihood (sdelab.quadrature), against exact answers:
+"""The quadrature integrator of the ODE likelihood (sdelab.likelihood.quadrature), against exact answers:
 polynomial exactness of the rule, the Gaussian oracle's closed-form density, the variance law
 of Hutchinson at the nodes, a tail point in a batch, and the decoder bound on log p_0."""
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from sdelab.likelihood import log_likelihood as _log_likelihood
+from sdelab.likelihood.divergence import exact_trace
+from sdelab.likelihood.quadrature import clenshaw_curtis, quadrature_grid
 from sdelab.oracle import GaussianData
-from sdelab.quadrature import clenshaw_curtis, exact_trace, quadrature_grid
 from sdelab.sde import SubVPSchedule, VESchedule, VPSchedule
 
 D64 = torch.float64
@@ -308,7 +309,7 @@ def test_forward_path_in_log_snr_is_the_flow_of_the_oracle(schedule):
     """Solved in λ instead of t, the forward-only path is the same probability-flow map: on
     the Gaussian oracle, x_T from both variables agrees to the tolerance's order and (VP) the
     randomized rule's density (exact trace) matches the closed form to 1e-3 nats."""
-    from sdelab.quadrature import forward_path
+    from sdelab.likelihood.forward import forward_path
 
     data = gaussian(5, 2)
     x = data.sample(16, generator=torch.Generator().manual_seed(4)).to(D64)
@@ -334,7 +335,7 @@ def test_forward_path_in_log_snr_is_the_flow_of_the_oracle(schedule):
 
 
 def test_forward_path_refuses_an_unknown_variable():
-    from sdelab.quadrature import forward_path
+    from sdelab.likelihood.forward import forward_path
 
     sde = VPSchedule()
     x = torch.zeros(2, 3, dtype=D64)
@@ -377,7 +378,7 @@ def test_exponential_path_converges_at_its_order(schedule):
     """DPM-Solver++ run forward (data → prior) has global order 2 (2M) and 3 (3M) in the
     step of λ: doubling the steps divides the error of x(t) — at an inner time (dense output)
     and at T — by ≈ 4 and ≈ 8, against a dopri8 solve at 1e-11 on the oracle."""
-    from sdelab.quadrature import exponential_path, forward_path
+    from sdelab.likelihood.forward import exponential_path, forward_path
 
     data = gaussian(5, 2)
     x = data.sample(16, generator=torch.Generator().manual_seed(4)).to(D64)
@@ -413,7 +414,7 @@ def test_randomized_rule_with_the_exponential_solve_matches_the_oracle():
 
 
 def test_exponential_solve_refuses_what_it_cannot_do():
-    from sdelab.quadrature import forward_path
+    from sdelab.likelihood.forward import forward_path
 
     sde = VPSchedule()
     x = torch.zeros(2, 3, dtype=D64)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sdelab.repeats import repeat_statistics
+from sdelab.likelihood.repeats import repeat_statistics
 
 
 def simulate(trials, n, k, mu, sd_img, sd_rep, seed=0):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from sdelab.dequantization import dequantize, variational_dequantize
-from sdelab.dequantizer_training import dequantization_bound, train_dequantizer
-from sdelab.evaluation import bits_per_dim
+from sdelab.likelihood.bpd import bits_per_dim
+from sdelab.likelihood.dequantization import dequantize, variational_dequantize
+from sdelab.likelihood.dequantizer import dequantization_bound, train_dequantizer
 from sdelab.nets.dequantizer import DEQUANTIZER_PRESETS, Dequantizer, DequantizerConfig
 from sdelab.oracle import GaussianData
 from sdelab.sde import VPSchedule

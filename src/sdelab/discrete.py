@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from sdelab.dequantization import to_model_space
+from sdelab.likelihood.dequantization import to_model_space
 from sdelab.parametrization import ScoreModel, from_eps, to_eps
 from sdelab.sde import Schedule, ScheduleOutput, VESchedule, VPSchedule
 from sdelab.utils import append_dims, batch_time, check_int, randn_like, sum_except_batch

@@ -404,7 +404,7 @@ class DiffusersModel:
         image_shape: ``(C, H, W)`` of one sample.
         data_range: ``(-1.0, 1.0)``: diffusers image models work on pixels mapped to [−1, 1].
         scale, shift: the map y = scale·x + shift from [0, 1] to model space (2 and −1), as
-            :func:`~sdelab.dequantization.bits_per_dim` takes it.
+            :func:`~sdelab.likelihood.dequantization.bits_per_dim` takes it.
         kind: ``"vp"`` (DDPM/DDIM chain) or ``"ve"``.
         num_train_timesteps: N of the chain (VE: the scheduler's ``num_train_timesteps``).
         prediction_type: diffusers' ``prediction_type`` (``"score"`` for VE).

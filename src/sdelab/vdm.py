@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sdelab.dequantization import to_model_space
+from sdelab.likelihood.dequantization import to_model_space
 from sdelab.losses import TIME_SAMPLERS, TimeSample, draw_uniforms, dsm_loss, sample_time
 from sdelab.sde import LogSNRSchedule
 from sdelab.utils import append_dims, randn_like, sum_except_batch

@@ -9,8 +9,8 @@ from pathlib import Path
 from sdelab.cli.common import DEFAULT_STEPS, CLIError, join_launched_group, parse_options
 from sdelab.data import make_dataset
 from sdelab.data.png import save_level_grid
-from sdelab.dequantization import DEQUANTIZATIONS
 from sdelab.interop import DiffusersModel, load_diffusers
+from sdelab.likelihood.dequantization import DEQUANTIZATIONS
 from sdelab.runs import foreign_likelihood, foreign_sample, save_samples, write_json
 from sdelab.train.build import resolve_device
 

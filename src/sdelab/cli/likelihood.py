@@ -18,8 +18,8 @@ from sdelab.cli.common import (
 )
 from sdelab.cli.interop import add_diffusers_options, diffusers_likelihood
 from sdelab.data.image_data import IMAGE_DATA_NAMES
-from sdelab.quadrature import EXPONENTIAL_METHODS
-from sdelab.repeats import repeat_statistics
+from sdelab.likelihood.forward import EXPONENTIAL_METHODS
+from sdelab.likelihood.repeats import repeat_statistics
 from sdelab.runs import (
     open_run,
     run_likelihood,

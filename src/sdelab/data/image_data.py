@@ -43,7 +43,7 @@ from sdelab.data.images import (
     random_hflip,
 )
 from sdelab.data.toys import no_labels_error
-from sdelab.dequantization import to_model_space
+from sdelab.likelihood.dequantization import to_model_space
 
 __all__ = [
     "IMAGE_DATA_NAMES",

@@ -39,7 +39,7 @@ from sdelab.data.image_formats import (
     read_imagenet_batch,
     resize_center_crop,
 )
-from sdelab.dequantization import to_model_space
+from sdelab.likelihood.dequantization import to_model_space
 from sdelab.utils import make_generator, sum_except_batch
 
 __all__ = [

@@ -24,7 +24,7 @@ from sdelab.utils import atomic_write
 #: Likelihood estimators by CLI name.
 METHODS = ("ode", "elbo", "scoreflow")
 # Seed streams: sample chunk i > 0 and VLB batch i use derive_seed(seed, stream, i) (likelihood
-# batches: sdelab.evaluation.LIKELIHOOD_STREAM = 21).
+# batches: sdelab.likelihood.bpd.LIKELIHOOD_STREAM = 21).
 SAMPLE_STREAM, VLB_STREAM, LOSS_STREAM = 20, 22, 23
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from sdelab.data import Dataset
-from sdelab.evaluation import EvaluationResult, evaluate_sharded
 from sdelab.interop import DiffusersModel
+from sdelab.likelihood.bpd import EvaluationResult, evaluate_sharded
 from sdelab.runs.core import METHODS
 from sdelab.runs.sampling import sample_chunks
 from sdelab.samplers import SampleResult
@@ -33,7 +33,7 @@ def foreign_likelihood(
     on ``dataset``'s integer test levels, dequantized and mapped to the model's space [−1, 1].
 
     Batches are split over launched processes and seeded per batch exactly as for a run
-    (:func:`sdelab.evaluation.evaluate_sharded`).
+    (:func:`sdelab.likelihood.bpd.evaluate_sharded`).
 
     Raises:
         ValueError: continuous data, an image shape other than the model's, or a data range

@@ -371,7 +371,7 @@ def load_run(
 
 def dequantization_options(dataset: Dataset) -> dict[str, Any]:
     """``levels``/``scale``/``shift``/``dequantization`` for
-    :func:`~sdelab.evaluation.evaluate_likelihood` when ``dataset`` serves integer levels
+    :func:`~sdelab.likelihood.bpd.evaluate_likelihood` when ``dataset`` serves integer levels
     (image data), else ``{}``."""
     if dataset.num_levels is None:
         return {}

@@ -9,7 +9,7 @@ killed at any moment resumes exactly with ``--resume``; SIGTERM/SIGINT save and 
 
 The score model stays frozen (ScoreFlow's ``--mode=train_deq``): the flow minimises the
 ScoreFlow bound of −log p_model(a(k+u)/L + b) + log q(u | k)
-(:func:`sdelab.dequantizer_training.dequantizer_step`); evaluation uses the exact ODE
+(:func:`sdelab.likelihood.dequantizer.dequantizer_step`); evaluation uses the exact ODE
 likelihood (``sdelab likelihood RUN --dequantizer DIR``).
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from sdelab.dequantizer_training import dequantizer_step
+from sdelab.likelihood.dequantizer import dequantizer_step
 from sdelab.nets.dequantizer import DEQUANTIZER_PRESETS, Dequantizer, DequantizerConfig
 from sdelab.train.build import load_run, make_run_dataset
 from sdelab.train.checkpoint import (

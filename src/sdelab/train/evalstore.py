@@ -21,7 +21,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from sdelab.evaluation import EvaluationResult
+from sdelab.likelihood.bpd import EvaluationResult
 from sdelab.utils import atomic_write
 
 __all__ = ["EVAL_DIR", "EvalStore"]

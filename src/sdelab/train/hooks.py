@@ -7,8 +7,8 @@ from collections.abc import Mapping
 
 import torch
 
-from sdelab.evaluation import evaluate_likelihood
 from sdelab.likelihood import elbo, log_likelihood
+from sdelab.likelihood.bpd import evaluate_likelihood
 from sdelab.metrics import frechet_distance_features
 from sdelab.quality import ClassifierFeatures, IdentityFeatures, collect_features
 from sdelab.samplers import sample

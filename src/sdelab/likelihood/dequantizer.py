@@ -1,7 +1,7 @@
 r"""Training a variational dequantizer against a frozen model (ScoreFlow's ``train_deq`` mode).
 
 With the score model fixed, the dequantizer q(u | k) (:class:`~sdelab.nets.dequantizer.
-Dequantizer`) minimises the bound on −log P(k) of :mod:`sdelab.dequantization`,
+Dequantizer`) minimises the bound on −log P(k) of :mod:`sdelab.likelihood.dequantization`,
 
     J(q) = E_k E_{u ~ q(·|k)}[−log p_model(y) + log q(u | k)] − D log a + D log L,
     y = a (k + u)/L + b,
@@ -26,8 +26,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from sdelab.dequantization import check_levels, variational_dequantize
-from sdelab.likelihood import scoreflow_bound
+from sdelab.likelihood.bounds import scoreflow_bound
+from sdelab.likelihood.dequantization import check_levels, variational_dequantize
 from sdelab.nets.dequantizer import Dequantizer
 from sdelab.sde import Schedule
 
@@ -73,7 +73,7 @@ def dequantization_bound(
 
     Raises:
         ValueError: bad data, map, or a dequantizer made for other data (see
-            :func:`~sdelab.dequantization.variational_dequantize`).
+            :func:`~sdelab.likelihood.dequantization.variational_dequantize`).
     """
     dq = variational_dequantize(k, levels, scale, shift, dequantizer, generator=generator)
     if schedule is None:

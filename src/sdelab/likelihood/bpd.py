@@ -1,6 +1,6 @@
 r"""Data-set likelihood: dequantize, estimate, account — nats and bits/dim you can report.
 
-This module composes the maths below it: :mod:`sdelab.dequantization` (levels, the map to model
+This module composes the maths below it: :mod:`sdelab.likelihood.dequantization` (levels, the map to model
 space, the dequantization densities), :mod:`sdelab.likelihood` (the ODE log-likelihood and the
 bounds) and :mod:`sdelab.distributed` (splitting a test set over launched processes).
 
@@ -25,13 +25,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sdelab import distributed
-from sdelab.dequantization import (
+from sdelab.likelihood.bounds import elbo, scoreflow_bound
+from sdelab.likelihood.dequantization import (
     DEQUANTIZATIONS,
     dequantize,
     nats_to_bpd,
     variational_dequantize,
 )
-from sdelab.likelihood import elbo, log_likelihood, scoreflow_bound
+from sdelab.likelihood.ode import log_likelihood
 from sdelab.progress import Progress, TimeProgress
 from sdelab.sde import Schedule
 from sdelab.utils import ScoreFn, check_int, chunk_generator, mean_se, mean_se_float
@@ -61,7 +62,7 @@ class BPDResult:
         nfe: total ODE function evaluations (0 for a plain log-density).
         levels, scale, shift, dequantization: the accounting used, to report beside the number.
         per_repeat: ``(R, B)`` nats of every repeat (for
-            :func:`sdelab.repeats.repeat_statistics` of ``per_repeat.T``).
+            :func:`sdelab.likelihood.repeats.repeat_statistics` of ``per_repeat.T``).
     """
 
     bpd: Tensor
@@ -108,7 +109,7 @@ def bits_per_dim(
         n_repeats: dequantization draws per example, averaged (ScoreFlow's ``num_repeats``).
         dequantization: ``"uniform"``, ``"truncated_normal"`` (i-DODE) or ``"variational"``
             (a trained flow q(u | k), ``dequantizer``; the bound then subtracts its one-draw
-            −log q(u | k): :func:`~sdelab.dequantization.variational_dequantize`).
+            −log q(u | k): :func:`~sdelab.likelihood.dequantization.variational_dequantize`).
         dequantizer: the :class:`~sdelab.nets.dequantizer.Dequantizer` of ``"variational"``.
         generator: randomness for dequantization and Hutchinson probes.
         dtype: floating dtype for the dequantized data (default: torch's default).
@@ -197,7 +198,7 @@ class EvaluationResult:
         nfe: total ODE function evaluations (0 for the bounds).
         per_repeat: ``(R, N)`` nats of each of the R dequantization/probe repeats of discrete
             data (``nll`` is their mean), ``None`` for continuous data; with R > 1,
-            :func:`sdelab.repeats.repeat_statistics` of ``per_repeat.T`` splits the standard
+            :func:`sdelab.likelihood.repeats.repeat_statistics` of ``per_repeat.T`` splits the standard
             error into its image and repeat parts.
     """
 

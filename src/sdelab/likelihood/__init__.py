@@ -1,0 +1,42 @@
+"""Likelihood: the exact ODE log-likelihood, bounds, dequantization and bits/dim in one package.
+
+Layers inside the package (imports point down; ``lint-imports`` checks them):
+
+- composition: :mod:`~sdelab.likelihood.bpd` (bits/dim of integer data, data-set evaluation),
+  :mod:`~sdelab.likelihood.dequantizer` (training a variational dequantizer);
+- the ODE: :mod:`~sdelab.likelihood.ode` (:func:`log_likelihood`, its integrators and their
+  option objects), :mod:`~sdelab.likelihood.quadrature` (nested and randomized rules),
+  :mod:`~sdelab.likelihood.forward` (the forward-only solve), :mod:`~sdelab.likelihood.bounds`
+  (ELBO, ScoreFlow bound);
+- ground: :mod:`~sdelab.likelihood.divergence` (exact trace, Hutchinson),
+  :mod:`~sdelab.likelihood.batched_rk` (per-example Dormand–Prince),
+  :mod:`~sdelab.likelihood.dequantization` (levels ↔ model space, the one ``nats_to_bpd``),
+  :mod:`~sdelab.likelihood.repeats` (standard errors of repeated estimates).
+"""
+
+from sdelab.likelihood.bounds import BoundResult, elbo, scoreflow_bound
+from sdelab.likelihood.bpd import (
+    BPDResult,
+    EvaluationResult,
+    bits_per_dim,
+    evaluate_likelihood,
+    evaluate_sharded,
+)
+from sdelab.likelihood.dequantization import dequantize, nats_to_bpd, to_model_space
+from sdelab.likelihood.ode import LikelihoodResult, log_likelihood
+
+__all__ = [
+    "BPDResult",
+    "BoundResult",
+    "EvaluationResult",
+    "LikelihoodResult",
+    "bits_per_dim",
+    "dequantize",
+    "elbo",
+    "evaluate_likelihood",
+    "evaluate_sharded",
+    "log_likelihood",
+    "nats_to_bpd",
+    "scoreflow_bound",
+    "to_model_space",
+]
