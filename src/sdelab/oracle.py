@@ -120,6 +120,26 @@ class GaussianData:
 
         return score_fn
 
+    def flow(self, x: Tensor, t0: float, t1: float, schedule: Schedule) -> Tensor:
+        """The exact probability-flow map from time ``t0`` to ``t1``: x ↦ m₁ + Σ₁^½ Σ₀^−½ (x − m₀),
+        ``(B, D)``. The marginal covariances α²Σ + σ²I share Σ's eigenvectors, so the linear
+        flow dM/dt = (f − ½ g² Σ_t⁻¹) M is solved by the ratio of their square roots."""
+        ends = torch.tensor([t0, t1], dtype=self.mean.dtype, device=self.mean.device)
+        means, var, _ = self._marginal_params(schedule, ends)  # (2, D) each
+        rot = (x.reshape(x.shape[0], -1) - means[0]) @ self.evecs
+        return means[1] + (rot * (var[1] / var[0]).sqrt()) @ self.evecs.T
+
+    def ode_log_prob(self, x: Tensor, schedule: Schedule, t_min: float | None = None) -> Tensor:
+        """The exact log-density at ``t_min`` of the probability-flow model with this data's
+        score: the prior π pushed back through the exact flow, log π(Φ(x)) + log |det ∂Φ/∂x|,
+        ``(B,)`` — the truth a numerical ODE likelihood must reproduce (it differs from
+        log p_{t_min}(x) by log π − log p_T at the latent)."""
+        t0 = schedule.t_min if t_min is None else float(t_min)
+        ends = torch.tensor([t0, schedule.T], dtype=self.mean.dtype, device=self.mean.device)
+        _, var, _ = self._marginal_params(schedule, ends)
+        logdet = 0.5 * (var[1].log() - var[0].log()).sum()
+        return schedule.prior_logp(self.flow(x, t0, schedule.T, schedule)) + logdet
+
     def _log_normal(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         flat = x.reshape(x.shape[0], -1)
         if flat.shape[1] != self.dim:

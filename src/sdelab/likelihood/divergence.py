@@ -61,6 +61,34 @@ def _basis(x: Tensor) -> Tensor:
     return eye.reshape(d, 1, *x.shape[1:]).expand(d, *x.shape)
 
 
+def vjp_rows(v: Tensor, x: Tensor, cotangents: Tensor, create_graph: bool = False) -> Tensor:
+    """The K vector-Jacobian products c_kᵀ(∂v/∂x), ``(K, *x.shape)``, for cotangents ``(K, ...)``.
+
+    All K in one vectorised backward pass; where the network's backward has operations the
+    batched (vmap) pass lacks (diffusers' ``UNet2DModel``: "querying is_contiguous inside of
+    vmap"), the same K products one at a time — the same numbers, slower.
+    """
+    if cotangents.shape[0] == 1:
+        return torch.autograd.grad(v, x, cotangents[0], create_graph=create_graph)[0][None]
+    try:
+        return torch.autograd.grad(
+            v, x, cotangents, create_graph=create_graph, retain_graph=True, is_grads_batched=True
+        )[0]
+    except RuntimeError:
+        return torch.stack(
+            [
+                torch.autograd.grad(v, x, c, create_graph=create_graph, retain_graph=True)[0]
+                for c in cotangents
+            ]
+        )
+
+
+def _contract(rows: Tensor, cotangents: Tensor) -> Tensor:
+    """Σ over dimensions of rows ⊙ cotangents: ``(K, B)``."""
+    k, b = cotangents.shape[:2]
+    return (rows * cotangents).reshape(k, b, -1).sum(dim=2)
+
+
 @dataclass(frozen=True)
 class _Divergence:
     """∇·v as Σ_k c_k εᵀ (∂v/∂x) ε over cotangents ε: the D unit vectors with c = 1 (exact
@@ -68,53 +96,34 @@ class _Divergence:
     (true for every per-example score model; batch norm in training mode breaks it)."""
 
     cotangents: Tensor  # (K, B, ...)
-    scale: float
+    exact: bool
 
     @classmethod
     def make(
         cls,
         x: Tensor,
-        divergence: str,
-        n_probes: int,
-        probe: str,
-        generator: torch.Generator | None,
+        exact: bool,
+        n_probes: int = 1,
+        probe: str = "rademacher",
+        generator: torch.Generator | None = None,
     ) -> _Divergence:
-        if divergence not in DIVERGENCES:
-            raise ValueError(
-                f"unknown divergence {divergence!r}: choose one of {', '.join(DIVERGENCES)}"
-            )
-        if divergence == "exact":
-            if n_probes != 1:
-                raise ValueError(
-                    "n_probes applies to divergence='hutchinson' only; the exact trace uses "
-                    "all D directions"
-                )
-            return cls(_basis(x), 1.0)
-        return cls(sample_probes(x, n_probes, probe, generator), 1.0 / n_probes)
+        if exact:
+            return cls(_basis(x), True)
+        return cls(sample_probes(x, n_probes, probe, generator), False)
+
+    @property
+    def n_columns(self) -> int:
+        """Columns of :meth:`per_probe`: 1 for the exact trace, K for Hutchinson."""
+        return 1 if self.exact else self.cotangents.shape[0]
+
+    def per_probe(self, v: Tensor, x: Tensor, create_graph: bool) -> Tensor:
+        """``(B, n_columns)``: the exact trace, or each probe's estimate εᵀ(∂v/∂x)ε."""
+        terms = _contract(vjp_rows(v, x, self.cotangents, create_graph), self.cotangents)
+        return terms.sum(0, keepdim=True).T if self.exact else terms.T
 
     def __call__(self, v: Tensor, x: Tensor, create_graph: bool) -> Tensor:
-        """Divergence of ``v`` (computed from ``x`` under autograd) per example, shape ``(B,)``."""
-        cot = self.cotangents
-        if cot.shape[0] == 1:
-            rows = torch.autograd.grad(v, x, cot[0], create_graph=create_graph)[0].unsqueeze(0)
-        else:  # all K vector-Jacobian products in one vectorised backward pass
-            try:
-                rows = torch.autograd.grad(
-                    v, x, cot, create_graph=create_graph, retain_graph=True, is_grads_batched=True
-                )[0]
-            except RuntimeError:
-                # some networks' backward has ops the batched (vmap) pass lacks (e.g. diffusers'
-                # UNet2DModel): the same K products one at a time
-                rows = torch.stack(
-                    [
-                        torch.autograd.grad(v, x, c, create_graph=create_graph, retain_graph=True)[
-                            0
-                        ]
-                        for c in cot
-                    ]
-                )
-        k, b = cot.shape[:2]
-        return self.scale * (rows * cot).reshape(k, b, -1).sum(dim=(0, 2))
+        """Divergence of ``v`` (computed from ``x`` under autograd) per example, ``(B,)``."""
+        return self.per_probe(v, x, create_graph).mean(dim=1)
 
 
 def _leaf(x: Tensor, create_graph: bool) -> Tensor:
@@ -157,38 +166,31 @@ def _check_batch(x: Tensor) -> None:
 def exact_trace(fn: Callable[[Tensor], Tensor], x: Tensor, mode: str = "reverse") -> Tensor:
     """tr(∂fn/∂x) per example, ``(B,)``, for a per-example map ``fn: (B, ...) -> (B, ...)``.
 
-    ``"reverse"``: one backward pass with the D unit cotangents batched (``is_grads_batched``);
+    ``"reverse"``: the D unit cotangents in one batched backward pass (:func:`vjp_rows`);
     ``"forward"``: ``torch.func.vmap`` over D forward-mode Jacobian-vector products (no graph
-    is stored, one pass of dual numbers per direction).
+    is stored); where the network has no forward-mode rule (CPU flash attention), reverse.
     """
     if mode not in TRACE_MODES:
         raise ValueError(f"unknown trace mode {mode!r}: choose one of {', '.join(TRACE_MODES)}")
-    b, d = x.shape[0], x[0].numel()
-    eye = torch.eye(d, dtype=x.dtype, device=x.device).reshape(d, 1, *x.shape[1:])
-    basis = eye.expand(d, *x.shape)
+    basis = _basis(x)
     if mode == "forward":
 
         def jvp_row(e: Tensor) -> Tensor:
             return torch.func.jvp(fn, (x,), (e,))[1]
 
-        rows = torch.func.vmap(jvp_row)(basis.contiguous())  # (D, B, ...)
-    else:
-        with torch.enable_grad():
-            xl = x.detach().requires_grad_(True)
-            out = fn(xl)
-            rows = torch.autograd.grad(out, xl, basis, is_grads_batched=True)[0]
-    return (rows * basis).reshape(d, b, -1).sum(dim=(0, 2))
+        try:
+            rows = torch.func.vmap(jvp_row)(basis.contiguous())  # (D, B, ...)
+            return _contract(rows, basis).sum(0)
+        except (RuntimeError, NotImplementedError):
+            pass
+    with torch.enable_grad():
+        xl = x.detach().requires_grad_(True)
+        return _contract(vjp_rows(fn(xl), xl, basis), basis).sum(0)
 
 
 def hutchinson_trace(fn: Callable[[Tensor], Tensor], x: Tensor, probes: Tensor) -> Tensor:
     """Hutchinson's estimate (1/K) Σ_k ε_kᵀ (∂fn/∂x) ε_k per example, ``(B,)``; ``probes`` is
-    ``(K, *x.shape)`` with E[ε εᵀ] = I. All K products in one batched backward pass."""
-    k, b = probes.shape[:2]
+    ``(K, *x.shape)`` with E[ε εᵀ] = I (:func:`sample_probes`)."""
     with torch.enable_grad():
         xl = x.detach().requires_grad_(True)
-        out = fn(xl)
-        if k == 1:
-            rows = torch.autograd.grad(out, xl, probes[0])[0].unsqueeze(0)
-        else:
-            rows = torch.autograd.grad(out, xl, probes, is_grads_batched=True)[0]
-    return (rows * probes).reshape(k, b, -1).sum(dim=(0, 2)) / k
+        return _contract(vjp_rows(fn(xl), xl, probes), probes).mean(0)

@@ -1,32 +1,32 @@
-r"""Likelihood you can trust: the exact ODE log-likelihood and two variational bounds.
+r"""The exact per-example log-likelihood through the probability-flow ODE, with an error bar.
 
-**ODE log-likelihood.** The probability-flow ODE dx/dt = v(x, t) = f(t) x − ½ g(t)² s(x, t) is a
-continuous normalising flow from p_{t_min} to p_T, so for every example
+The probability-flow ODE dx/dt = v(x, t) = f(t) x − ½ g(t)² s(x, t) is a continuous normalising
+flow from p_{t_min} to p_T, so for every example
 
-    log p_{t_min}(x) = log π(z_T) + ∫_{t_min}^{T} ∇·v(x_t, t) dt,     z_T = x_T,
+    log p_{t_min}(x) = log π(x_T) + ∫_{t_min}^{T} ∇·v(x_t, t) dt,
 
-with π the schedule's prior (VE: N(0, σ_max² I); VP, sub-VP: N(0, I)). :func:`log_likelihood`
-integrates x and the divergence integral together with torchdiffeq on the tensors' device, in
-one batch, with three things the reference implementations get wrong:
+with π the schedule's prior. :func:`log_likelihood` computes it with one of three integrators
+(:mod:`sdelab.likelihood.options`) and a divergence estimator (:mod:`sdelab.likelihood.divergence`),
+and returns every example's value with an estimate of its error in nats:
 
-- *per-example error control*: the adaptive step uses the norm ``max_b RMS_b(err)`` (see
-  :func:`per_example_rms_norm`), so every example meets rtol/atol on its own — one hard example
-  in a batch cannot dilute, and easy examples cannot relax, anyone's tolerance;
-- the divergence is the exact trace (D vector-Jacobian products, vectorised in one batched
-  backward pass) or Hutchinson's estimator with ``n_probes`` Gaussian or Rademacher probes, drawn
-  once per trajectory so that the estimate of the integral is unbiased;
-- gradients flow to the score function's parameters and to ``x`` (plain backpropagation through
-  the solver, or the adjoint method with ``adjoint=True``).
+- *per-example error control*: the step controller's norm is the worst example's, so one hard
+  example cannot dilute, and easy examples cannot relax, anyone's tolerance; the two parts of
+  the log-density — log π(x_t) along the path and ∫∇·v — are held in absolute nats, which is
+  what keeps far-tail points (where log π is most sensitive to x) as accurate as ordinary ones;
+- ``tol`` is the per-example target in nats: the per-example integrators solve each example at
+  two tolerances and refine it until the two agree within ``tol``; the difference is reported
+  as ``error`` (an over-estimate of the returned value's error);
+- gradients flow to the score function's parameters and to ``x`` (:class:`Augmented`).
 
 The bounds on −log p(x_0) are in :mod:`sdelab.likelihood.bounds`.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -43,33 +43,39 @@ from sdelab.likelihood.divergence import (
     hutchinson_trace,
     sample_probes,
 )
-from sdelab.likelihood.forward import EXPONENTIAL_METHODS, EXPONENTIAL_STEPS, ForwardSolve
+from sdelab.likelihood.forward import ForwardSolve
+from sdelab.likelihood.options import (
+    EXPONENTIAL_STEPS,
+    Augmented,
+    Exact,
+    Hutchinson,
+    Policy,
+    Quadrature,
+    Randomized,
+    default_policy,
+    fixed_grid,
+)
 from sdelab.likelihood.quadrature import divergence_integral, randomized_divergence_integral
 from sdelab.sde import Schedule
-from sdelab.utils import (
-    ADAPTIVE_SOLVERS,
-    ScoreFn,
-    randn_like,
-)
+from sdelab.utils import ADAPTIVE_SOLVERS, ScoreFn, randn_like
 
-__all__ = ["LikelihoodResult", "log_likelihood", "per_example_rms_norm"]
+__all__ = ["LikelihoodResult", "decoder_bound", "log_likelihood", "per_example_rms_norm"]
 
-INTEGRATORS: tuple[str, ...] = ("quadrature", "randomized", "augmented")
-BOUNDARIES: tuple[str, ...] = ("none", "decoder")
+#: tolerance ratio of the check: the second solve runs at tolerance/CHECK_RATIO.
+CHECK_RATIO: float = 8.0
+#: the reported error is ERROR_SAFETY × the two solves' difference (at least the last
+#: tolerance): measured on the Gaussian oracle (VE, VP; D = 2, 16, 64; tol 1e-1…1e-3, tail
+#: points included), it then covers the true error for ≥ 96 % of examples (1× covered 79–100 %).
+ERROR_SAFETY: float = 3.0
+#: refinements of the check before an example is reported as unmet (with a warning).
+CHECK_LEVELS: int = 5
 
 
-# ---- ODE log-likelihood ---------------------------------------------------------------------
 def per_example_rms_norm(batch_size: int) -> Callable[[Tensor], Tensor]:
-    """torchdiffeq error norm for a state of ``batch_size`` independent examples.
-
-    torchdiffeq accepts a step when ``norm(err / (atol + rtol·|y|)) <= 1``. Its default RMS over
-    the whole flattened batch lets one example's error be up to √B times the tolerance when the
-    others are easy, so results depend on who shares the batch. This norm is the maximum over
-    examples of each example's RMS: a step is accepted only when *every* example meets the
-    tolerance, so each result is as accurate as if it were solved alone (a harder neighbour
-    only makes the steps smaller). Works for the adjoint pass too (torchdiffeq applies it to
-    the state and its adjoint, both shaped like the state).
-    """
+    """torchdiffeq error norm for a state of ``batch_size`` independent examples: the maximum
+    over examples of each example's RMS, so a step is accepted only when *every* example meets
+    the tolerance (torchdiffeq's default RMS over the whole batch lets one example's error be
+    up to √B times the tolerance when the others are easy)."""
 
     def norm(scaled_error: Tensor) -> Tensor:
         return scaled_error.reshape(batch_size, -1).pow(2).mean(dim=1).sqrt().max()
@@ -77,11 +83,26 @@ def per_example_rms_norm(batch_size: int) -> Callable[[Tensor], Tensor]:
     return norm
 
 
+def _state_norm(batch_size: int, dim: int) -> Callable[[Tensor], Tensor]:
+    """Norm of the augmented state [x (dim), log π(x_t), ∫∇·v (K)] per example: the worst
+    example's max(RMS of its x part, largest nats column), so each log-density part meets its
+    tolerance on its own rather than as one of dim + K + 1 components of an RMS."""
+
+    def norm(scaled_error: Tensor) -> Tensor:
+        e = scaled_error.reshape(batch_size, -1)
+        rms = e[:, :dim].pow(2).mean(dim=1).sqrt()
+        return torch.maximum(rms, e[:, dim:].abs().amax(dim=1)).max()
+
+    return norm
+
+
 class _ProbabilityFlow(nn.Module):
-    """Right-hand side of the augmented ODE on the flat state [x (D values), ∫∇·v] per example.
+    """Right-hand side of the augmented ODE on the flat state [x (D), log π(x_t), ∫∇·v (K
+    columns: the exact trace, or one per Hutchinson probe)] per example.
 
     An ``nn.Module`` holding the score function and the schedule, so ``odeint_adjoint`` finds
-    their parameters.
+    their parameters. The log π(x_t) column (d/dt log π = −x·v/s²) costs no evaluation; it is
+    there so that the step controller watches the latent's log-density in nats.
     """
 
     def __init__(
@@ -102,19 +123,22 @@ class _ProbabilityFlow(nn.Module):
         self.track = track
         self.t_range = t_range
         self.dtype = dtype  # what the score function sees; the state may be wider
+        self.dim = shape[1:].numel()
         self.nfe = 0
 
     def forward(self, t: Tensor, state: Tensor) -> Tensor:
         self.nfe += 1
         create_graph = self.track and torch.is_grad_enabled()
-        b = self.shape[0]
+        b, d = self.shape[0], self.dim
         with torch.enable_grad():
-            x = _leaf(state[:, :-1].reshape(self.shape).to(self.dtype), create_graph)
+            x = _leaf(state[:, :d].reshape(self.shape).to(self.dtype), create_graph)
             # only torchdiffeq's initial-step probe looks past T (steps stop at T: step_t)
             tb = t.to(x.dtype).clamp(*self.t_range).expand(b)
             v = self.schedule.probability_flow(x, tb, self.score_fn(x, tb))
-            div = self.divergence(v, x, create_graph)
-        out = torch.cat([v.reshape(b, -1), div[:, None]], dim=1).to(state.dtype)  # (B, D + 1)
+            div = self.divergence.per_probe(v, x, create_graph)  # (B, K)
+        v = v.reshape(b, -1).to(state.dtype)
+        dprior = -(state[:, :d] * v).sum(1, keepdim=True) / self.schedule.prior_std**2
+        out = torch.cat([v, dprior, div.to(state.dtype)], dim=1)  # (B, D + 1 + K)
         return out if create_graph else out.detach()
 
 
@@ -124,32 +148,36 @@ class LikelihoodResult:
 
     Attributes:
         logp: log p_{t_min}(x) in nats, ``(B,)`` = ``prior_logp + delta_logp``.
-        prior_logp: log π(z_T), ``(B,)``.
+        prior_logp: log π(x_T), ``(B,)``.
         delta_logp: ∫_{t_min}^T ∇·v dt, ``(B,)``.
         z: the latent x_T, shaped like ``x``.
-        nfe: number of evaluations of the ODE right-hand side in the forward solve (augmented:
-            each one score evaluation plus its divergence; quadrature: score evaluations only).
+        error: each example's integration error estimate in nats, ``(B,)``: the two-tolerance
+            check of :class:`Augmented` and :class:`Quadrature` (NaN with ``check=False``),
+            the randomized rule's per-example spread (a standard deviation; its mean over a
+            data set is unbiased), the quadrature's level difference on a fixed grid.
+        probe_se: Hutchinson with K ≥ 2 probes and :class:`Augmented`: the standard error of
+            the K probes' mean, ``(B,)``; ``None`` otherwise (the exact trace has none; the
+            quadrature rules' ``error`` already holds their probe noise).
+        nfe: evaluations of the ODE right-hand side, all solves together (augmented: each one
+            score evaluation plus its divergence; quadrature rules: score evaluations only).
+        divergence_evals: divergence evaluations per example, ``(B,)``.
         t_min: the time the data was placed at.
-        density: what ``logp`` is: ``"log p_t_min"`` (the model's density at t_min, evaluated
-            at x) or ``"log p_0 (decoder bound)"`` (``boundary="decoder"``: a one-sample
-            estimate of a lower bound on log p_0(x)).
-        integrator: ``"augmented"`` or ``"quadrature"``.
-        divergence_evals: divergence evaluations per example, ``(B,)`` (augmented: ``nfe``
-            for everyone; quadrature: the nodes each example needed).
-        quad_error: the quadrature's per-example error estimate in nats, ``(B,)`` (NaN where
-            there is none: the augmented integrator or a single quadrature level).
+        policy: what was run (divergence, integrator, tol), after the defaults were resolved.
+        density: ``"log p_t_min"`` (the model's density at t_min) or ``"log p_0 (decoder
+            bound)"`` (:func:`~sdelab.likelihood.bounds.decoder_bound`).
     """
 
     logp: Tensor
     prior_logp: Tensor
     delta_logp: Tensor
     z: Tensor
+    error: Tensor
     nfe: int
+    divergence_evals: Tensor
     t_min: float
+    policy: Policy
+    probe_se: Tensor | None = None
     density: str = "log p_t_min"
-    integrator: str = "augmented"
-    divergence_evals: Tensor | None = None
-    quad_error: Tensor | None = None
 
     @property
     def nll(self) -> Tensor:
@@ -162,145 +190,54 @@ def log_likelihood(
     schedule: Schedule,
     x: Tensor,
     *,
-    divergence: Literal["exact", "hutchinson"] = "exact",
-    n_probes: int = 1,
-    probe: Literal["rademacher", "gaussian"] = "rademacher",
-    method: str | None = None,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    tol: float | None = None,
+    divergence: Exact | Hutchinson | None = None,
+    integrator: Augmented | Quadrature | Randomized | None = None,
     t_min: float | None = None,
     generator: torch.Generator | None = None,
-    adjoint: bool = False,
-    options: dict | None = None,
-    solver_dtype: torch.dtype | None = torch.float64,
-    integrator: Literal["quadrature", "randomized", "augmented"] = "augmented",
-    time_variable: Literal["t", "log_snr"] = "t",
-    quad_tol: float = 3e-3,
-    min_nodes: int = 4,
-    max_nodes: int = 128,
-    trace_mode: Literal["reverse", "forward"] = "reverse",
-    boundary: Literal["none", "decoder"] = "none",
-    refresh_probes: bool = False,
-    nodes: int = 16,
-    prior_control: bool | None = None,
-    solve_in: Literal["t", "log_snr"] | None = None,
-    step_control: Literal["batch", "example"] | None = None,
 ) -> LikelihoodResult:
-    r"""Exact per-example log-likelihood log p_{t_min}(x) through the probability-flow ODE.
+    r"""Per-example log-likelihood log p_{t_min}(x) through the probability-flow ODE, with an
+    error estimate in nats for every example.
 
-    Three integrators for log p_{t_min}(x) = log π(x_T) + ∫_{t_min}^T ∇·v dt:
+    Which integrator (guidance; measurements on the likelihood-speed benchmark page):
 
-    - ``"quadrature"`` (opt-in, evaluation only): solve dx/dt = f x − ½ g² s(x, t) with
-      forward passes only, then integrate the divergence by nested Clenshaw–Curtis quadrature
-      on the solver's dense output, refining each example until its error estimate is below
-      ``quad_tol`` (:mod:`sdelab.likelihood.quadrature`). The divergence is paid at ~9–33 nodes instead
-      of at every stage of every step.
-    - ``"randomized"`` (evaluation only, for data-set means; ``sdelab likelihood``'s choice for
-      image runs): the forward-only solve (in log-SNR, dopri5), then a randomly shifted
-      ``nodes``-point rule for the divergence
-      (:func:`sdelab.likelihood.quadrature.randomized_divergence_integral`): unbiased for any integrand,
-      so a divergence that oscillates in t (the DDPM time embedding) adds variance, not bias;
-      Hutchinson probes are drawn fresh at every node.
-    - ``"augmented"`` (default): integrate x and ∫∇·v together (the classic design);
-      differentiable. It stays the default because on trained models (a 2-D toy, the digits
-      U-Net) the divergence is so sharp near t_min that the quadrature did not meet its
-      tolerance with 128 intervals (it warns; benchmarks/RESULTS.md, issue 17).
-
-    The result is the density at ``t_min`` (``result.density``); ``boundary="decoder"`` turns
-    it into an estimate of a lower bound on log p_0(x) for continuous data (below).
+    - :class:`Augmented` (default for D ≤ 64 and whenever gradients are needed): x and ∫∇·v
+      together, per-example values within ``tol``, differentiable;
+    - :class:`Quadrature`: forward-only solve plus nested quadrature of the divergence, per
+      example; fewer divergence evaluations on smooth problems, evaluation only;
+    - :class:`Randomized` (default for D > 64 under ``torch.no_grad()``): unbiased per example
+      but noisy — for data-set means such as test-set bits/dim.
 
     Args:
         score_fn: ``score_fn(x, t) -> (B, ...)`` with ``t`` of shape ``(B,)``; any callable or a
             :class:`~sdelab.parametrization.ScoreModel`. Examples must not interact.
         schedule: the forward process; it fixes f, g² and the prior π.
-        x: data, shape ``(B, ...)``, floating point (float64 for tolerances below ~1e-7).
-        divergence: ``"exact"`` (trace from D vector-Jacobian products in one batched backward;
-            cost grows with D, use for small D) or ``"hutchinson"`` (unbiased estimate).
-        n_probes: Hutchinson probes per example (variance ∝ 1/n_probes); drawn once and kept
-            fixed along the trajectory.
-        probe: ``"rademacher"`` or ``"gaussian"`` probe entries.
-        method: a torchdiffeq solver name (``dopri5``, ``dopri8``, ``bosh3``, ``rk4`` …; fixed
-            step solvers need ``options=dict(step_size=...)``). Default: ``dopri8`` for the
-            quadrature (its stages are forward passes only; measured 10–80× smaller error than
-            dopri5 at the same tolerance and CPU time), ``dopri5`` for the augmented solve and
-            the randomized rule. The quadrature rules also take ``"dpm3m"`` / ``"dpm2m"``:
-            DPM-Solver++ run from the data to the prior on ``options["steps"]`` equal steps
-            in λ (default 64; :func:`sdelab.likelihood.quadrature.exponential_path`), with dense output
-            at no extra evaluation — no step control, so ``rtol``/``atol`` play no part;
-            ``sdelab likelihood`` uses 3M with 64 steps for image runs (its bias measured
-            ≤ 0.001 bpd on the trained digits and Fashion-MNIST U-Nets).
-        rtol, atol: tolerances, met by *every* example (per-example error norm,
-            :func:`per_example_rms_norm`).
-        t_min: start time, in [schedule.t_min, T); default ``schedule.t_min``.
-        generator: source of the Hutchinson probes.
-        adjoint: use ``torchdiffeq.odeint_adjoint`` (memory O(1) in the number of steps).
-            Gradients then reach ``x``, the schedule's parameters and, when ``score_fn`` is an
-            ``nn.Module``, its parameters.
-        options: extra solver options (a ``norm`` given here replaces the per-example norm).
-        solver_dtype: dtype of the integrated state (x and the running ∫∇·v); the score
-            function still sees ``x.dtype``. float64 (default) keeps a float32 model's result
-            accurate to the tolerance — a float32 state accumulates ~1e-4 nats of rounding over
-            a hundred steps; ``None`` integrates in ``x.dtype`` (e.g. on devices without float64).
-        integrator: ``"augmented"`` (default), ``"quadrature"`` (no gradients; warns when an
-            example misses ``quad_tol`` at ``max_nodes``) or ``"randomized"`` (no gradients;
-            unbiased per example, exact only on average: for test-set means).
-        nodes: the randomized rule's number of nodes per example (even). Its estimator noise
-            falls as 1/√nodes at the cost of one divergence per node, while the forward solve
-            is paid once: measured on the digits U-Net, 16–64 nodes (benchmarks/RESULTS.md).
-        prior_control: quadrature rules only: also integrate log π(x_t) and hold its local
-            error to ``atol`` nats per example (the tail-point fix of the per-example
-            ``"quadrature"``, its default); ``None``: on for ``"quadrature"``, off for
-            ``"randomized"`` (a data-set mean needs no per-example guarantee, and the forward
-            solve takes ≈ 2× fewer evaluations without it at loose tolerances).
-        solve_in: the forward-only solve's independent variable, ``"t"`` or ``"log_snr"``
-            (:func:`sdelab.likelihood.quadrature.forward_path`); ``None``: ``"t"`` for ``"quadrature"``,
-            ``"log_snr"`` for ``"randomized"`` (on the digits U-Net the solve in t carries a
-            systematic error of x_T ≈ 700× its tolerance, +0.007 bpd at 1e-5, the one in λ
-            ≈ 70×; on Fashion-MNIST λ at 1e-5 leaves +0.0003 bpd).
-        time_variable: the quadrature's variable, ``"t"`` (default: measured best on VP and VE
-            here) or ``"log_snr"`` (λ uniform).
-        quad_tol: per-example bound on the quadrature's error estimate |Q_N − Q_{N/2}| (nats);
-            the estimate is pessimistic (the error of Q_{N/2}), the answer is Q_N.
-        min_nodes, max_nodes: the first and finest quadrature level (intervals; the levels
-            double). Equal values: a fixed rule, no refinement.
-        refresh_probes: Hutchinson with the quadrature only. ``False`` (default): each
-            example's probes are drawn once and reused at every node, so the integrand
-            εᵀ(∂v/∂x)ε is smooth in t and the refinement controls its quadrature error (the
-            variance is that of probes fixed along the path). ``True``: fresh probes at every
-            node — independent errors, several times less variance on smooth problems — but
-            only with a fixed rule (``min_nodes == max_nodes``), whose quadrature error is then
-            the user's to check (it is a bias: measured −0.1 nats with 16 intervals on a
-            trained 2-D checkerboard model).
-        step_control: quadrature rules only: ``"batch"`` (default: one step sequence for
-            the batch, accepted when the worst example meets the tolerance) or ``"example"``
-            (every example on its own Dormand–Prince 5(4) step sequence,
-            :mod:`sdelab.likelihood.batched_rk`; needs ``method="dopri5"``): an example's result in a
-            batch is then exactly its result alone, at any tolerance.
-        trace_mode: the exact trace at a quadrature node by one batched backward pass
-            (``"reverse"``, faster here) or by vmapped forward-mode products (``"forward"``).
-        boundary: ``"none"`` (log p_{t_min}(x)) or ``"decoder"``: draw x_ε ~ N(α x, σ² I) at
-            t_min, and return log p_{t_min}(x_ε) + log q(x | x_ε) − log N(x_ε; α x, σ² I) with
-            the Tweedie decoder q = N(x̂_0, σ²/α² I) — an unbiased one-sample estimate of a
-            lower bound on log p_0(x) (the bounds' boundary term; uses ``generator``).
+        x: data, ``(B, ...)``, floating point.
+        tol: per-example target in nats (``None``: :data:`~sdelab.likelihood.options.DEFAULT_TOL`;
+            unused by a fixed-grid forward solve).
+        divergence: :class:`Exact` or :class:`Hutchinson` (``None``: the default policy).
+        integrator: :class:`Augmented`, :class:`Quadrature` or :class:`Randomized` (``None``:
+            :func:`~sdelab.likelihood.options.default_policy`).
+        t_min: start time in [schedule.t_min, T) (default ``schedule.t_min``).
+        generator: source of Hutchinson probes and of the randomized rule's shifts.
 
     Returns:
-        :class:`LikelihoodResult` (``logp``, ``prior_logp``, ``delta_logp``, ``z``, ``nfe``,
-        ``nll``). If grad mode is on and ``x``, the score function or the schedule requires
-        grad, ``logp`` is differentiable; run under ``torch.no_grad()`` for evaluation.
+        :class:`LikelihoodResult` — ``logp``, ``error``, ``nll``, ``nfe`` and ``policy`` (what ran).
+        If grad mode is on and ``x``, the score function or the schedule requires grad,
+        ``logp`` is differentiable; run under ``torch.no_grad()`` for evaluation.
 
     Raises:
-        ValueError: bad ``x`` (not floating, not a batch, NaN/inf), unknown ``divergence`` /
-            ``probe`` / ``integrator`` / ``time_variable`` / ``boundary``, ``n_probes < 1``,
-            ``t_min`` outside [schedule.t_min, T), ``integrator="quadrature"`` with gradients
-            or ``adjoint=True``, or ``adjoint=True`` with a plain callable that closes over
-            tensors requiring grad.
+        ValueError: bad ``x`` (not floating, not a batch, NaN/inf), ``t_min`` outside
+            [schedule.t_min, T), a bad ``tol`` or option object, an integrator without
+            gradients when gradients are needed, or ``adjoint=True`` with a plain callable that
+            closes over tensors requiring grad.
 
     Example::
 
         data = GaussianData(torch.zeros(2), torch.eye(2))
         sde = VPSchedule()
-        res = log_likelihood(data.score_fn(sde), sde, data.sample(16))
-        res.logp, res.nfe            # (16,) nats and the solver's work
+        res = log_likelihood(data.score_fn(sde), sde, data.sample(16), tol=1e-3)
+        res.logp, res.error          # (16,) nats, each within ~1e-3 of the exact value
     """
     _check_batch(x)
     t0 = schedule.t_min if t_min is None else float(t_min)
@@ -308,161 +245,313 @@ def log_likelihood(
         raise ValueError(
             f"t_min={t0:g} must lie in [schedule.t_min={schedule.t_min:g}, T={schedule.T:g})"
         )
-    if integrator not in INTEGRATORS:
-        raise ValueError(
-            f"unknown integrator {integrator!r}: choose one of {', '.join(INTEGRATORS)}"
-        )
-    if boundary not in BOUNDARIES:
-        raise ValueError(f"unknown boundary {boundary!r}: choose one of {', '.join(BOUNDARIES)}")
-    div = _Divergence.make(x, divergence, n_probes, probe, generator)  # validates the options
     track = _tracks_grad(score_fn, schedule, x)
-    if method is None:
-        method = "dopri8" if integrator == "quadrature" else "dopri5"
-    if integrator == "augmented" and (step_control is not None or solve_in is not None):
-        raise ValueError(
-            "step_control and solve_in belong to the forward-only solve of "
-            "integrator='quadrature' or 'randomized', not to the augmented solve"
+    policy = default_policy(
+        x[0].numel(), divergence=divergence, integrator=integrator, tol=tol, differentiable=track
+    )
+    if isinstance(policy.integrator, Augmented):
+        return _augmented(score_fn, schedule, x, t0, policy, generator, track)
+    div = policy.divergence
+    if isinstance(policy.integrator, Quadrature):
+        opts = policy.integrator
+        if opts.refresh_probes and isinstance(div, Hutchinson) and opts.min_nodes != opts.max_nodes:
+            raise ValueError(
+                "refresh_probes=True needs a fixed rule (min_nodes == max_nodes, e.g. 16): probe "
+                "noise would defeat the refinement"
+            )
+    probes = None
+    if isinstance(div, Hutchinson):
+        probes = sample_probes(x, div.n_probes, div.probe, generator)  # fixed along each path
+
+    def solve(rows: Tensor, tau: float | None) -> _Partial:
+        return _forward_only(
+            score_fn,
+            schedule,
+            x[rows],
+            t0,
+            policy,
+            tau,
+            generator,
+            None if probes is None else probes[:, rows],
         )
-    exponential = method in EXPONENTIAL_METHODS
-    if exponential and integrator == "augmented":
-        raise ValueError(
-            f"method={method!r} is a fixed-grid forward-only solve: use it with "
-            "integrator='randomized' or 'quadrature'"
+
+    if isinstance(policy.integrator, Randomized) or fixed_grid(policy.integrator):
+        part = solve(torch.arange(x.shape[0], device=x.device), policy.tol)
+        return part.result(x, t0, policy)
+    return _checked(solve, x, t0, policy)
+
+
+# ---- the integrators --------------------------------------------------------------------------
+@dataclass
+class _Partial:
+    """One solve of some rows: per-row tensors and the solve's evaluations."""
+
+    logp: Tensor
+    prior: Tensor
+    delta: Tensor  # (n, K): per probe (K = 1: exact trace or the probe mean)
+    z: Tensor
+    nfe: int
+    evals: Tensor
+    error: Tensor | None = None
+
+    def result(
+        self, x: Tensor, t0: float, policy: Policy, error: Tensor | None = None
+    ) -> LikelihoodResult:
+        k = self.delta.shape[1]
+        probe_se = self.delta.std(dim=1) / math.sqrt(k) if k > 1 else None
+        err = error if error is not None else self.error
+        if err is None:
+            err = torch.full_like(self.logp, float("nan"))
+        dt = x.dtype
+        return LikelihoodResult(
+            logp=self.logp.to(dt),
+            prior_logp=self.prior.to(dt),
+            delta_logp=self.delta.mean(dim=1).to(dt),
+            z=self.z.to(dt),
+            error=err.to(dt),
+            nfe=self.nfe,
+            divergence_evals=self.evals,
+            t_min=t0,
+            policy=policy,
+            probe_se=None if probe_se is None else probe_se.to(dt),
         )
-    if prior_control is None:  # the measured defaults of each integrator (issue 17)
-        prior_control = integrator == "quadrature" and not exponential
-    if solve_in is None:
-        solve_in = "log_snr" if integrator == "randomized" or exponential else "t"
-    if integrator != "augmented" and (track or adjoint):
-        raise ValueError(
-            f"integrator={integrator!r} computes no gradients: use integrator='augmented' (or run "
-            "under torch.no_grad() for evaluation)"
+
+
+def _checked(
+    solve: Callable[[Tensor, float], _Partial], x: Tensor, t0: float, policy: Policy
+) -> LikelihoodResult:
+    """Solve every example at tolerances τ and τ/r (τ = tol, r = CHECK_RATIO); while an
+    example's two values differ by more than ``tol``, solve it alone again one level tighter.
+    The returned value is the tighter solve, its ``error`` the last difference (an estimate of
+    the looser solve's error, so an over-estimate of the returned one's)."""
+    tol = float(policy.tol)
+    if isinstance(policy.integrator, Augmented) and not policy.integrator.check:
+        part = solve(torch.arange(x.shape[0], device=x.device), tol)
+        return part.result(x, t0, policy)
+    rows = torch.arange(x.shape[0], device=x.device)
+    coarse = solve(rows, tol)
+    fine = solve(rows, tol / CHECK_RATIO)
+    nfe = coarse.nfe + fine.nfe
+    evals = coarse.evals + fine.evals
+    error = (fine.logp - coarse.logp).abs().detach()
+    tau = tol / CHECK_RATIO
+    floor = torch.full_like(error, tau)  # each example's last tolerance
+    for _ in range(CHECK_LEVELS):
+        bad = (error > tol) | ~torch.isfinite(error)
+        if not bool(bad.any()):
+            break
+        rows = bad.nonzero().squeeze(1)
+        tau /= CHECK_RATIO
+        new = solve(rows, tau)
+        nfe += new.nfe
+        evals = evals.index_add(0, rows, new.evals)
+        error = error.index_put((rows,), (new.logp - fine.logp[rows]).abs().detach())
+        floor = floor.index_fill(0, rows, tau)
+        fine = _Partial(
+            logp=fine.logp.index_put((rows,), new.logp),
+            prior=fine.prior.index_put((rows,), new.prior),
+            delta=fine.delta.index_put((rows,), new.delta),
+            z=fine.z.index_put((rows,), new.z),
+            nfe=0,
+            evals=evals,
         )
-    if adjoint and track and not isinstance(score_fn, nn.Module):
+    unmet = int((error > tol).sum())
+    if unmet:
+        warnings.warn(
+            f"{unmet} example(s) did not meet tol={tol:g} nats after {CHECK_LEVELS} "
+            f"refinements (worst error estimate {float(error.max()):.2g} nats): their error is "
+            "reported in the result's `error`",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    fine.nfe, fine.evals = nfe, evals
+    # the difference estimates the looser solve's error (×ERROR_SAFETY: the errors are not yet
+    # proportional to the tolerance at loose tol); the tighter one's tolerance is a floor
+    return fine.result(x, t0, policy, torch.maximum(ERROR_SAFETY * error, floor))
+
+
+def _augmented(
+    score_fn: ScoreFn,
+    schedule: Schedule,
+    x: Tensor,
+    t0: float,
+    policy: Policy,
+    generator: torch.Generator | None,
+    track: bool,
+) -> LikelihoodResult:
+    opts: Augmented = policy.integrator
+    if opts.adjoint and track and not isinstance(score_fn, nn.Module):
         if _score_requires_grad(score_fn, schedule, x):
             raise ValueError(
-                "adjoint=True cannot see tensors a plain score function closes over: wrap the "
-                "score function in an nn.Module holding them as parameters (or use adjoint=False)"
+                "Augmented(adjoint=True) cannot see tensors a plain score function closes over: "
+                "wrap the score function in an nn.Module holding them as parameters (or use "
+                "adjoint=False)"
             )
-    x_data = x
-    if boundary == "decoder":
-        if float(schedule.alpha_sigma(torch.tensor(t0, dtype=torch.float64))[1]) <= 0:
-            raise ValueError("boundary='decoder' needs σ(t_min) > 0: pass t_min > 0")
-        noise = randn_like(x, generator)
-        x = schedule.perturb(
-            x, torch.full((x.shape[0],), t0, dtype=x.dtype, device=x.device), noise
-        )
-    b = x.shape[0]
-    wide = solver_dtype or x.dtype
-    ts = torch.tensor([t0, schedule.T], dtype=wide, device=x.device)
-    opts = {"norm": per_example_rms_norm(b), **(options or {})}
-    if method in ADAPTIVE_SOLVERS:  # land exactly on T instead of stepping past it
-        opts.setdefault("step_t", ts[1:])
-    if integrator != "augmented":
-        fresh = integrator == "randomized" or refresh_probes
-        if integrator == "randomized" and time_variable != "t":
-            raise ValueError(
-                "integrator='randomized' integrates in t (its tanh-sinh map already crowds the "
-                "nodes at both ends): drop time_variable"
-            )
-        if (
-            refresh_probes
-            and integrator == "quadrature"
-            and divergence != "exact"
-            and (min_nodes != max_nodes)
-        ):
-            raise ValueError(
-                "refresh_probes=True needs a fixed rule (min_nodes == max_nodes, e.g. 16): "
-                "probe noise would defeat the refinement"
-            )
-        # its own default norm also watches log π(x_t) (quadrature.per_example_max_norm)
-        quad_opts = dict(options or {})
-        if method in ADAPTIVE_SOLVERS:
-            quad_opts.setdefault("step_t", ts[1:])
-        if exponential:
-            quad_opts.setdefault("steps", EXPONENTIAL_STEPS)
-        if divergence == "exact":
-
-            def trace(fn, xx, rows):
-                return exact_trace(fn, xx, trace_mode)
-        elif fresh:
-
-            def trace(fn, xx, rows):  # fresh probes at every node: independent errors
-                return hutchinson_trace(fn, xx, sample_probes(xx, n_probes, probe, generator))
-        else:
-            fixed = sample_probes(x, n_probes, probe, generator)  # one set per example
-
-            def trace(fn, xx, rows):  # the same probes at every node: a smooth integrand
-                return hutchinson_trace(fn, xx, fixed[:, rows])
-
-        solve = ForwardSolve(
-            method=method,
-            rtol=rtol,
-            atol=atol,
-            wide=wide,
-            options=quad_opts,
-            prior_control=prior_control,
-            solve_in=solve_in,
-            step_control=step_control or "batch",
-        )
-        common = dict(trace=trace, solve=solve)
-        if integrator == "randomized":
-            quad = randomized_divergence_integral(
-                score_fn, schedule, x, t0, generator=generator, nodes=nodes, **common
-            )
-        else:
-            quad = divergence_integral(
-                score_fn,
-                schedule,
-                x,
-                t0,
-                min_nodes=min_nodes,
-                max_nodes=max_nodes,
-                quad_tol=quad_tol,
-                time_variable=time_variable,
-                **common,
-            )
-        z, delta, nfe = quad.z, quad.delta, quad.nfe
-        evals, quad_error = quad.nodes, quad.error.to(x.dtype)
-        # NaN (a fixed rule) compares False; the randomized rule's spread is not a tolerance
-        unmet = int((quad_error > quad_tol).sum()) if integrator == "quadrature" else 0
-        if unmet:
-            warnings.warn(
-                f"{unmet} example(s) did not meet quad_tol={quad_tol:g} with max_nodes="
-                f"{max_nodes} (worst error estimate {float(quad_error.max()):.2g} nats): raise "
-                "max_nodes or use integrator='augmented'",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        prior = schedule.prior_logp(z)
-        logp = prior + delta
+    div = policy.divergence
+    if isinstance(div, Exact):
+        cot = _Divergence.make(x, True)
     else:
-        func = _ProbabilityFlow(score_fn, schedule, x.shape, div, track, (t0, schedule.T), x.dtype)
-        state0 = torch.cat([x.reshape(b, -1), x.new_zeros(b, 1)], dim=1).to(wide)
-        solve = odeint_adjoint if adjoint else odeint
+        cot = _Divergence.make(x, False, div.n_probes, div.probe, generator)
+    wide = opts.state_dtype or x.dtype
+    dim = x[0].numel()
+
+    def solve(rows: Tensor, tau: float) -> _Partial:
+        xs = x[rows]
+        b = xs.shape[0]
+        d = _Divergence(cot.cotangents[:, rows], cot.exact)
+        func = _ProbabilityFlow(score_fn, schedule, xs.shape, d, track, (t0, schedule.T), x.dtype)
+        k = d.n_columns
+        state0 = torch.cat([xs.reshape(b, -1), xs.new_zeros(b, 1 + k)], dim=1).to(wide)
+        ts = torch.tensor([t0, schedule.T], dtype=wide, device=x.device)
+        # x: relative and absolute tolerance τ; the log-density columns: τ nats, absolute
+        # the log-density columns: τ nats, absolute. x: τ/D, relative and absolute — a relative
+        # error δ of x_T moves log π(x_T) by ≈ 2δ|log π| ~ D δ nats, and in VE (no contraction)
+        # early errors are carried to T whole: with τ for x the error stalled at 30–250 τ
+        tau_x = tau / dim
+        rtol = torch.full((dim + 1 + k,), tau_x, dtype=wide, device=x.device)
+        rtol[dim:] = 0.0
+        atol = torch.full((dim + 1 + k,), tau_x, dtype=wide, device=x.device)
+        atol[dim:] = tau
+        options = {"norm": _state_norm(b, dim)}
+        if opts.method in ADAPTIVE_SOLVERS:  # land exactly on T instead of stepping past it
+            options["step_t"] = ts[1:]
+        kw = dict(rtol=rtol, atol=atol, method=opts.method, options=options)
+        if opts.adjoint:  # the adjoint state is a tuple: scalar tolerances there
+            kw.update(adjoint_rtol=tau, adjoint_atol=tau)
         with torch.set_grad_enabled(track):
-            final = solve(func, state0, ts, rtol=rtol, atol=atol, method=method, options=opts)[-1]
-            z = final[:, :-1].reshape(x.shape)
-            delta = final[:, -1]
-            prior = schedule.prior_logp(z)
-            logp = prior + delta
-        nfe = func.nfe
-        evals = torch.full((b,), nfe, dtype=torch.long, device=x.device)
-        quad_error = torch.full((b,), float("nan"), dtype=x.dtype, device=x.device)
-    density = "log p_t_min"
-    if boundary == "decoder":
-        with torch.set_grad_enabled(track):
-            logp = logp.to(x.dtype) - _decoder_gap(score_fn, schedule, x_data, x, noise, t0)
-        density = "log p_0 (decoder bound)"
-    return LikelihoodResult(
-        logp=logp.to(x.dtype),
-        prior_logp=prior.to(x.dtype),
-        delta_logp=delta.to(x.dtype),
-        z=z.to(x.dtype),
-        nfe=nfe,
-        t_min=t0,
-        density=density,
-        integrator=integrator,
-        divergence_evals=evals,
-        quad_error=quad_error,
+            final = (odeint_adjoint if opts.adjoint else odeint)(func, state0, ts, **kw)[-1]
+            z = final[:, :dim].reshape(xs.shape)
+            delta = final[:, dim + 1 :]
+            # log π(x_T) as integrated along the path (the column the controller holds in
+            # nats): measured 10–100× more accurate than log π of the solved x_T for VE
+            prior = schedule.prior_logp(xs.to(wide)) + final[:, dim]
+            logp = prior + delta.mean(dim=1)
+        evals = torch.full((b,), func.nfe, dtype=torch.long, device=x.device)
+        return _Partial(logp, prior, delta, z, func.nfe, evals)
+
+    return _checked(solve, x, t0, policy)
+
+
+def _forward_only(
+    score_fn: ScoreFn,
+    schedule: Schedule,
+    x: Tensor,
+    t0: float,
+    policy: Policy,
+    tau: float | None,
+    generator: torch.Generator | None,
+    probes: Tensor | None,
+) -> _Partial:
+    """One forward-only solve plus the quadrature or randomized rule for the rows ``x``."""
+    opts = policy.integrator
+    randomized = isinstance(opts, Randomized)
+    div = policy.divergence
+    wide = opts.state_dtype or x.dtype
+    if isinstance(div, Exact):
+        mode = div.mode
+
+        def trace(fn, xx, rows):
+            return exact_trace(fn, xx, mode)
+    elif randomized or opts.refresh_probes:
+
+        def trace(fn, xx, rows):  # fresh probes at every node: independent errors
+            return hutchinson_trace(fn, xx, sample_probes(xx, div.n_probes, div.probe, generator))
+    else:
+
+        def trace(fn, xx, rows):  # the same probes at every node: a smooth integrand
+            return hutchinson_trace(fn, xx, probes[:, rows])
+
+    options: dict = {}
+    if fixed_grid(opts):
+        options["steps"] = opts.steps or EXPONENTIAL_STEPS
+        tau = 1.0  # unused by a fixed grid
+    elif opts.method in ADAPTIVE_SOLVERS:
+        options["step_t"] = torch.tensor([schedule.T], dtype=wide, device=x.device)
+    solve = ForwardSolve(
+        method=opts.method,
+        rtol=tau,
+        atol=tau,
+        wide=wide,
+        options=options,
+        prior_control=(not randomized) and opts.prior_control and not fixed_grid(opts),
+        solve_in=opts.solve_in,
+        step_control="batch" if randomized else opts.step_control,
     )
+    if randomized:
+        quad = randomized_divergence_integral(
+            score_fn,
+            schedule,
+            x,
+            t0,
+            trace=trace,
+            solve=solve,
+            generator=generator,
+            nodes=opts.nodes,
+        )
+        error = quad.error
+    else:
+        quad = divergence_integral(
+            score_fn,
+            schedule,
+            x,
+            t0,
+            trace=trace,
+            solve=solve,
+            min_nodes=opts.min_nodes,
+            max_nodes=opts.max_nodes,
+            quad_tol=tau if not fixed_grid(opts) else (policy.tol or 1e-3),
+            time_variable=opts.time_variable,
+        )
+        error = quad.error
+    prior = schedule.prior_logp(quad.z)
+    return _Partial(
+        logp=prior + quad.delta,
+        prior=prior,
+        delta=quad.delta[:, None],
+        z=quad.z,
+        nfe=quad.nfe,
+        evals=quad.nodes,
+        error=error.to(wide),
+    )
+
+
+def decoder_bound(
+    score_fn: ScoreFn,
+    schedule: Schedule,
+    x: Tensor,
+    *,
+    tol: float | None = None,
+    divergence: Exact | Hutchinson | None = None,
+    integrator: Augmented | Quadrature | Randomized | None = None,
+    generator: torch.Generator | None = None,
+) -> LikelihoodResult:
+    """An unbiased one-sample estimate of a lower bound on log p_0(x) for continuous data.
+
+    Draws x_ε ~ N(α x, σ² I) at t_min and returns log p_{t_min}(x_ε) + log q(x | x_ε) −
+    log N(x_ε; α x, σ² I) with the Tweedie decoder q = N(x̂_0, σ²/α² I) (the bounds' boundary
+    term); ``density`` is ``"log p_0 (decoder bound)"``. Arguments as :func:`log_likelihood`;
+    ``generator`` also draws x_ε.
+
+    Raises:
+        ValueError: σ(t_min) = 0 (no decoder), or as :func:`log_likelihood`.
+    """
+    _check_batch(x)
+    t0 = schedule.t_min
+    if float(schedule.alpha_sigma(torch.tensor(t0, dtype=torch.float64))[1]) <= 0:
+        raise ValueError("decoder_bound needs σ(t_min) > 0: build the schedule with t_min > 0")
+    noise = randn_like(x, generator)
+    x_eps = schedule.perturb(
+        x, torch.full((x.shape[0],), t0, dtype=x.dtype, device=x.device), noise
+    )
+    res = log_likelihood(
+        score_fn,
+        schedule,
+        x_eps,
+        tol=tol,
+        divergence=divergence,
+        integrator=integrator,
+        generator=generator,
+    )
+    with torch.set_grad_enabled(res.logp.requires_grad):
+        logp = res.logp - _decoder_gap(score_fn, schedule, x, x_eps, noise, t0).to(res.logp.dtype)
+    return replace(res, logp=logp, density="log p_0 (decoder bound)")
