@@ -62,6 +62,7 @@ def test_results_are_named_by_every_option_and_kept(run_dir, tmp_path, capsys):
     for extra in variants:
         code, path, err = _evaluate(capsys, run_dir, *extra)
         assert code == 0, err
+        assert "%|" not in err  # no tqdm bar on a stderr that is not a terminal
         paths.append(path)
     assert len(set(paths)) == len(variants), paths
     steps = [json.loads(open(p).read())["checkpoint"] for p in paths]
