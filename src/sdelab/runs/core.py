@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdelab import distributed
+from sdelab import distributed, streams
 from sdelab.data import Dataset
 from sdelab.parametrization import ScoreModel
 from sdelab.sde import Schedule
@@ -23,9 +23,8 @@ from sdelab.utils import atomic_open, atomic_write
 
 #: Likelihood estimators by CLI name.
 METHODS = ("ode", "elbo", "scoreflow")
-# Seed streams: sample chunk i > 0 and VLB batch i use derive_seed(seed, stream, i) (likelihood
-# batches: sdelab.likelihood.bpd.LIKELIHOOD_STREAM = 21).
-SAMPLE_STREAM, VLB_STREAM, LOSS_STREAM = 20, 22, 23
+# The seed streams of runs/likelihood.py under the names it imports (see sdelab.streams).
+VLB_STREAM, LOSS_STREAM = streams.RUN_VLB, streams.RUN_LOSS
 
 
 def eval_device(info: distributed.DistInfo) -> torch.device:

@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from sdelab import distributed
+from sdelab import distributed, streams
 from sdelab.controllable import cfg_score_fn, guided_score_fn
 from sdelab.progress import Progress, TimeProgress
-from sdelab.runs.core import SAMPLE_STREAM, LoadedRun, check_finite_samples, open_run
+from sdelab.runs.core import LoadedRun, check_finite_samples, open_run
 from sdelab.samplers import SampleResult, sample
 from sdelab.sde import Schedule
 from sdelab.train.classifier import load_classifier
@@ -131,7 +131,7 @@ def sample_chunks(
                 (b, *shape),
                 sampler=sampler,
                 steps=steps,
-                generator=chunk_generator(seed, SAMPLE_STREAM, i, device),
+                generator=chunk_generator(seed, streams.RUN_SAMPLES, i, device),
                 device=device,
                 return_trajectory=return_trajectory,
                 **(options or {}),

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from sdelab import streams
 from sdelab.likelihood.dequantizer import dequantizer_step
 from sdelab.nets.dequantizer import DEQUANTIZER_PRESETS, Dequantizer, DequantizerConfig
 from sdelab.train.build import load_run, make_run_dataset
@@ -50,7 +51,6 @@ __all__ = [
 
 DEQUANTIZER_FORMAT = "sdelab-dequantizer"
 DEQUANTIZER_FILE = "dequantizer.json"
-_DATA_STREAM, _LOSS_STREAM = 30, 31
 
 
 class DequantizerInterrupted(Exception):
@@ -156,8 +156,8 @@ def train_dequantizer_run(
     flow = Dequantizer(dataset.image_shape, dataset.num_levels, preset, seed=seed)
     ema = copy.deepcopy(flow).requires_grad_(False)
     optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
-    data_gen = torch.Generator().manual_seed(derive_seed(seed, _DATA_STREAM))
-    loss_gen = torch.Generator().manual_seed(derive_seed(seed, _LOSS_STREAM))
+    data_gen = torch.Generator().manual_seed(derive_seed(seed, streams.DEQUANTIZER_DATA))
+    loss_gen = torch.Generator().manual_seed(derive_seed(seed, streams.DEQUANTIZER_LOSS))
     record = _record(run_dir, dataset, flow, options)
     step = 0
     out.mkdir(parents=True, exist_ok=True)
