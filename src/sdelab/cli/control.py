@@ -141,10 +141,16 @@ def _train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _first_lower(text: str) -> str:
+    """A docstring's sentence as a help line: only the first letter lower-cased (names such as
+    "Song et al." and "RGB" keep their case)."""
+    return text[:1].lower() + text[1:]
+
+
 def _add_conditional_parser(sub, name: str, func, epilog: str, image_only: bool):
     p = sub.add_parser(
         name,
-        help=func.__doc__.split(":")[0].lower(),
+        help=_first_lower(func.__doc__.split(":")[0]),
         description=func.__doc__,
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
