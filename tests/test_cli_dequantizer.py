@@ -90,3 +90,20 @@ def test_a_dequantizer_for_other_data_is_refused(run_dir, tmp_path, capsys):
     code, _, err = run_cli(capsys, "likelihood", str(run_dir), "--dequantizer", str(deq),
                            "--n", "4")  # fmt: skip
     assert code == 2 and "levels=256" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_dequantizer_record_that_does_not_fit_its_tensors_is_one_line(run_dir, tmp_path, capsys):
+    """dequantizer.json edited so that its flow no longer matches the checkpoint's tensors:
+    one line naming the file (exit 2), not a state-dict traceback."""
+    deq = tmp_path / "deq"
+    assert main(["train-dequantizer", str(run_dir), *DEQ, "--steps", "1", "--out", str(deq)]) == 0
+    record = json.loads((deq / "dequantizer.json").read_text())
+    key = next(k for k, v in record["flow"].items() if isinstance(v, int) and v > 1)
+    record["flow"][key] *= 2
+    (deq / "dequantizer.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "likelihood", str(run_dir), "--dequantizer", str(deq),
+                           "--n", "4")  # fmt: skip
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "dequantizer.json does not match the tensors" in lines[0]

@@ -81,3 +81,31 @@ def test_bad_input_is_one_line(pipe, capsys, args, message):
     args = [str(pipe) if a == "PIPE" else a for a in args]
     code, _, err = run_cli(capsys, *args, "--n", "4")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "nan"])
+def test_damaged_diffusers_weights_are_one_line(pipe, tmp_path, capsys, damage):
+    """A truncated weights file, or one holding NaN, is named in one line (exit 2), not a
+    traceback or a complaint about the time grid."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "pipe"
+    shutil.copytree(pipe, bad)
+    (weights,) = (bad / "unet").glob("*.safetensors")
+    if damage == "truncated":
+        blob = weights.read_bytes()
+        weights.write_bytes(blob[: len(blob) // 2])
+    else:
+        state = load_file(weights)
+        name = sorted(state)[0]
+        state[name] = torch.full_like(state[name], float("nan"))
+        save_file(state, weights)
+    out = tmp_path / "s.npy"
+    code, _, err = run_cli(capsys, "sample", "--diffusers", str(bad), "--n", "2", "--steps", "2",
+                           "--out", str(out))  # fmt: skip
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert ("truncated or damaged" if damage == "truncated" else "NaN or inf") in lines[0]
+    assert "time contains" not in err and not out.exists()

@@ -75,7 +75,10 @@ def test_evaluate_equals_the_metrics_of_the_same_samples(run_dir, capsys):
         "3",
     )
     assert code == 0, err
-    record = json.loads((run_dir / "quality_identity_ode_20.json").read_text())
+    name = "quality_identity_ode_20_fd-sw2_n400_seed3_test_step60.json"
+    assert text.splitlines()[-1] == f"-> {run_dir / name}"
+    record = json.loads((run_dir / name).read_text())
+    assert record["checkpoint"] == 60
     loaded = open_run(run_dir)
     x = sample_run(loaded, n=400, sampler="ode", steps=20, seed=3).samples
     ref = data_split(loaded.dataset, "test", None)

@@ -555,10 +555,28 @@ def test_image_grids_are_upscaled_by_nearest_neighbour(tmp_path):
     tile = grid[1:65, 1:65]
     expected = np.round(levels[0, 0].numpy() * 255 / 16).astype(np.uint8)
     assert (tile == np.kron(expected, np.ones((8, 8), np.uint8))).all()  # exact blocks
+    # the lines between tiles are grey: a gap on black (digits) and white backgrounds alike
+    assert (grid[65, :] == 128).all() and (grid[:, 65] == 128).all() and (grid[0, :] == 128).all()
     rgb = save_png_grid([torch.zeros(2, 3, 32, 32)], tmp_path / "r.png")
     assert Image.open(rgb).size == (2 * 65 + 1, 65 + 1)  # 32 px tiles: ×2
     native = save_level_grid(levels, 17, tmp_path / "n.png", scale=1)
     assert Image.open(native).size == (19, 19)
+
+
+def test_grayscale_sample_strip_is_drawn_in_grey(tmp_path):
+    """plots/samples_during_training.png shows one-channel grids in grey, not a colour map:
+    every pixel of the figure has R = G = B."""
+    from PIL import Image
+
+    from sdelab.plots import plot_sample_strip
+
+    g = torch.Generator().manual_seed(0)
+    grids = [
+        save_level_grid(torch.randint(0, 17, (4, 1, 8, 8), generator=g), 17, tmp_path / f"{i}.png")
+        for i in range(2)
+    ]
+    rgb = np.asarray(Image.open(plot_sample_strip(grids, tmp_path / "strip.png")).convert("RGB"))
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
 
 
 def test_loss_smoothing_window_scales_with_the_run():

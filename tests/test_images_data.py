@@ -460,3 +460,26 @@ def test_minibatches_cover_each_epoch(gen):
     ]
     forever = itertools.islice(minibatches(levels, batch_size=3, epochs=None, generator=gen), 50)
     assert len(list(forever)) == 50
+
+
+def test_the_data_cache_notices_changed_files(tmp_path):
+    """The process-wide cache of decoded splits serves a new ImageData of unchanged files, but
+    not of files rewritten since (a new MNIST in the same folder is read, not the old one); an
+    ImageData keeps the split it first read; clear_cache() forgets everything."""
+    import os
+
+    from sdelab.data import make_dataset
+    from sdelab.data.image_data import _CACHE, clear_cache
+
+    first = write_mnist_folder(tmp_path, gz=False, seed=0)
+    a = make_dataset("mnist", root=str(tmp_path))
+    assert torch.equal(a.load().levels[:, 0], torch.from_numpy(first["train"][0]))
+    assert make_dataset("mnist", root=str(tmp_path)).load() is a.load()  # cached
+    second = write_mnist_folder(tmp_path, gz=False, seed=1)
+    for f in tmp_path.iterdir():  # a rewrite within the clock's resolution still counts
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    b = make_dataset("mnist", root=str(tmp_path))
+    assert torch.equal(b.load().levels[:, 0], torch.from_numpy(second["train"][0]))
+    assert torch.equal(a.load().levels[:, 0], torch.from_numpy(first["train"][0]))
+    clear_cache()
+    assert not _CACHE

@@ -25,3 +25,26 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
             exec(compile(block, f"README.md python block {i}", "exec"), namespace)
         except Exception as e:  # name the block: the README is what needs fixing
             raise AssertionError(f"README python block {i} failed: {e!r}\n{block}") from e
+
+
+def test_readme_ncsn_example_runs_verbatim(tmp_path, monkeypatch, capsys):
+    """The README's NCSN training command, as written (the continuation joined), trains; only
+    train.steps is added to keep it short."""
+    import shlex
+
+    from sdelab.cli import main
+
+    text = README.read_text(encoding="utf-8").replace("\\\n", " ")
+    (line,) = [ln for ln in text.splitlines() if "--out runs/ncsn" in ln]
+    args = shlex.split(line.split("#")[0])
+    assert args[:2] == ["sdelab", "train"]
+    monkeypatch.chdir(tmp_path)
+    assert main([*args[1:], "train.steps=2"]) == 0, capsys.readouterr().err
+
+
+def test_top_level_help_keeps_the_case_of_names(capsys):
+    from cli_helpers import run_cli
+
+    code, out, _ = run_cli(capsys, "--help")
+    flat = " ".join(out.split())  # argparse wraps the lines
+    assert code == 0 and "Song et al. 2021" in flat and "RGB" in flat

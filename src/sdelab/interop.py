@@ -509,7 +509,8 @@ def load_diffusers(
     Raises:
         ImportError: diffusers is not installed (the message names the extra).
         ValueError: a missing folder or config, a model other than ``UNet2DModel``, an
-            unsupported scheduler, or any error of :func:`from_diffusers`.
+            unsupported scheduler, weights that cannot be read (truncated, damaged) or are not
+            finite, or any error of :func:`from_diffusers`.
     """
     diffusers = _import_diffusers()
     path = Path(path).expanduser()
@@ -542,9 +543,25 @@ def load_diffusers(
         sched = sched_cls.from_config(sched_cfg)
     else:
         sched = sched_cls.from_pretrained(sched_loc, local_files_only=True)
-    unet = diffusers.UNet2DModel.from_pretrained(
-        unet_dir, local_files_only=True, low_cpu_mem_usage=False, torch_dtype=dtype
-    )
+    try:
+        unet = diffusers.UNet2DModel.from_pretrained(
+            unet_dir, local_files_only=True, low_cpu_mem_usage=False, torch_dtype=dtype
+        )
+    except (ImportError, MemoryError):
+        raise
+    except Exception as e:  # a truncated or damaged weights file: diffusers' own error types
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"cannot read the UNet weights in {unet_dir} ({type(e).__name__}: {first}): the "
+            "file is truncated or damaged; save or download the model again"
+        ) from None
+    bad = sum(int((~torch.isfinite(p)).sum()) for p in unet.parameters())
+    if bad:
+        total = sum(p.numel() for p in unet.parameters())
+        raise ValueError(
+            f"{bad:,} of the {total:,} UNet weights in {unet_dir} are NaN or inf: the weights "
+            "file is damaged (or saved from a diverged model); save or download it again"
+        )
     if device is not None:
         unet = unet.to(device)
     unet = unet.eval().requires_grad_(False)  # evaluation only

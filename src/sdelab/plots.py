@@ -14,6 +14,7 @@ from matplotlib.image import imread
 
 from sdelab.likelihood import log_likelihood
 from sdelab.samplers import sample
+from sdelab.utils import atomic_open
 
 __all__ = [
     "density_grid",
@@ -43,7 +44,8 @@ def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=120)
+    with atomic_open(path) as f:  # never a half-written figure
+        fig.savefig(f, dpi=120, format=path.suffix.lstrip(".") or "png")
     return path
 
 
@@ -263,7 +265,9 @@ def plot_sample_strip(
     fig = Figure(figsize=(2.4 * len(idx), 2.8))
     for j, i in enumerate(idx):
         ax = fig.add_subplot(1, len(idx), j + 1)
-        ax.imshow(imread(str(images[i])), interpolation="nearest")
+        image = imread(str(images[i]))
+        gray = dict(cmap="gray", vmin=0.0, vmax=1.0) if image.ndim == 2 else {}  # not viridis
+        ax.imshow(image, interpolation="nearest", **gray)
         ax.set_title(titles[i], fontsize=8)
         ax.axis("off")
     fig.tight_layout()

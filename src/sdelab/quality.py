@@ -19,6 +19,7 @@ layer (which draws samples and reads data sets). Nothing here touches a run fold
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from sdelab import metrics as M
 from sdelab.nets.inception import FIDInceptionV3
+from sdelab.utils import atomic_write
 
 __all__ = [
     "METRICS",
@@ -43,6 +45,7 @@ __all__ = [
     "ProbabilisticExtractor",
     "QualityResult",
     "check_metrics",
+    "check_stats",
     "collect_features",
     "evaluate_quality",
     "feature_stats",
@@ -284,8 +287,9 @@ def save_stats(path: str | Path, stats: FeatureStats) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = {} if stats.n is None else {"n": np.int64(stats.n)}
-    with path.open("wb") as fh:  # an open file keeps numpy from appending ".npz"
-        np.savez(fh, mu=_np64(stats.mu), sigma=_np64(stats.sigma), **extra)
+    buf = io.BytesIO()  # written whole, then renamed into place: never a half-written file
+    np.savez(buf, mu=_np64(stats.mu), sigma=_np64(stats.sigma), **extra)
+    atomic_write(path, buf.getvalue())
     return path
 
 
@@ -306,17 +310,48 @@ def load_stats(path: str | Path) -> FeatureStats:
             f"no statistics file {path}: write one with `sdelab stats` or "
             "sdelab.quality.save_stats(path, feature_stats(...))"
         )
-    with np.load(path, allow_pickle=False) as data:
-        if "mu" not in data or "sigma" not in data:
-            raise ValueError(f"{path} has keys {sorted(data)}; statistics need 'mu' and 'sigma'")
-        mu = torch.from_numpy(np.asarray(data["mu"], dtype=np.float64).copy())
-        sigma = torch.from_numpy(np.asarray(data["sigma"], dtype=np.float64).copy())
-        n = int(data["n"]) if "n" in data else None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "mu" not in data or "sigma" not in data:
+                raise ValueError(
+                    f"{path} has keys {sorted(data)}; statistics need 'mu' and 'sigma'"
+                )
+            mu = torch.from_numpy(np.asarray(data["mu"], dtype=np.float64).copy())
+            sigma = torch.from_numpy(np.asarray(data["sigma"], dtype=np.float64).copy())
+            n = int(data["n"]) if "n" in data else None
+    except ValueError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, EOFError, zlib.error, KeyError, ...
+        raise ValueError(
+            f"{path} is not a readable .npz ({type(e).__name__}: truncated or damaged): write "
+            "it again with `sdelab stats`"
+        ) from None
     if mu.ndim != 1 or sigma.shape != (mu.numel(), mu.numel()):
         raise ValueError(
             f"{path}: mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)} are not (F,), (F, F)"
         )
+    check_stats(mu, sigma, path)
     return FeatureStats(mu, sigma, n)
+
+
+def check_stats(mu: Tensor, sigma: Tensor, source: str | Path = "the statistics") -> None:
+    """Refuse statistics that cannot be a mean and covariance: a ``ValueError`` naming the
+    cause for a mean or covariance with NaN/inf, a covariance that is not symmetric, or one
+    with a negative eigenvalue (not positive semi-definite; tolerance 1e-6 of the largest)."""
+    fix = "write the file again with `sdelab stats`"
+    if not bool(torch.isfinite(mu).all()):
+        raise ValueError(f"{source}: the mean mu contains NaN or inf: {fix}")
+    if not bool(torch.isfinite(sigma).all()):
+        raise ValueError(f"{source}: the covariance sigma contains NaN or inf: {fix}")
+    if sigma.numel():
+        if float((sigma - sigma.T).abs().max()) > 1e-6 * float(sigma.abs().max()):
+            raise ValueError(f"{source}: the covariance sigma is not symmetric: {fix}")
+        eig = torch.linalg.eigvalsh(sigma)
+        if float(eig[0]) < -1e-6 * max(float(eig[-1]), 0.0):
+            raise ValueError(
+                f"{source}: the covariance sigma is not positive semi-definite (eigenvalue "
+                f"{float(eig[0]):.3g}): {fix}"
+            )
 
 
 # ---- evaluation ----------------------------------------------------------------------------

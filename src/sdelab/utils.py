@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -151,15 +153,30 @@ def fsync_dir(path: str | Path) -> None:
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
     """Write ``data`` to ``path`` atomically: hidden temp file, fsync, ``os.replace``, fsync dir."""
+    payload = data.encode() if isinstance(data, str) else data
+    with atomic_open(path) as f:
+        f.write(payload)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through, atomically: the data go to a hidden temp file
+    beside it (fsynced, then ``os.replace``-d onto ``path`` when the block ends); on any error
+    (a full disk included) the temp file is removed and ``path`` is untouched."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    payload = data.encode() if isinstance(data, str) else data
     try:
         with open(tmp, "wb") as f:
-            f.write(payload)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # name the file it was to become (a write names none)
+        if e.errno is None and "written" in str(e):  # numpy's short write: the disk took less
+            raise OSError(errno.ENOSPC, f"{e}: no space left on device", str(path)) from None
+        if e.filename is None or str(e.filename) == str(tmp):
+            e.filename = str(path)
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

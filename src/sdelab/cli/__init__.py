@@ -6,14 +6,21 @@
 (:mod:`~sdelab.cli.control`), ``train-dequantizer`` (:mod:`~sdelab.cli.dequantizer`). Every error
 the user can fix is one line on stderr (``sdelab CMD: error: ...``) with exit code 2; Ctrl-C
 outside training (which saves a checkpoint and exits 130 itself) is one line and exit code 130.
+A full disk and a failed allocation are one line and exit code 2 too. ``sdelab --debug CMD``
+(or ``SDELAB_DEBUG=1``) raises every error with its traceback instead (for maintainers: a bug
+deep inside then does not read like bad input).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import pickle
+import re
 import sys
 
+import torch
 import torch.distributed as dist
 
 from sdelab import __version__
@@ -50,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sdelab {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show errors with their traceback instead of one line (also SDELAB_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for module in _MODULES:
         module.add_parsers(sub)
@@ -70,13 +82,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+#: ``OSError`` numbers of a disk that cannot take more (full, quota, file-size limit).
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    """``--debug`` or ``SDELAB_DEBUG=1``: errors raise with their traceback."""
+    return bool(getattr(args, "debug", False)) or os.environ.get("SDELAB_DEBUG", "") not in (
+        "",
+        "0",
+    )
+
+
+def _disk_full(e: OSError, command: str) -> str:
+    """One line for a write that the disk refused; a temp file's name is shown as the file
+    it was to become (atomic writes leave nothing half-written)."""
+    name = e.filename or "a file"
+    m = re.fullmatch(r"(.*/)?\.(.+)\.tmp-\d+", str(name))
+    if m:
+        name = (m.group(1) or "") + m.group(2)
+    then = (
+        "sdelab train --resume continues from the last checkpoint"
+        if command == "train"
+        else "no half-written file was left"
+    )
+    return (
+        f"cannot write {name}: {e.strerror} (the disk is full or a file-size limit was "
+        f"reached): free some space or write elsewhere, and run it again; {then}"
+    )
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed (CPU or GPU), as opposed to any other ``RuntimeError``."""
+    if isinstance(e, MemoryError | torch.OutOfMemoryError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sdelab`` console script."""
     args = parse_args(argv)
+    if _debug(args):  # a maintainer's run: every error with its traceback
+        try:
+            return args.func(args)
+        finally:
+            _leave_group()
     try:
         return args.func(args)
     except _USER_ERRORS as e:
         print(f"sdelab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        print(f"sdelab {args.command}: error: {_disk_full(e, args.command)}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        m = re.search(r"tried to allocate (\d[\d.,]*\s*[A-Za-z]+)", str(e), re.IGNORECASE)
+        what = f" (tried to allocate {m.group(1)})" if m else ""
+        print(
+            f"sdelab {args.command}: error: not enough memory{what}: ask for less at once "
+            "(a smaller --n, --batch-size or --steps)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         msg = "interrupted (Ctrl-C); nothing more was written"

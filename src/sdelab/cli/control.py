@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -94,6 +95,8 @@ def parse_known(items: list[str], dim: int) -> tuple[torch.Tensor, torch.Tensor]
             raise ValueError(f"bad --known {item!r}: write COORD=VALUE, e.g. 0=1.5") from None
         if not sep or not 0 <= i < dim:
             raise ValueError(f"bad --known {item!r}: coordinate must be in 0..{dim - 1}")
+        if not math.isfinite(v):
+            raise ValueError(f"bad --known {item!r}: the value must be a finite number")
         y[i], mask[i] = v, 1.0
     if not items or bool(mask.all()):
         raise ValueError(f"--known must fix between 1 and {dim - 1} of the {dim} coordinates")
@@ -138,10 +141,16 @@ def _train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _first_lower(text: str) -> str:
+    """A docstring's sentence as a help line: only the first letter lower-cased (names such as
+    "Song et al." and "RGB" keep their case)."""
+    return text[:1].lower() + text[1:]
+
+
 def _add_conditional_parser(sub, name: str, func, epilog: str, image_only: bool):
     p = sub.add_parser(
         name,
-        help=func.__doc__.split(":")[0].lower(),
+        help=_first_lower(func.__doc__.split(":")[0]),
         description=func.__doc__,
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import re
 from pathlib import Path
 
 from sdelab.cli.common import (
     CLIError,
     add_weights_options,
+    check_new_files,
+    check_sampler_options,
     join_launched_group,
     nonneg_int,
     parse_options,
     positive_int,
 )
 from sdelab.data import DATASETS, make_dataset
-from sdelab.quality import METRICS, save_stats
+from sdelab.quality import METRICS, check_metrics, save_stats
 from sdelab.runs import (
     FEATURES,
     dataset_stats,
@@ -66,18 +71,27 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     """Sample-quality metrics of a trained run: draw samples, extract features, compare them
-    with the run's data set (or a statistics file, for fd) and write RUN/quality_*.json."""
+    with the run's data set (or a statistics file, for fd) and write RUN/quality_*.json, named
+    by every option that changes the numbers (an existing one is kept unless --force)."""
     info = join_launched_group()
     if args.n < 2:
         raise CLIError(f"--n must be at least 2 samples, got {args.n}")
     if args.steps < 1:
         raise CLIError(f"--steps must be a positive number of steps, got {args.steps}")
-    if args.kid_subset_size < 2:
+    if args.kid_subset_size is not None and args.kid_subset_size < 2:
         raise CLIError(f"--kid-subset-size must be at least 2, got {args.kid_subset_size}")
+    if args.n_reference is not None and args.n_reference < 2:
+        raise CLIError(f"--n-reference must be at least 2 (a covariance), got {args.n_reference}")
+    options = check_sampler_options(args.sampler, parse_options(args.option))
+    metrics = check_metrics(args.metrics)
     run = open_run(args.run, args.weights, args.checkpoint)
+    path = Path(args.run) / _quality_name(args, metrics, options, run.step)
+    if info.is_main:
+        check_new_files([path], args.force, "an earlier result with the same options is kept; "
+                        "pass --force to replace it")  # fmt: skip
     ev = run_quality(
         run,
-        metrics=args.metrics,
+        metrics=metrics,
         features=args.features,
         classifier=args.classifier,
         inception_weights=args.inception_weights,
@@ -85,7 +99,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         steps=args.steps,
         seed=args.seed,
-        options=parse_options(args.option),
+        options=options,
         batch_size=args.batch_size,
         stats=args.stats,
         reference_split=args.reference_split,
@@ -93,6 +107,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         kid_subset_size=args.kid_subset_size,
         resumable=True,
         resume=args.resume,
+        progress=info.is_main,
     )
     if not info.is_main:
         return 0
@@ -103,22 +118,58 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"{ev.n_samples} samples ({args.sampler}, NFE {ev.nfe}), {args.features}: {shown}")
     record = {
         **values,
-        "metrics": args.metrics,
+        "metrics": ",".join(metrics),
         "features": args.features,
         "classifier": None if args.classifier is None else str(args.classifier),
+        "inception_weights": (
+            None if args.inception_weights is None else str(args.inception_weights)
+        ),
         "sampler": args.sampler,
+        "options": options,
         "steps": args.steps,
         "nfe": ev.nfe,
         "seed": args.seed,
+        "batch_size": args.batch_size,
         "weights": args.weights,
+        "checkpoint": run.step,
         "reference": str(args.stats) if args.stats else f"{args.reference_split} split",
         "n_reference": ev.n_reference,
+        "kid_subset_size": args.kid_subset_size,
         "processes": info.world_size,
     }
-    name = f"quality_{args.features}_{args.sampler}_{args.steps}.json"
-    path = write_json(Path(args.run) / name, record)
+    write_json(path, record)
     print(f"-> {path}")
     return 0
+
+
+def _quality_name(args: argparse.Namespace, metrics, options: dict, step: int) -> str:
+    """``quality_identity_ode_20_fd-sw2_n400_seed3_test_step60.json``: features, sampler,
+    steps, metrics, n, seed, reference (split and size, or the statistics file) and the
+    checkpoint's step; the weights, batch size and KID subset size when given; a digest of the
+    paths and sampler options when any is given — so that no two evaluations that can differ
+    share a file."""
+    if args.stats:
+        ref = "stats-" + re.sub(r"[^\w.-]", "", Path(args.stats).stem)
+    else:
+        ref = args.reference_split + ("" if args.n_reference is None else str(args.n_reference))
+    parts = [args.features, args.sampler, str(args.steps), "-".join(metrics), f"n{args.n}",
+             f"seed{args.seed}", ref, f"step{step}"]  # fmt: skip
+    if args.weights != "ema":
+        parts.append(args.weights)
+    if args.batch_size is not None:
+        parts.append(f"b{args.batch_size}")
+    if args.kid_subset_size is not None:
+        parts.append(f"kid{args.kid_subset_size}")
+    rest = {
+        "classifier": args.classifier and str(Path(args.classifier).resolve()),
+        "inception_weights": args.inception_weights and str(Path(args.inception_weights).resolve()),
+        "stats": args.stats and str(Path(args.stats).resolve()),
+        "options": options,
+    }
+    if any(rest.values()):
+        blob = json.dumps(rest, sort_keys=True).encode()
+        parts.append(hashlib.sha256(blob).hexdigest()[:8])
+    return "quality_" + "_".join(parts) + ".json"
 
 
 def _add_features(p: argparse.ArgumentParser) -> None:
@@ -207,12 +258,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--n-reference", type=positive_int, default=None, help="reference points (all)")
     p.add_argument(
-        "--kid-subset-size", type=int, default=1000, help="rows per KID subset (default 1000)"
+        "--kid-subset-size",
+        type=int,
+        default=None,
+        help="rows per KID subset, at most the smaller set (default 1000, or that size)",
     )
     p.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted evaluation (finished sample chunks in RUN/eval/quality)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace an earlier result with the same options"
     )
     add_weights_options(p)
     p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default 0)")

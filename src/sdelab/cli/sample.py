@@ -45,8 +45,9 @@ def _sample(args: argparse.Namespace) -> int:
     options = check_sampler_options(args.sampler, parse_options(args.option))
     run = open_run(args.run, args.weights, args.checkpoint)  # the checkpoint is read once
     dataset = run.dataset
+    outputs = _outputs(out, dataset.image_shape is not None, run.config.model.dim)
     if info.is_main:
-        check_new_files(_outputs(out, dataset.image_shape is not None, run.config.model.dim))
+        check_new_files(outputs)
     if args.class_ is not None or args.classifier is not None:
         if args.class_ is None:
             raise CLIError("--classifier needs --class K (the class to sample)")
@@ -64,9 +65,20 @@ def _sample(args: argparse.Namespace) -> int:
         res = sample_run(run, options=options, batch_size=args.batch_size, progress=True, **kwargs)
     if not info.is_main:
         return 0
+    try:
+        print(_save(res, run, out, args, steps))
+    except BaseException:  # all or nothing: no file of an interrupted save (none existed)
+        for path in outputs:
+            path.unlink(missing_ok=True)
+        raise
+    return 0
+
+
+def _save(res, run, out: Path, args: argparse.Namespace, steps: int) -> str:
+    """Write the samples (and their plot or grid), each atomically; the line to print."""
+    dataset = run.dataset
     if dataset.image_shape is not None:  # image run: .npy + PNG grid
-        print(_save_image_samples(res, dataset, out, args))
-        return 0
+        return _save_image_samples(res, dataset, out, args)
     save_samples(res.samples, out)
     msg = f"{args.n} samples ({args.sampler}, {steps} steps, NFE {res.nfe}) -> {out}"
     if res.samples.shape[1] == 2:
@@ -78,8 +90,7 @@ def _sample(args: argparse.Namespace) -> int:
             titles=("test data", f"samples ({args.sampler})"),
         )
         msg += f", plot {png}"
-    print(msg)
-    return 0
+    return msg
 
 
 def _outputs(out: Path, image: bool, dim: int | None) -> list[Path]:

@@ -8,13 +8,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sdelab import streams
 from sdelab.data.base import VectorData
 from sdelab.data.toys import no_labels_error
 from sdelab.utils import derive_seed
 
 __all__ = ["ArrayDataset", "load_array"]
-
-_SPLIT_STREAM = 2  # the seed stream that shuffles rows into train / test
 
 
 def _read_csv(path: Path) -> np.ndarray:
@@ -91,7 +90,7 @@ class ArrayDataset(VectorData):
         if not 0 < test_fraction < 1:
             raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
         arr = torch.from_numpy(load_array(path))
-        g = torch.Generator().manual_seed(derive_seed(seed, _SPLIT_STREAM))
+        g = torch.Generator().manual_seed(derive_seed(seed, streams.ARRAY_SPLIT))
         perm = torch.randperm(len(arr), generator=g)
         n_test = max(1, round(test_fraction * len(arr)))
         if n_test >= len(arr):

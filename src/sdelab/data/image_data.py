@@ -28,8 +28,8 @@ image shape of ``digits``/``mnist``/``fashion_mnist``/``cifar10`` is known in ad
 
 from __future__ import annotations
 
-import functools
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -97,7 +97,51 @@ def image_shape_for(name: str, options: dict | None = None) -> tuple[int, int, i
     return (c, h, w)
 
 
-@functools.lru_cache(maxsize=4)
+#: Decoded splits shared by every :class:`ImageData` of this process (decoding takes seconds):
+#: ``(name, root, split, size, channels) -> (signature of the files, split)``, at most
+#: :data:`CACHE_SIZE` entries. An entry is used only while its files are unchanged (the
+#: signature: size and mtime of ``root`` and of every file in it); :func:`clear_cache` empties it.
+_CACHE: dict[tuple, tuple[tuple, ImageDataset]] = {}
+CACHE_SIZE = 4
+
+
+def clear_cache() -> None:
+    """Forget every decoded split: the next read decodes the files again."""
+    _CACHE.clear()
+
+
+def _signature(root: str | None) -> tuple:
+    """What identifies the files under ``root`` as they are now (``()`` for bundled data)."""
+    if root is None or not os.path.exists(root):
+        return ()
+    entries = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                st = os.stat(os.path.join(folder, name))
+            except OSError:
+                continue
+            entries.append((folder, name, st.st_size, st.st_mtime_ns))
+    return tuple(sorted(entries))
+
+
+def _cached_load(
+    name: str, root: str | None, split: str, size: int | None, channels: int | None
+) -> ImageDataset:
+    """:func:`_load` through the process cache (see :data:`_CACHE`)."""
+    key = (name, root, split, size, channels)
+    signature = _signature(root)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] == signature:
+        return hit[1]
+    data = _load(name, root, split, size, channels)
+    _CACHE.pop(key, None)
+    _CACHE[key] = (signature, data)
+    while len(_CACHE) > CACHE_SIZE:  # the oldest entry goes
+        del _CACHE[next(iter(_CACHE))]
+    return data
+
+
 def _load(
     name: str, root: str | None, split: str, size: int | None, channels: int | None
 ) -> ImageDataset:
@@ -167,6 +211,7 @@ class ImageData:
         self.hflip = bool(hflip)
         self.test_split = test_split
         self.scale, self.shift = DATA_RANGES[data_range]
+        self._read: dict[str, ImageDataset] = {}
         shape = image_shape_for(name, {"size": size, "channels": channels})
         if shape is None:  # a folder without size: its images decide
             shape = self.load().image_shape
@@ -176,7 +221,10 @@ class ImageData:
 
     # ---- data ---------------------------------------------------------------------------------
     def _split(self, split: str) -> ImageDataset:
-        data = _load(self.name, self.root, split, self.size, self.channels)
+        data = self._read.get(split)
+        if data is None:  # read once per object: a run trains on the files as they were
+            data = _cached_load(self.name, self.root, split, self.size, self.channels)
+            self._read[split] = data
         if hasattr(self, "image_shape") and data.image_shape != self.image_shape:
             raise ValueError(
                 f"{self.name}/{split}: images are {data.image_shape}, expected {self.image_shape}"

@@ -40,18 +40,23 @@ def upscale_factor(h: int, w: int, min_px: int = MIN_TILE_PX) -> int:
     return max(1, math.ceil(min_px / max(h, w, 1)))
 
 
+#: The grey of the lines between grid tiles: visible on black (digits) and white backgrounds.
+GAP_GREY = 128
+
+
 def tile_rows(rows: Sequence[np.ndarray], *, pad: int = 1, scale: int = 1) -> np.ndarray:
-    """Tile rows of images into one ``(H', W', C)`` uint8 array with ``pad`` black pixels
-    between and around the tiles; row i holds ``rows[i]`` ``(n_i, H, W, C)``, shorter rows end
-    in black. ``scale``: each pixel becomes a ``scale × scale`` block (nearest neighbour, so
-    levels stay exact)."""
+    """Tile rows of images into one ``(H', W', C)`` uint8 array with ``pad`` grey
+    (:data:`GAP_GREY`) pixels between and around the tiles; row i holds ``rows[i]``
+    ``(n_i, H, W, C)``, shorter rows end in grey. ``scale``: each pixel becomes a
+    ``scale × scale`` block (nearest neighbour, so levels stay exact)."""
     if scale < 1:
         raise ValueError(f"scale must be a positive integer, got {scale}")
     if scale > 1:
         rows = [np.repeat(np.repeat(np.asarray(r), scale, axis=1), scale, axis=2) for r in rows]
     h, w, c = rows[0].shape[1:]
     cols = max(len(r) for r in rows)
-    grid = np.zeros((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
+    shape = (len(rows) * (h + pad) + pad, cols * (w + pad) + pad, c)
+    grid = np.full(shape, GAP_GREY, dtype=np.uint8)
     for i, row in enumerate(rows):
         for j, tile in enumerate(row):
             y0, x0 = pad + i * (h + pad), pad + j * (w + pad)
@@ -81,7 +86,7 @@ def save_png_grid(
     rows: list[Tensor], path: str | Path, *, pad: int = 1, scale: int | None = None
 ) -> Path:
     """Write images in model space [−1, 1] as one PNG: a row of tiles per list entry, each
-    entry ``(N, C, H, W)``; shorter rows are padded with black. ``scale``: nearest-neighbour
+    entry ``(N, C, H, W)``; shorter rows are padded with grey. ``scale``: nearest-neighbour
     upscaling (default :func:`upscale_factor`, tiles of at least 64 px)."""
     tiles = [
         _hwc(((r.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().byte()) for r in rows

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sdelab import streams
 from sdelab.data.base import VectorData
 from sdelab.oracle import GaussianData
 from sdelab.utils import derive_seed
@@ -418,7 +419,6 @@ def toy_entropy(name: str) -> float | None:
 
 
 # ---- datasets --------------------------------------------------------------------------------
-_TEST_STREAM = 1  # the held-out test set's seed stream
 
 
 class ToyDataset(VectorData):
@@ -456,7 +456,9 @@ class ToyDataset(VectorData):
 
     def test_set(self, n: int) -> Tensor:
         """The held-out test set: the same ``n`` points for the same seed, ``(n, 2)``."""
-        return self.sample(n, torch.Generator().manual_seed(derive_seed(self.seed, _TEST_STREAM)))
+        return self.sample(
+            n, torch.Generator().manual_seed(derive_seed(self.seed, streams.TOY_TEST_SET))
+        )
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact log-density, see :func:`toy_log_prob`."""

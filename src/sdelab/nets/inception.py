@@ -228,11 +228,19 @@ class FIDInceptionV3(nn.Module):
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (ImportError, MemoryError):
+        raise
+    except Exception as e:  # not a weights file at all: pickle, zip and safetensors errors
+        raise ValueError(
+            f"{path} is not a readable weights file ({type(e).__name__}): pass the "
+            f"pt_inception-2015-12-05 weights ({FID_WEIGHTS_URL})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a state dict of tensors: save one with torch.save")
     return state
@@ -250,7 +258,8 @@ def load_fid_inception(path: str | Path, *, device: torch.device | str = "cpu") 
 
     Raises:
         FileNotFoundError: no file at ``path`` (the message says where to get it).
-        ValueError: the file's keys or shapes are not those of this network.
+        ValueError: a file that is not a state dict (truncated, another format), or whose
+            keys or shapes are not those of this network.
     """
     path = Path(path)
     if not path.is_file():

@@ -12,20 +12,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdelab import distributed
+from sdelab import distributed, streams
 from sdelab.data import Dataset
 from sdelab.parametrization import ScoreModel
 from sdelab.sde import Schedule
 from sdelab.train.build import load_run, make_run_dataset, resolve_device
 from sdelab.train.checkpoint import best_step, list_checkpoints
 from sdelab.train.config import RunConfig
-from sdelab.utils import atomic_write
+from sdelab.utils import atomic_open, atomic_write
 
 #: Likelihood estimators by CLI name.
 METHODS = ("ode", "elbo", "scoreflow")
-# Seed streams: sample chunk i > 0 and VLB batch i use derive_seed(seed, stream, i) (likelihood
-# batches: sdelab.likelihood.bpd.LIKELIHOOD_STREAM = 21).
-SAMPLE_STREAM, VLB_STREAM, LOSS_STREAM = 20, 22, 23
+# The seed streams of runs/likelihood.py under the names it imports (see sdelab.streams).
+VLB_STREAM, LOSS_STREAM = streams.RUN_VLB, streams.RUN_LOSS
 
 
 def eval_device(info: distributed.DistInfo) -> torch.device:
@@ -101,18 +100,20 @@ def split_levels(dataset: Dataset, split: str, n: int, seed: int = 0) -> torch.T
 
 
 def save_samples(samples: torch.Tensor, path: str | Path) -> Path:
-    """Save samples as ``.npy`` (or ``.csv`` by suffix); refuses to overwrite an existing file."""
+    """Save samples as ``.npy`` (or ``.csv`` by suffix), atomically (temp file + rename);
+    refuses to overwrite an existing file."""
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} exists: choose another --out or delete it first")
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = samples.detach().cpu().numpy()
-    if path.suffix == ".csv":
-        np.savetxt(path, arr.reshape(len(arr), -1), delimiter=",")
-    elif path.suffix == ".npy":
-        np.save(path, arr)
-    else:
+    if path.suffix not in (".csv", ".npy"):
         raise ValueError(f"unknown sample file type {path.suffix!r}: use .npy or .csv")
+    arr = samples.detach().cpu().numpy()
+    with atomic_open(path) as f:  # a full disk leaves no truncated file
+        if path.suffix == ".csv":
+            np.savetxt(f, arr.reshape(len(arr), -1), delimiter=",")
+        else:
+            np.save(f, arr)
     return path
 
 

@@ -3,17 +3,18 @@ and every metric of a run's samples (:func:`run_quality`)."""
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from sdelab import distributed
 from sdelab.data import Dataset
 from sdelab.nets.inception import load_fid_inception
+from sdelab.progress import Progress
 from sdelab.quality import (
     NEEDS_REFERENCE_FEATURES,
     ClassifierFeatures,
@@ -118,6 +119,15 @@ def _batches(x: torch.Tensor, size: int = 500):
     return x.split(size)
 
 
+def _shown(batches: Iterable[torch.Tensor], desc: str, enabled: bool) -> Iterator[torch.Tensor]:
+    """The batches, with progress on stderr (a bar on a terminal, else plain lines)."""
+    batches = list(batches)
+    with Progress(len(batches), desc, "batches", enabled=enabled) as bar:
+        for b in batches:
+            yield b
+            bar.update()
+
+
 def dataset_stats(
     dataset: Dataset,
     extractor: FeatureExtractor,
@@ -128,8 +138,7 @@ def dataset_stats(
 ) -> FeatureStats:
     """Mean and covariance of the features of a data set split (``sdelab stats``)."""
     x = data_split(dataset, split, n)
-    bar = tqdm(_batches(x), disable=not progress, desc=f"features ({split})", unit="batch")
-    return feature_stats(extractor, bar)
+    return feature_stats(extractor, _shown(_batches(x), f"features ({split})", progress))
 
 
 @dataclass(frozen=True)
@@ -159,7 +168,7 @@ def run_quality(
     stats: str | Path | None = None,
     reference_split: str = "test",
     n_reference: int | None = None,
-    kid_subset_size: int = 1000,
+    kid_subset_size: int | None = None,
     resumable: bool = False,
     resume: bool = False,
     progress: bool = True,
@@ -169,18 +178,31 @@ def run_quality(
     Draws ``n`` samples with :func:`sample_run` (chunked and split over launched processes
     like ``sdelab sample``), extracts their features, and compares them with the reference:
     the features of the run's own data set split ``reference_split`` (all of it, or the first
-    ``n_reference`` points), or — for ``fd`` alone — a statistics file ``stats`` (keys ``mu``,
-    ``sigma``, from ``sdelab stats`` or ScoreFlow's ``*_stats.npz``). KID uses 100 subsets of
-    ``kid_subset_size`` rows (at most the smaller set's size). ``resumable``: every finished
-    sample chunk is kept in ``RUN/eval/quality/`` (removed when done) so that an interrupted
-    evaluation continues with ``resume=True`` and draws only the missing chunks, giving the
-    same samples and metrics as an uninterrupted one; other options on resume are refused.
+    ``n_reference`` ≥ 2 points), or — for ``fd`` alone — a statistics file ``stats`` (keys
+    ``mu``, ``sigma``, from ``sdelab stats`` or ScoreFlow's ``*_stats.npz``; checked finite,
+    symmetric and positive semi-definite). KID uses 100 subsets of ``kid_subset_size`` rows
+    (default: 1000 or the smaller set's size; a larger size is refused). ``resumable``: every
+    finished sample chunk is kept in ``RUN/eval/quality/`` (locked while this runs, removed
+    when done, and removed too if an evaluation started afresh fails with an error) so that an
+    interrupted evaluation continues with ``resume=True`` and draws only the missing chunks,
+    giving the same samples and metrics as an uninterrupted one; other options on resume are
+    refused, and so is ``resume`` with nothing to resume.
+
+    Everything that can be checked is checked before the first sample is drawn.
 
     Raises:
-        ValueError: unknown metrics (checked before sampling), metrics needing reference
-            features with only ``stats``, the extractor's errors (:func:`make_extractor`).
+        ValueError: unknown metrics, metrics needing reference features with only ``stats``,
+            statistics or reference features of another dimension than the samples' features,
+            ``n_reference`` < 2, an impossible ``kid_subset_size``, a store to resume that
+            is absent, damaged or made with other options, the extractor's errors
+            (:func:`make_extractor`).
+        RunLockedError: another process is evaluating the run (its store is locked).
     """
     names = check_metrics(metrics)
+    if n_reference is not None and n_reference < 2:
+        raise ValueError(
+            f"--n-reference must be at least 2 points (a covariance), got {n_reference}"
+        )
     loaded = open_run(run, which)
     dataset = loaded.dataset
     extractor = make_extractor(
@@ -201,10 +223,37 @@ def run_quality(
                 "does not hold: drop --stats (the run's data set is used) or keep to fd"
             )
         reference = load_stats(stats)
+        ref_dim, n_ref = reference.mu.numel(), reference.n
+        probe = data_split(dataset, "test", 2)
+        if dataset.image_shape is not None:
+            probe = probe.reshape(len(probe), *dataset.image_shape)
+        feat_dim = collect_features(extractor, [probe]).features.shape[1]
+        if feat_dim != ref_dim:
+            raise ValueError(
+                f"--stats {stats} holds statistics of {ref_dim} features, but --features "
+                f"{features} gives {feat_dim} for this run's data: use statistics made with the "
+                "same features and data (sdelab stats)"
+            )
     else:
         ref = data_split(dataset, reference_split, n_reference)
-        bar = tqdm(_batches(ref), disable=not progress, desc="reference features", unit="batch")
-        reference = collect_features(extractor, bar)
+        if len(ref) < 2:
+            raise ValueError(
+                f"the {reference_split} split of {dataset.name} has {len(ref)} point(s): a "
+                "reference needs at least 2; choose the other --reference-split"
+            )
+        reference = collect_features(
+            extractor, _shown(_batches(ref), "reference features", progress)
+        )
+        n_ref = len(reference.features)
+    if "kid" in names:
+        largest = n if n_ref is None else min(n, n_ref)
+        if kid_subset_size is None:
+            kid_subset_size = min(1000, largest)
+        elif not 2 <= kid_subset_size <= largest:
+            raise ValueError(
+                f"--kid-subset-size {kid_subset_size} is impossible with {n} samples and "
+                f"{n_ref} reference points: choose 2 to {largest}"
+            )
     store = None
     if resumable or resume:  # finished sample chunks survive pre-emption
         record = dict(
@@ -212,7 +261,14 @@ def run_quality(
             n=n, sampler=sampler, steps=steps, seed=seed, weights=which, checkpoint=loaded.step,
             options=options or {}, batch_size=batch_size,
         )  # fmt: skip
-        store = EvalStore(loaded.run_dir / EVAL_DIR / "quality", record, resume=resume)
+        folder = loaded.run_dir / EVAL_DIR / "quality"
+        store = EvalStore(folder, record, resume=resume, command="sdelab evaluate")
+        if resume and not store.finished():
+            store.close()
+            raise ValueError(
+                f"nothing to resume: {folder} holds no finished sample chunk; run without "
+                "--resume to start the evaluation"
+            )
         if distributed.get_info().is_main:
             store.open()
 
@@ -226,35 +282,35 @@ def run_quality(
     def on_chunk(i: int, res: SampleResult) -> None:
         store.put_tensors(i, {"samples": res.samples}, {"nfe": res.nfe, "grid": res.grid})
 
-    res = sample_run(
-        loaded,
-        n=n,
-        sampler=sampler,
-        steps=steps,
-        seed=seed,
-        options=options,
-        batch_size=batch_size,
-        cached=None if store is None else cached,
-        on_chunk=None if store is None else on_chunk,
-        progress=progress,
-    )
-    samples = res.samples
-    if not bool(torch.isfinite(samples).all()):
-        raise ValueError(
-            "the samples contain NaN or inf (a diverged run or sampler): check the run with "
-            "sdelab sample first"
+    with store.guard() if store is not None else contextlib.nullcontext():
+        res = sample_run(
+            loaded,
+            n=n,
+            sampler=sampler,
+            steps=steps,
+            seed=seed,
+            options=options,
+            batch_size=batch_size,
+            cached=None if store is None else cached,
+            on_chunk=None if store is None else on_chunk,
+            progress=progress,
         )
-    if dataset.image_shape is not None:
-        samples = samples.reshape(len(samples), *dataset.image_shape)
-    feats = collect_features(extractor, _batches(samples), probs=need_probs)
-    result = evaluate_quality(
-        feats,
-        reference,
-        names,
-        kid_subset_size=kid_subset_size,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    n_ref = reference.n if isinstance(reference, FeatureStats) else len(reference.features)
-    if store is not None and distributed.get_info().is_main:
-        shutil.rmtree(store.folder)  # complete
+        samples = res.samples
+        if not bool(torch.isfinite(samples).all()):
+            raise ValueError(
+                "the samples contain NaN or inf (a diverged run or sampler): check the run with "
+                "sdelab sample first"
+            )
+        if dataset.image_shape is not None:
+            samples = samples.reshape(len(samples), *dataset.image_shape)
+        feats = collect_features(extractor, _batches(samples), probs=need_probs)
+        result = evaluate_quality(
+            feats,
+            reference,
+            names,
+            kid_subset_size=kid_subset_size or 1000,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        if store is not None:
+            store.finish()  # complete
     return QualityEvaluation(result=result, nfe=res.nfe, n_samples=len(samples), n_reference=n_ref)

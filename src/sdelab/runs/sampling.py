@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -11,10 +12,10 @@ from typing import Any
 
 import torch
 
-from sdelab import distributed
+from sdelab import distributed, streams
 from sdelab.controllable import cfg_score_fn, guided_score_fn
 from sdelab.progress import Progress, TimeProgress
-from sdelab.runs.core import SAMPLE_STREAM, LoadedRun, check_finite_samples, open_run
+from sdelab.runs.core import LoadedRun, check_finite_samples, open_run
 from sdelab.samplers import SampleResult, sample
 from sdelab.sde import Schedule
 from sdelab.train.classifier import load_classifier
@@ -106,6 +107,7 @@ def sample_chunks(
         raise ValueError(f"--n must be a positive number of samples, got {n}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    _check_fits(n, shape, steps)
     info = distributed.get_info()
     size = n if batch_size is None else min(batch_size, n)
     n_chunks = math.ceil(n / size)
@@ -129,7 +131,7 @@ def sample_chunks(
                 (b, *shape),
                 sampler=sampler,
                 steps=steps,
-                generator=chunk_generator(seed, SAMPLE_STREAM, i, device),
+                generator=chunk_generator(seed, streams.RUN_SAMPLES, i, device),
                 device=device,
                 return_trajectory=return_trajectory,
                 **(options or {}),
@@ -152,6 +154,26 @@ def sample_chunks(
         nfe=max(p.nfe for p in parts),
         grid_times=None if parts[0].grid_times is None else parts[0].grid_times.cpu(),
     )
+
+
+def _check_fits(n: int, shape: tuple[int, ...], steps: int) -> None:
+    """Refuse, in one line before any work, ``n`` samples whose float32 values alone exceed
+    this machine's memory, or a time grid of ``steps`` (float64) that does."""
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not available on this platform
+        return
+    need = 4 * n * math.prod(shape)
+    if need > have:
+        raise ValueError(
+            f"{n:,} samples of {math.prod(shape):,} numbers need {need / 2**30:,.1f} GiB, more "
+            f"than this machine's {have / 2**30:,.1f} GiB of memory: draw fewer (--n)"
+        )
+    if 8 * (steps + 1) > have:
+        raise ValueError(
+            f"a time grid of {steps:,} steps needs {8 * (steps + 1) / 2**30:,.1f} GiB, more than "
+            f"this machine's {have / 2**30:,.1f} GiB of memory: take fewer --steps"
+        )
 
 
 def guided_sample_run(

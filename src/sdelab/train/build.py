@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sdelab import streams
 from sdelab.data import Dataset, make_dataset
 from sdelab.data.toys import no_labels_error
 from sdelab.discrete import CHAINS, DiscreteScoreModel
@@ -44,7 +45,6 @@ __all__ = [
 ]
 
 # Seed streams of train.seed (the data test set uses stream 1, array splits stream 2).
-INIT_STREAM, DATA_STREAM, LOSS_STREAM, EVAL_STREAM = 10, 11, 12, 13
 
 
 @dataclass
@@ -291,7 +291,7 @@ def build_resolved_run(
     schedule = schedule_from(config).to(device)
     seed = config.train.seed
     with torch.random.fork_rng(devices=[]):  # initialise from the run seed, leave global RNG be
-        torch.manual_seed(derive_seed(seed, INIT_STREAM))
+        torch.manual_seed(derive_seed(seed, streams.TRAIN_INIT))
         model = _allocate(config, schedule, device)
     if config.train.channels_last:  # 4-D weights NHWC: the convs then keep activations NHWC
         model = model.to(memory_format=torch.channels_last)
@@ -318,8 +318,8 @@ def build_resolved_run(
         model=model,
         ema=ema,
         optimizer=optimizer,
-        data_gen=_generator(seed, DATA_STREAM, torch.device("cpu")),
-        loss_gen=_generator(seed, LOSS_STREAM, device),
+        data_gen=_generator(seed, streams.TRAIN_DATA, torch.device("cpu")),
+        loss_gen=_generator(seed, streams.TRAIN_LOSS, device),
         dist=info,
         ddp=ddp,
         scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,

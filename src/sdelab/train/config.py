@@ -515,7 +515,8 @@ class RunConfig(_Section):
             if getattr(loss, key) != default:
                 raise ValueError(
                     f"loss.{key}={getattr(loss, key)} has no meaning for loss.objective="
-                    f"{loss.objective} (uniform steps, σ² weighting): remove it"
+                    f"{loss.objective} (uniform steps, σ² weighting): remove it or set "
+                    f"loss.{key}={default}"
                 )
         if loss.objective == "ddpm":
             beta_max = float(self.sde.kwargs.get("beta_max", 20.0))

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from sdelab import streams
 from sdelab.likelihood.dequantizer import dequantizer_step
 from sdelab.nets.dequantizer import DEQUANTIZER_PRESETS, Dequantizer, DequantizerConfig
 from sdelab.train.build import load_run, make_run_dataset
@@ -50,7 +51,6 @@ __all__ = [
 
 DEQUANTIZER_FORMAT = "sdelab-dequantizer"
 DEQUANTIZER_FILE = "dequantizer.json"
-_DATA_STREAM, _LOSS_STREAM = 30, 31
 
 
 class DequantizerInterrupted(Exception):
@@ -156,8 +156,8 @@ def train_dequantizer_run(
     flow = Dequantizer(dataset.image_shape, dataset.num_levels, preset, seed=seed)
     ema = copy.deepcopy(flow).requires_grad_(False)
     optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
-    data_gen = torch.Generator().manual_seed(derive_seed(seed, _DATA_STREAM))
-    loss_gen = torch.Generator().manual_seed(derive_seed(seed, _LOSS_STREAM))
+    data_gen = torch.Generator().manual_seed(derive_seed(seed, streams.DEQUANTIZER_DATA))
+    loss_gen = torch.Generator().manual_seed(derive_seed(seed, streams.DEQUANTIZER_LOSS))
     record = _record(run_dir, dataset, flow, options)
     step = 0
     out.mkdir(parents=True, exist_ok=True)
@@ -234,7 +234,8 @@ def load_dequantizer(folder: str | Path, which: str = "ema") -> tuple[Dequantize
     its newest checkpoint, in eval mode and frozen, with its ``dequantizer.json`` record.
 
     Raises:
-        FileNotFoundError: no dequantizer in ``folder``. ValueError: a foreign file, ``which``.
+        FileNotFoundError: no dequantizer in ``folder``. ValueError: a foreign file, ``which``,
+            a ``dequantizer.json`` that does not match the checkpoint's tensors.
     """
     if which not in ("ema", "raw"):
         raise ValueError(f"unknown weights {which!r}: choose one of ema, raw")
@@ -244,14 +245,25 @@ def load_dequantizer(folder: str | Path, which: str = "ema") -> tuple[Dequantize
         raise FileNotFoundError(
             f"no dequantizer in {folder}: run sdelab train-dequantizer RUN --out {folder} first"
         )
-    record = json.loads(path.read_text())
-    if record.get("format") != DEQUANTIZER_FORMAT:
+    try:
+        record = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): train the dequantizer again") from None
+    if not isinstance(record, dict) or record.get("format") != DEQUANTIZER_FORMAT:
         raise ValueError(f"{path} is not an sdelab dequantizer")
-    flow = Dequantizer(
-        tuple(record["image_shape"]), record["levels"], DequantizerConfig(**record["flow"])
-    )
     ckpt = load_checkpoint(folder)
-    flow.load_state_dict(prefixed(ckpt.tensors, "ema" if which == "ema" else "flow"))
+    try:
+        flow = Dequantizer(
+            tuple(record["image_shape"]), record["levels"], DequantizerConfig(**record["flow"])
+        )
+        flow.load_state_dict(prefixed(ckpt.tensors, "ema" if which == "ema" else "flow"))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ValueError(
+            f"{path} does not match the tensors of {ckpt.path} ({type(e).__name__}: {first}): "
+            "the record was edited or belongs to another dequantizer; train it again (sdelab "
+            "train-dequantizer)"
+        ) from None
     return flow.requires_grad_(False).eval(), record
 
 

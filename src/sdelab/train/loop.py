@@ -38,14 +38,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdelab import distributed
+from sdelab import distributed, streams
 from sdelab.data import Dataset
 from sdelab.parametrization import ScoreModel
 from sdelab.plots import plot_loss
 from sdelab.progress import Progress
 from sdelab.sde import Schedule
 from sdelab.train.build import (
-    EVAL_STREAM,
     Run,
     build_resolved_run,
     check_world,
@@ -227,7 +226,7 @@ def evaluate(run: Run, hook: EvalHook) -> dict[str, float]:
     """Call ``hook`` on the EMA model with the fixed test set; returns its metrics as floats."""
     test = run.dataset.test_set(run.config.eval.n_test).to(run.device)
     gen = torch.Generator(device=run.device).manual_seed(
-        derive_seed(run.config.train.seed, EVAL_STREAM, run.step)
+        derive_seed(run.config.train.seed, streams.TRAIN_EVAL, run.step)
     )
     ctx = EvalContext(
         step=run.step,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sdelab import streams
 from sdelab.data.png import save_level_grid
 from sdelab.discrete import DiscreteScoreModel, sample_ddpm, sample_ncsn
 from sdelab.parametrization import ScoreModel
@@ -31,7 +32,6 @@ from sdelab.utils import atomic_write, derive_seed
 __all__ = ["SAMPLES_DIR", "draw_samples", "epoch_steps", "sample_paths", "write_samples"]
 
 SAMPLES_DIR = "samples"
-SAMPLE_STREAM = 14  # seed stream of train.seed (build.py uses 10–13)
 
 
 def draw_samples(
@@ -71,7 +71,9 @@ def write_samples(run: Run) -> Path:
     out = run.run_dir / SAMPLES_DIR
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"step_{run.step:08d}"
-    gen = torch.Generator(device=run.device).manual_seed(derive_seed(cfg.train.seed, SAMPLE_STREAM))
+    gen = torch.Generator(device=run.device).manual_seed(
+        derive_seed(cfg.train.seed, streams.TRAIN_SAMPLES)
+    )
     model = run.ema.eval()
     try:
         with torch.no_grad():

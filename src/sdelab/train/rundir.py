@@ -337,14 +337,16 @@ class RunLock:
 
     A lock whose process is gone (same host, pid not alive) is stale: it is taken over, with a
     note on stderr. A live owner — or one on another host, whose pid cannot be checked — raises
-    :class:`RunLockedError` naming it and the file to delete if it is wrong. Use as a context
-    manager; the file is removed on exit.
+    :class:`RunLockedError` naming it and the file to delete if it is wrong. ``reentrant``: a
+    lock naming this very process (left by an earlier call in it that failed) is taken over
+    silently. Use as a context manager; the file is removed on exit.
     """
 
-    def __init__(self, folder: str | Path, command: str = "sdelab") -> None:
+    def __init__(self, folder: str | Path, command: str = "sdelab", *, reentrant: bool = False):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_FILE
         self.command = command
+        self.reentrant = reentrant
         self.held = False
 
     def _owner(self) -> dict[str, Any] | None:
@@ -373,6 +375,9 @@ class RunLock:
                     continue
                 pid, host = owner.get("pid"), owner.get("host")
                 local = host == socket.gethostname()
+                if self.reentrant and local and pid == os.getpid():
+                    self.path.unlink(missing_ok=True)
+                    continue
                 if isinstance(pid, int) and (not local or _pid_alive(pid)):
                     where = "" if local else f" on host {host}"
                     raise RunLockedError(
