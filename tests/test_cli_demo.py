@@ -21,8 +21,9 @@ USER_FILES = ("notes.txt", "plots/mine/keep.txt", "run/my_notes.md")
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
-            if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def _demo(out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -92,9 +93,8 @@ def test_second_demo_replaces_only_the_demos_files(tmp_path, capsys):
     assert _files(out) == {**first, "run/my_notes.md": b"mine"}
     (out / "run" / "my_notes.md").unlink()
     (out / "plots" / "density.png").unlink()  # a demo cut short: fewer files, still its own
-    code, out_text, err = run_cli(
-        capsys, "demo", "--steps", "30", "--n", "50", "--out", str(out)
-    )
+    code, out_text, err = run_cli(capsys, "demo", "--steps", "30", "--n", "50", "--out", str(out))
     assert code == 0 and "replacing the earlier demo" in out_text, err
-    assert set(_files(out)) == set(first)
+    # the same files, the old checkpoint replaced by the new run's
+    assert set(_files(out)) == {f.replace("step_00000020", "step_00000030") for f in first}
     assert "training checkerboard for 30 steps" in out_text
