@@ -309,6 +309,8 @@ def is_run_file(relative: str | Path) -> bool:
     parts = Path(relative).parts
     if len(parts) == 1:
         return parts[0] in _RUN_FILES or bool(_TMP.match(parts[0]))
+    if len(parts) == 3 and parts[:2] == (CKPT_DIR, "diverged"):  # set aside by a divergence
+        parts = parts[::2]
     pattern = _RUN_FOLDERS.get(parts[0])
     return len(parts) == 2 and pattern is not None and bool(pattern.match(parts[1]))
 
