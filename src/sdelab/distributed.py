@@ -32,6 +32,7 @@ __all__ = [
     "get_info",
     "init",
     "launched_world_size",
+    "leave",
     "shard",
 ]
 
@@ -80,6 +81,31 @@ def init(device: str | torch.device = "cpu") -> DistInfo:
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def leave(wait: bool = True) -> bool:
+    """Leave the process group joined by :func:`init`; returns whether there was one.
+
+    Args:
+        wait: first wait for every rank (a barrier), so that no rank tears its group down
+            while another still works or is inside its last collective. Pass ``False`` when
+            this rank alone failed: the others may never reach the barrier.
+
+    A process that was in a group must then end with ``os._exit`` (the CLI does): the group's
+    gloo worker threads outlive :func:`torch.distributed.destroy_process_group` (a
+    ``DistributedDataParallel`` keeps references to the group that are never released) and
+    racing them against the interpreter's own teardown aborts the process now and then
+    (``terminate called without an active exception``).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    if wait:
+        try:
+            dist.barrier()
+        except RuntimeError:  # a rank that failed alone has left: the launcher ends the run
+            pass
+    dist.destroy_process_group()
+    return True
 
 
 def get_info() -> DistInfo:

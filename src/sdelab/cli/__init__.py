@@ -5,10 +5,11 @@
 ``plot`` (:mod:`~sdelab.cli.plot`), ``inpaint | colorize | train-classifier``
 (:mod:`~sdelab.cli.control`), ``train-dequantizer`` (:mod:`~sdelab.cli.dequantizer`). Every error
 the user can fix is one line on stderr (``sdelab CMD: error: ...``) with exit code 2; Ctrl-C
-outside training (which saves a checkpoint and exits 130 itself) is one line and exit code 130.
-A full disk and a failed allocation are one line and exit code 2 too. ``sdelab --debug CMD``
-(or ``SDELAB_DEBUG=1``) raises every error with its traceback instead (for maintainers: a bug
-deep inside then does not read like bad input).
+outside training (which saves a checkpoint and exits 130 itself) is one line and exit code 130,
+SIGTERM one line and 143; ``evaluate`` and ``likelihood`` say that their finished batches are
+kept and how to continue them. A full disk and a failed allocation are one line and exit code 2
+too. ``sdelab --debug CMD`` (or ``SDELAB_DEBUG=1``) raises every error with its traceback instead
+(for maintainers: a bug deep inside then does not read like bad input).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import errno
 import os
 import pickle
 import re
+import signal
 import sys
+import threading
 
 import torch
-import torch.distributed as dist
 
-from sdelab import __version__
+from sdelab import __version__, distributed
 from sdelab.cli import control, dequantizer, likelihood, plot, quality, sample, train
 from sdelab.cli.common import CLIError, OneLineParser, is_override
 
@@ -123,25 +125,74 @@ def _out_of_memory(e: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``sdelab`` console script."""
+    """Entry point of the ``sdelab`` console script.
+
+    A process started by ``torchrun`` / ``accelerate launch`` does not return: after every
+    rank has finished (a barrier) it leaves the process group and ends with ``os._exit``
+    (see :func:`sdelab.distributed.leave`).
+    """
     args = parse_args(argv)
-    if _debug(args):  # a maintainer's run: every error with its traceback
-        try:
-            return args.func(args)
-        finally:
-            _leave_group()
+    code, together = _run(args)
+    if distributed.leave(wait=together):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+class Terminated(BaseException):
+    """SIGTERM outside a training loop (which saves and stops itself), raised like Ctrl-C's
+    ``KeyboardInterrupt`` so that ``finally`` blocks and context managers still run."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+#: Commands whose finished work survives a stop (``RUN/eval/`` stores): what to say about it.
+_RESUMABLE = {
+    "evaluate": "its finished chunks are kept in {run}/eval/quality: run the same command with "
+    "--resume to continue",
+    "likelihood": "its finished batches are kept in {run}/eval/likelihood: run the same "
+    "command with --resume to continue",
+}
+
+
+def _stopped(args: argparse.Namespace, signum: int) -> int:
+    """The one line a command stopped by a signal prints; returns 128 + signum."""
+    resumable = _RESUMABLE.get(args.command)
+    run = getattr(args, "run", None)
+    if resumable is not None and run is not None:
+        what = resumable.format(run=run)
+    else:
+        what = "nothing more was written"
+    how = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "stopped by SIGTERM"
+    print(f"sdelab {args.command}: {how}; {what}", file=sys.stderr)
+    return 128 + signum
+
+
+def _run(args: argparse.Namespace) -> tuple[int, bool]:
+    """The command's exit code, and whether it ended as it does on every rank (a returned code,
+    which every rank reaches) rather than by an error or a signal of this rank alone.
+
+    SIGTERM and Ctrl-C outside training (which saves a checkpoint and returns 128+signal
+    itself) end the command with one line on stderr and exit code 143 / 130."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
-        return args.func(args)
+        return args.func(args), True
     except _USER_ERRORS as e:
         print(f"sdelab {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        if _debug(args):
+            raise
+        return 2, False
     except OSError as e:
-        if e.errno not in _DISK_FULL:
+        if e.errno not in _DISK_FULL or _debug(args):
             raise
         print(f"sdelab {args.command}: error: {_disk_full(e, args.command)}", file=sys.stderr)
-        return 2
+        return 2, False
     except (MemoryError, RuntimeError) as e:
-        if not _out_of_memory(e):
+        if not _out_of_memory(e) or _debug(args):
             raise
         m = re.search(r"tried to allocate (\d[\d.,]*\s*[A-Za-z]+)", str(e), re.IGNORECASE)
         what = f" (tried to allocate {m.group(1)})" if m else ""
@@ -150,16 +201,14 @@ def main(argv: list[str] | None = None) -> int:
             "(a smaller --n, --batch-size or --steps)",
             file=sys.stderr,
         )
-        return 2
+        return 2, False
     except KeyboardInterrupt:
-        msg = "interrupted (Ctrl-C); nothing more was written"
-        print(f"sdelab {args.command}: {msg}", file=sys.stderr)
-        return 130
+        return _stopped(args, signal.SIGINT), False
+    except Terminated:
+        return _stopped(args, signal.SIGTERM), False
+    except BaseException:
+        distributed.leave(wait=False)
+        raise
     finally:
-        _leave_group()
-
-
-def _leave_group() -> None:
-    """Tear down a process group joined by a command (torchrun warns otherwise)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)

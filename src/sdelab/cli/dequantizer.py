@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from sdelab.cli.common import CLIError
 from sdelab.nets.dequantizer import DEQUANTIZER_PRESETS
 from sdelab.train.dequantizer import DequantizerInterrupted, train_dequantizer_run
 
@@ -30,8 +30,9 @@ def _train_dequantizer(args: argparse.Namespace) -> int:
             seed=args.seed,
             resume=args.resume,
         )
-    except DequantizerInterrupted as e:
-        raise CLIError(str(e)) from None
+    except DequantizerInterrupted as e:  # a checkpoint was saved: not an error
+        print(f"sdelab train-dequantizer: {e}", file=sys.stderr)
+        return 128 + e.signum
     record = json.loads(path.read_text())
     print(f"dequantizer ({record['flow']['couplings']} couplings) -> {path.parent}")
     return 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
+import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -20,7 +22,15 @@ from sdelab.train.checkpoint import list_checkpoints
 from sdelab.train.config import builtin_configs, load_config
 from sdelab.train.hooks import eval_hook_for
 from sdelab.train.loop import TrainingError, TrainingInterrupted, train
-from sdelab.train.rundir import RunLock, config_changes, resume_config, saved_config
+from sdelab.train.rundir import (
+    LOCK_FILE,
+    RunLock,
+    config_changes,
+    is_run_file,
+    resume_config,
+    saved_config,
+)
+from sdelab.utils import atomic_write
 
 #: Marks a folder written by ``sdelab demo``: a second demo may replace it.
 DEMO_MARK = ".sdelab-demo"
@@ -29,10 +39,17 @@ DEMO_MARK = ".sdelab-demo"
 def _demo(args: argparse.Namespace) -> int:
     """Train a 2-D toy model, then write samples, density and trajectory plots and print a
     table of test NLL (probability-flow ODE) and bounds next to the data's true entropy.
-    The demo owns its --out folder: running it again replaces what an earlier demo wrote
-    there (a folder with other files is refused)."""
+    Running it again with the same --out replaces what the earlier demo wrote there; a folder
+    holding any other file is refused (nothing is deleted)."""
     out = Path(args.out)
-    _claim_demo_folder(out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{out} is a file: pass another --out")
+    with RunLock(out, "sdelab demo"):  # held from the replacement to the last file written
+        return _demo_locked(args, out)
+
+
+def _demo_locked(args: argparse.Namespace, out: Path) -> int:
+    written = _claim_demo_folder(out)
     run_dir = out / "run"
     overrides = [f"train.steps={args.steps}", "train.log_every=100", "train.ckpt_every=2500"]
     config = load_config(args.toy, overrides)
@@ -45,10 +62,16 @@ def _demo(args: argparse.Namespace) -> int:
     except TrainingError as e:
         raise CLIError(str(e)) from None
     print(f"2/3 plots -> {out / 'plots'}", flush=True)
-    plot_run(run_dir, out / "plots", seed=args.seed, on_write=_print_path)
+
+    def wrote(path: Path) -> None:
+        _record_demo_file(out, written, path)
+        _print_path(path)
+
+    plot_run(run_dir, out / "plots", seed=args.seed, on_write=wrote)
     print(f"3/3 test likelihood on {args.n} held-out points", flush=True)
     table = format_table(likelihood_table(run_dir, n=args.n, seed=args.seed), args.n)
-    (out / "likelihood.md").write_text(table + "\n", encoding="utf-8")
+    _record_demo_file(out, written, out / "likelihood.md")  # recorded before it exists
+    atomic_write(out / "likelihood.md", table + "\n")
     print(table)
     return 0
 
@@ -57,21 +80,89 @@ def _print_path(path: Path) -> None:
     print(f"    {path}", flush=True)
 
 
-def _claim_demo_folder(out: Path) -> None:
-    """Make ``out`` an empty demo folder: new, empty, or an earlier demo's (then replaced)."""
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"{out} is a file: pass another --out")
-    if out.is_dir() and any(out.iterdir()):
+def _claim_demo_folder(out: Path) -> list[str]:
+    """Make ``out`` a demo folder: new, empty, or an earlier demo's, whose files (those its
+    mark records, and the run folder's training files) are deleted. Any other file refuses
+    the folder before anything is deleted. Returns the new mark's record of written files.
+    The caller holds ``out``'s lock."""
+    entries = [p for p in out.iterdir() if p.name != LOCK_FILE]
+    if entries:
         if not (out / DEMO_MARK).is_file():
             raise CLIError(
                 f"{out} holds files the demo did not write: pass another --out or delete it"
             )
-        with RunLock(out / "run", "sdelab demo"):  # not while another demo trains there
-            pass
+        ours, foreign = _demo_files(out)
+        if foreign:
+            shown = ", ".join(str(p) for p in foreign[:3])
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise CLIError(
+                f"{out} is an earlier demo's folder but also holds files the demo did not write "
+                f"({shown}{more}): move them out, or pass another --out; nothing was deleted"
+            )
         print(f"replacing the earlier demo in {out}", flush=True)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARK).write_text("written by sdelab demo; a new demo replaces this folder\n")
+        for path in ours:
+            path.unlink(missing_ok=True)
+        for folder in sorted({p.parent for p in ours}, key=lambda p: -len(p.parts)):
+            _remove_empty_folders(folder, out)
+    written: list[str] = []
+    _write_demo_mark(out, written)
+    return written
+
+
+def _demo_files(out: Path) -> tuple[list[Path], list[Path]]:
+    """The files of an earlier demo folder split into the demo's (its mark, the files the mark
+    records, the run folder's training files, atomic-write leftovers) and everyone else's."""
+    recorded = _demo_mark_record(out)
+    ours, foreign = [], []
+    for root, dirs, files in os.walk(out):
+        base = Path(root)
+        links = [d for d in dirs if (base / d).is_symlink()]  # never followed; not ours
+        for name in sorted(files + links):
+            path = base / name
+            rel = path.relative_to(out)
+            if rel.as_posix() == LOCK_FILE:
+                continue  # the lock this demo holds
+            mine = not path.is_symlink() and (
+                rel.as_posix() in recorded
+                or rel.as_posix() == DEMO_MARK
+                or (rel.parts[0] == "run" and is_run_file(Path(*rel.parts[1:])))
+                or (rel.parent.as_posix() in (".", "plots") and _TMP_WRITE.match(rel.name))
+            )
+            (ours if mine else foreign).append(path)
+    return ours, foreign
+
+
+_TMP_WRITE = re.compile(r"^\..*\.tmp-\d+$")  # an atomic write cut short by a kill
+
+
+def _demo_mark_record(out: Path) -> set[str]:
+    """The files (relative to ``out``) an earlier demo's mark says it wrote. A mark of an
+    older sdelab (plain text) recorded none: its plots (``plots/*.png``) and table count."""
+    text = (out / DEMO_MARK).read_text(encoding="utf-8", errors="replace")
+    try:
+        record = json.loads(text)
+        return {str(f) for f in record["files"]}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        plots = out / "plots"
+        older = [f"plots/{p.name}" for p in plots.glob("*.png")] if plots.is_dir() else []
+        return {"likelihood.md", *older}
+
+
+def _write_demo_mark(out: Path, written: list[str]) -> None:
+    record = {"written_by": "sdelab demo (a new demo replaces these files)", "files": written}
+    atomic_write(out / DEMO_MARK, json.dumps(record, indent=1) + "\n")
+
+
+def _record_demo_file(out: Path, written: list[str], path: Path) -> None:
+    written.append(path.relative_to(out).as_posix())
+    _write_demo_mark(out, written)
+
+
+def _remove_empty_folders(folder: Path, top: Path) -> None:
+    """Remove ``folder`` and its parents up to (not including) ``top`` while they are empty."""
+    while folder != top and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
 
 
 def _split_positionals(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -172,7 +263,8 @@ examples:
   make demo                                    # the same as the first, re-runnable
 
 writes OUT/run (the run folder), OUT/plots/*.png and OUT/likelihood.md; a second demo
-with the same --out replaces the first.
+with the same --out replaces what the first wrote (OUT/.sdelab-demo lists it); a folder that
+also holds any other file is refused and nothing is deleted.
 """
 
 

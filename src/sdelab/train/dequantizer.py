@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -58,8 +59,10 @@ class DequantizerInterrupted(Exception):
 
     def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
         super().__init__(
-            f"stopped after step {step}; checkpoint saved to {checkpoint}; continue with --resume"
+            f"stopped by {name} after step {step}; checkpoint saved to {checkpoint}; "
+            "continue with --resume"
         )
 
 

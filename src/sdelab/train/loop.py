@@ -14,7 +14,8 @@ uninterrupted one exactly (bit for bit on CPU).
 
 Signals: SIGTERM and SIGINT finish the current step, save a checkpoint and raise
 :class:`TrainingInterrupted`. A non-finite loss or gradient stops the run before the bad update
-with :class:`TrainingError`, keeping the last good checkpoint.
+with :class:`TrainingError`; a checkpoint of the weights that gave it is moved to
+``checkpoints/diverged/``, so ``--resume`` continues from one from before the divergence.
 
 Many processes (``torchrun`` / ``accelerate launch``, see :mod:`sdelab.distributed`): every
 rank draws the same global batch, times and noise from the same generators and keeps its
@@ -29,6 +30,7 @@ takes the same code path, with one micro-batch.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -277,7 +279,8 @@ def train(
         ConfigError: non-empty run folder without ``resume``, incompatible config, missing
             TensorBoard or device, a model too large to allocate, a folder locked by another
             live process (:class:`~sdelab.train.rundir.RunLockedError`).
-        TrainingError: non-finite loss or gradient (the last good checkpoint is kept).
+        TrainingError: non-finite loss or gradient (a checkpoint of the weights that gave it
+            is moved to ``checkpoints/diverged/``; the message says what to resume).
         TrainingInterrupted: SIGTERM/SIGINT, after saving a checkpoint.
     """
     run_dir = Path(run_dir)
@@ -354,7 +357,7 @@ def _loop(
             try:
                 stats = train_step(run)
             except TrainingError as e:
-                raise TrainingError(_diverged_advice(e, run, ckpt)) from None
+                raise TrainingError(_diverged_advice(e, run)) from None
             last = run.step == tc.steps
             logged = run.step % tc.log_every == 0 or last
             if logged:
@@ -384,17 +387,54 @@ def _loop(
     return (stats.loss if stats else None), ckpt
 
 
-def _diverged_advice(error: TrainingError, run: Run, ckpt: Path | None) -> str:
-    """What to do after a non-finite loss: resume from the last good checkpoint with a lower
-    learning rate or a tighter gradient clip (both may change on ``--resume``)."""
+def _diverged_advice(error: TrainingError, run: Run) -> str:
+    """What to do after a non-finite loss at step ``run.step + 1``: resume from a checkpoint
+    from before the divergence with a lower learning rate or a tighter gradient clip (both may
+    change on ``--resume``).
+
+    The loss of step n is computed with the weights of step n - 1, so a checkpoint of step
+    ``run.step`` holds exactly the weights that gave the non-finite loss: resuming from it
+    would diverge again whatever the learning rate. Rank 0 moves it aside
+    (``checkpoints/diverged/``, kept) so that ``--resume`` takes the one before; with
+    none before, ``--resume`` starts the run afresh from step 0 with its saved config.
+    """
     o = run.config.optim
     clip = 1.0 if o.grad_clip is None else o.grad_clip / 10
     fix = f"optim.lr={o.lr / 10:g} or optim.grad_clip={clip:g}"
-    kept = f"the last good checkpoint {ckpt} is kept" if ckpt else "there is no checkpoint yet"
-    return (
-        f"{error}: training stopped, {kept}; continue with a lower learning rate or a tighter "
-        f"clip: sdelab train --resume --out {run.run_dir} {fix}"
+    moved = _set_aside(run.run_dir, run.step) if run.dist.is_main else None
+    gave = f"step {run.step}'s weights gave it" + (
+        f" (their checkpoint moved to {moved})" if moved is not None else ""
     )
+    good = [(s, p) for s, p in list_checkpoints(run.run_dir) if s < run.step]
+    if good:
+        kept = f"{gave}; the checkpoint from before the divergence {good[-1][1]} is kept"
+        how = "continue from it with a lower learning rate or a tighter clip"
+    else:
+        kept = f"{gave}; no checkpoint from before the divergence is usable"
+        how = (
+            "a fresh run is needed, from step 0 with the saved config and a lower learning "
+            "rate or a tighter clip"
+        )
+    return (
+        f"{error}: training stopped, {kept}; {how}: sdelab train --resume --out {run.run_dir} {fix}"
+    )
+
+
+def _set_aside(run_dir: Path, step: int) -> Path | None:
+    """Move the checkpoint of ``step`` into ``checkpoints/diverged/`` (kept, but no longer a
+    checkpoint that ``--resume`` or ``keep_last`` sees); returns its new JSON path, or ``None``
+    if there is none."""
+    found = dict(list_checkpoints(run_dir))
+    if step not in found:
+        return None
+    json_path = found[step]
+    dest = json_path.parent / "diverged" / json_path.name
+    dest.parent.mkdir(exist_ok=True)
+    os.replace(json_path, dest)  # first: without its JSON the tensors are no checkpoint
+    tensors = json_path.with_suffix(".safetensors")
+    if tensors.exists():
+        os.replace(tensors, dest.with_suffix(".safetensors"))
+    return dest
 
 
 def _save_main(run: Run, metrics: Mapping[str, float]) -> Path:

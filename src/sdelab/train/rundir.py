@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -24,6 +25,7 @@ from typing import Any
 from sdelab.train.build import Run, load_state
 from sdelab.train.checkpoint import (
     BEST_FILE,
+    CKPT_DIR,
     best_step,
     list_checkpoints,
     load_checkpoint,
@@ -33,6 +35,7 @@ from sdelab.train.checkpoint import (
     save_checkpoint,
 )
 from sdelab.train.config import ConfigError, RunConfig, apply_overrides
+from sdelab.train.periodic import SAMPLES_DIR
 from sdelab.utils import atomic_write
 
 __all__ = [
@@ -47,6 +50,7 @@ __all__ = [
     "check_run_dir",
     "config_changes",
     "flat_config",
+    "is_run_file",
     "merge_for_resume",
     "require_tensorboard",
     "restore",
@@ -284,6 +288,31 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
             f"run folder {run_dir} is not empty: pass --resume to continue it, "
             "or choose a new --out"
         )
+
+
+#: What training writes in a run folder: files by name, folders by their first part.
+_RUN_FILES = frozenset(
+    {"config.yaml", "config.json", METRICS_FILE, EVAL_FILE, LOCK_FILE, BEST_FILE, "loss.png"}
+)
+_RUN_FOLDERS = {
+    CKPT_DIR: re.compile(r"^(step_\d{8,}\.(json|safetensors)|\..*\.tmp-\d+)$"),
+    SAMPLES_DIR: re.compile(r"^(step_\d{8,}\.(npy|png)|\..*\.tmp-\d+)$"),
+    "tensorboard": re.compile(r"^events\.out\.tfevents\..*$"),
+}
+_TMP = re.compile(r"^\..*\.tmp-\d+$")  # an atomic write cut short by a kill
+
+
+def is_run_file(relative: str | Path) -> bool:
+    """Whether a path relative to a run folder is one training writes there (config, logs,
+    lock, loss plot, checkpoints, sample grids, TensorBoard events, their temp files); any
+    other file in a run folder was put there by someone else."""
+    parts = Path(relative).parts
+    if len(parts) == 1:
+        return parts[0] in _RUN_FILES or bool(_TMP.match(parts[0]))
+    if len(parts) == 3 and parts[:2] == (CKPT_DIR, "diverged"):  # set aside by a divergence
+        parts = parts[::2]
+    pattern = _RUN_FOLDERS.get(parts[0])
+    return len(parts) == 2 and pattern is not None and bool(pattern.match(parts[1]))
 
 
 def write_config(run_dir: Path, config: RunConfig) -> None:
