@@ -105,3 +105,57 @@ def test_missing_out_non_empty_folder_and_corrupt_checkpoint(tmp_path, capsys):
     assert code == 2
     line = one_line_error(err)
     assert "step_00000020.json is corrupt" in line and "delete" in line
+
+
+def test_high_order_training_and_fine_tuning_stage(tmp_path, capsys):
+    """Third-order DSM trains; a second stage (i-DODE's second-order flow matching) starts
+    from the first run's weights through train.init_from (a step with lr 1e-12 leaves them);
+    a different model there, or high order with another objective, is a one-line error."""
+    from sdelab.train.checkpoint import load_checkpoint, prefixed
+
+    first = tmp_path / "first"
+    argv = [*TINY, "train.steps=10", "loss.parametrization=velocity"]
+    code, _, err = run_cli(
+        capsys, "train", "checkerboard", *argv, "loss.score_matching_order=3", "--out", str(first)
+    )
+    assert code == 0, err
+    second = tmp_path / "second"
+    fine_tune = [
+        *argv,
+        "train.steps=1",
+        "optim.lr=1e-12",
+        "optim.warmup_steps=0",
+        "loss.score_matching_order=2",
+        "loss.second_order_form=trace",
+        "loss.high_order_weight=0.1",
+        f"train.init_from={first}",
+    ]
+    code, _, err = run_cli(capsys, "train", "checkerboard", *fine_tune, "--out", str(second))
+    assert code == 0, err
+    a = prefixed(load_checkpoint(first).tensors, "model")
+    b = prefixed(load_checkpoint(second).tensors, "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-9)
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "checkerboard",
+        *fine_tune,
+        "model.width=8",
+        "--out",
+        str(tmp_path / "other"),
+    )
+    assert code == 2 and "is a different model: model.width (there 16, here 8)" in one_line_error(
+        err
+    )
+    assert not (tmp_path / "other" / "checkpoints").exists()
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "vdm_moons",
+        "loss.score_matching_order=2",
+        "--out",
+        str(tmp_path / "vdm"),
+    )
+    assert code == 2 and "set loss.objective=dsm (got vdm)" in one_line_error(err)

@@ -164,6 +164,18 @@ def test_two_processes_train_a_conditional_net_like_one(tmp_path):
     _assert_same_weights(one, two, "model.")
 
 
+@pytest.mark.slow
+def test_two_processes_train_high_order_dsm_like_one(tmp_path):
+    """Third-order DSM runs the bare network (DDP's hooks do not follow forward-mode
+    derivatives) and averages the gradients itself: 2 processes x 2 micro-batches still take
+    the steps of 1 process."""
+    over = [*TINY, "loss.score_matching_order=3", "train.steps=4"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    _run(_train_cli([*over, "train.grad_accum=2"], two), tmp_path)
+    train(load_config("checkerboard", over), one)
+    _assert_same_weights(one, two, "model.")
+
+
 # ---- evaluation ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:

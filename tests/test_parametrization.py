@@ -23,10 +23,10 @@ def _point(schedule, shape=(6, 3, 4, 4)):
 
 
 def test_round_trip_chain_is_identity(schedule):
-    """score → eps → x0 → v → drift → score, on image-shaped data with per-example t."""
+    """score → eps → x0 → v → drift → velocity → score, on image-shaped data with per-example t."""
     x, s0, t = _point(schedule)
     cur, kind = s0, "score"
-    for nxt in ("eps", "x0", "v", "drift", "score"):
+    for nxt in ("eps", "x0", "v", "drift", "velocity", "score"):
         cur = convert(cur, source=kind, target=nxt, x=x, t=t, schedule=schedule)
         kind = nxt
     torch.testing.assert_close(cur, s0, rtol=1e-8, atol=1e-8)
@@ -60,6 +60,31 @@ def test_conversions_agree_with_definitions(schedule):
     torch.testing.assert_close(conv("x0"), x0)
     torch.testing.assert_close(conv("v"), a * eps - s * x0)
     torch.testing.assert_close(conv("drift"), -g * eps / s)
+    # i-DODE's velocity: dx_t/dt = α' x0 + σ' ε along the path through (x0, ε)
+    da, ds = v.d_alpha[:, None], v.d_sigma[:, None]
+    torch.testing.assert_close(conv("velocity"), da * x0 + ds * eps)
+
+
+def test_velocity_is_the_probability_flow_drift(schedule):
+    """The velocity of the true score is the probability-flow ODE's vector field
+    f x − ½ g² s (the schedule's own ``probability_flow``) and, for Gaussian data, the
+    posterior mean E[α' x0 + σ' ε | x_t] computed in closed form from the data's covariance."""
+    mean = torch.tensor([0.5, -1.0], dtype=D64)
+    cov = torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=D64)
+    data = GaussianData(mean, cov)
+    x, _, t = _point(schedule, (8, 2))
+    score = data.score(x, t, schedule)
+    vel = convert(score, source="score", target="velocity", x=x, t=t, schedule=schedule)
+    torch.testing.assert_close(vel, schedule.probability_flow(x, t, score))
+    # closed form: x_t = α x0 + σ ε is jointly Gaussian with x0, so E[x0 | x_t] =
+    # μ + α Σ (α² Σ + σ² I)⁻¹ (x_t − α μ) and E[ε | x_t] = (x_t − α E[x0 | x_t]) / σ
+    v = schedule(t)
+    for i in range(x.shape[0]):
+        a, s, da, ds = v.alpha[i], v.sigma[i], v.d_alpha[i], v.d_sigma[i]
+        marg = a**2 * cov + s**2 * torch.eye(2, dtype=D64)
+        x0_mean = mean + a * cov @ torch.linalg.solve(marg, x[i] - a * mean)
+        eps_mean = (x[i] - a * x0_mean) / s
+        torch.testing.assert_close(vel[i], da * x0_mean + ds * eps_mean)
 
 
 def test_score_model_wraps_any_kind(schedule):

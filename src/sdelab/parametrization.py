@@ -7,6 +7,12 @@ With x_t = α x_0 + σ ε, a network may predict any of
     x0     x̂_0 = (x_t − σ ε̂)/α
     v      v  = α ε − σ x_0                      (Salimans & Ho)
     drift  a  = g s                              (sdeflow-light's parameterisation)
+    velocity u = dx_t/dt = α' x_0 + σ' ε        (i-DODE's probability-flow velocity)
+
+The velocity is the probability-flow ODE's drift: with f = α'/α and g² = dσ²/dt − 2fσ²,
+α' x_0 + σ' ε = f x_t + (σ' − f σ) ε = f x_t + g²/(2σ) ε = f x_t − ½ g² s, so a velocity
+network *is* the ODE's vector field (i-DODE, Zheng et al. 2023). It is not Salimans & Ho's v,
+which is the velocity in the angle time arctan(σ/α) of a variance-preserving schedule.
 
 and every other module converts through :func:`convert`, which goes via ε. The formulas hold
 for any schedule (α² + σ² need not be 1).
@@ -24,8 +30,8 @@ from sdelab.utils import append_dims, batch_time
 
 __all__ = ["KINDS", "Kind", "ScoreModel", "convert", "from_eps", "score_fn_to_kind", "to_eps"]
 
-Kind = Literal["score", "eps", "x0", "v", "drift"]
-KINDS: tuple[str, ...] = ("score", "eps", "x0", "v", "drift")
+Kind = Literal["score", "eps", "x0", "v", "drift", "velocity"]
+KINDS: tuple[str, ...] = ("score", "eps", "x0", "v", "drift", "velocity")
 
 
 def _check_kind(kind: str) -> None:
@@ -36,6 +42,12 @@ def _check_kind(kind: str) -> None:
 def _coeffs(vals: ScheduleOutput, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     n = x.ndim
     return append_dims(vals.alpha, n), append_dims(vals.sigma, n), append_dims(vals.g, n)
+
+
+def _flow_coeffs(vals: ScheduleOutput, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(f, g²/(2σ)): the velocity is u = f x_t + g²/(2σ) ε."""
+    n = x.ndim
+    return append_dims(vals.f, n), append_dims(vals.g2 / (2 * vals.sigma), n)
 
 
 def to_eps(out: Tensor, kind: str, x: Tensor, vals: ScheduleOutput) -> Tensor:
@@ -50,6 +62,9 @@ def to_eps(out: Tensor, kind: str, x: Tensor, vals: ScheduleOutput) -> Tensor:
         return (x - alpha * out) / sigma
     if kind == "v":
         return (alpha * out + sigma * x) / (alpha**2 + sigma**2)
+    if kind == "velocity":
+        f, c = _flow_coeffs(vals, x)
+        return (out - f * x) / c
     return -sigma * out / g  # drift a = g s
 
 
@@ -61,6 +76,9 @@ def from_eps(eps: Tensor, kind: str, x: Tensor, vals: ScheduleOutput) -> Tensor:
         return eps
     if kind == "score":
         return -eps / sigma
+    if kind == "velocity":
+        f, c = _flow_coeffs(vals, x)
+        return f * x + c * eps
     x0 = (x - sigma * eps) / alpha
     if kind == "x0":
         return x0
@@ -82,7 +100,7 @@ def convert(
 
     Args:
         out: the prediction, same shape as ``x``.
-        source, target: one of ``score``, ``eps``, ``x0``, ``v``, ``drift``.
+        source, target: one of ``score``, ``eps``, ``x0``, ``v``, ``drift``, ``velocity``.
         x: the noisy input x_t, shape ``(B, ...)``.
         t: a scalar or one time per example, shape ``(B,)``.
         schedule: the schedule that defines α, σ, g.

@@ -16,13 +16,15 @@ choices. ``sdelab train --dry-run`` prints the resolved config.
             # num_classes: 0, label_dropout: 0.0 (class-conditional nets, either arch)
     loss:   {objective: dsm, parametrization: eps, weighting: score-matching,
              time_sampling: uniform, low_discrepancy: false, vlb_steps: 0,
-             discrete_steps: 1000}                               # objective: dsm vdm ddpm smld
+             discrete_steps: 1000, score_matching_order: 1, high_order_weight: 1.0,
+             second_order_form: full}                            # objective: dsm vdm ddpm smld
     optim:  {name: adam, lr: 0.001, betas: [0.9, 0.999], eps: 1.0e-08, weight_decay: 0.0,
              warmup_steps: 0, schedule: constant, min_lr_ratio: 0.0, grad_clip: 1.0}
     train:  {steps: 10000, batch_size: 512, ema_decay: 0.999, seed: 0, log_every: 10,
              ckpt_every: 1000, keep_last: 3, eval_every: 0, device: cpu, tensorboard: false,
              mixed_precision: "no", grad_accum: 1, sample_every: 0, ckpt_every_epochs: 0,
-             memory_check: true, memory_limit_mb: null, channels_last: false, compile: false}
+             memory_check: true, memory_limit_mb: null, channels_last: false, compile: false,
+             init_from: null}
     eval:   {n_test: 2000, sampler: null, steps: 500, options: {}, n_samples: 64,
              sampler_options: {}}
 
@@ -45,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sdelab.data import DATASETS, dataset_options
 from sdelab.data.image_data import IMAGE_DATA_NAMES, image_shape_for
-from sdelab.losses import TIME_SAMPLERS, WEIGHTINGS
+from sdelab.losses import SECOND_ORDER_FORMS, TIME_SAMPLERS, WEIGHTINGS
 from sdelab.nets.embeddings import TIME_EMBEDDINGS
 from sdelab.nets.unet import ImageUNet
 from sdelab.parametrization import KINDS
@@ -243,13 +245,18 @@ class LossConfig(_Section):
     diffusion + prior + reconstruction, in bits/dim; image data use the discretized decoder over
     their levels, continuous data the Gaussian decoder; a learned schedule's shape gets VDM's
     variance-minimising gradient). ``parametrization`` is what the network predicts (eps,
-    score, x0, v, drift); ``weighting`` (score-matching = σ², likelihood = g²; ``vdm`` needs
-    likelihood); ``time_sampling`` (uniform, importance ∝ g²/σ²); ``low_discrepancy`` (VDM's
+    score, x0, v, drift, velocity = i-DODE's dx_t/dt); ``weighting`` (score-matching = σ²,
+    likelihood = g²; ``vdm`` needs likelihood); ``time_sampling`` (uniform, importance ∝ g²/σ²,
+    importance-velocity ∝ −λ' sigmoid(λ): i-DODE's); ``low_discrepancy`` (VDM's
     evenly spaced, antithetic times); ``vlb_steps`` (``vdm`` only: 0 = continuous-time
     diffusion loss, T > 0 = the T-step loss). Discrete time (``sdelab.discrete``): ``ddpm``
     (DDPM's L_simple on ``discrete_steps`` N integer steps of the VP SDE, sde.name=vp) and
     ``smld`` (NCSN's σ²-weighted loss on N geometric noise levels of the VE SDE, sde.name=ve);
-    the saved model is their continuous view, so every sampler and the ODE likelihood apply."""
+    the saved model is their continuous view, so every sampler and the ODE likelihood apply.
+    ``score_matching_order`` (``dsm`` only): 2 or 3 add Lu et al.'s second- (and third-) order
+    denoising score matching terms (``sdelab.losses.high_order_dsm_loss``), weighted by
+    ``high_order_weight`` λ; ``second_order_form``: ``full`` (Lu et al.: Frobenius + trace) or
+    ``trace`` (i-DODE's second-order flow-matching fine-tuning, λ = 0.1)."""
 
     objective: Literal["dsm", "vdm", "ddpm", "smld"] = "dsm"
     parametrization: str = "eps"
@@ -258,6 +265,25 @@ class LossConfig(_Section):
     low_discrepancy: bool = False
     vlb_steps: int = Field(0, ge=0)
     discrete_steps: int = Field(1000, ge=2)  # N of ddpm / smld (sdelab.discrete)
+    score_matching_order: Literal[1, 2, 3] = 1
+    high_order_weight: float = Field(1.0, ge=0)
+    second_order_form: str = "full"
+
+    @field_validator("second_order_form")
+    @classmethod
+    def _form(cls, v: str) -> str:
+        if v not in SECOND_ORDER_FORMS:
+            raise _choose("second_order_form", v, SECOND_ORDER_FORMS)
+        return v
+
+    @model_validator(mode="after")
+    def _high_order(self) -> LossConfig:
+        if self.score_matching_order > 1 and self.objective != "dsm":
+            raise ValueError(
+                f"loss.score_matching_order={self.score_matching_order} adds terms to denoising "
+                f"score matching: set loss.objective=dsm (got {self.objective})"
+            )
+        return self
 
     @field_validator("parametrization")
     @classmethod
@@ -329,7 +355,10 @@ class TrainConfig(_Section):
     ``channels_last`` (store the network's 4-D weights, hence its activations, NHWC) and
     ``compile`` (``torch.compile`` the trained network; the first step compiles, minutes on a
     CPU): speed options with the same maths, both off by default as measured on a 2-core CPU
-    (``benchmarks/bench_unet_speed.py``)."""
+    (``benchmarks/bench_unet_speed.py``);
+    ``init_from``: a run folder whose newest checkpoint (weights and EMA) starts this run at
+    step 0, e.g. a fine-tuning stage after a trained run (the model, sde and parametrization
+    must match; ignored on ``--resume``, where the run's own checkpoint wins)."""
 
     steps: int = Field(10_000, ge=1)
     batch_size: int = Field(512, ge=1)
@@ -349,6 +378,7 @@ class TrainConfig(_Section):
     memory_limit_mb: float | None = Field(None, gt=0)
     channels_last: bool = False
     compile: bool = False
+    init_from: str | None = None
 
     @field_validator("device")
     @classmethod
@@ -769,7 +799,18 @@ def load_config(config: str | Path | dict[str, Any], overrides: list[str] = ()) 
             data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: not valid YAML ({_yaml_problem(e)})") from None
-    return RunConfig.from_dict(absolute_data_paths(apply_overrides(data, list(overrides))), source)
+    data = absolute_data_paths(apply_overrides(data, list(overrides)))
+    return RunConfig.from_dict(_absolute_init_from(data), source)
+
+
+def _absolute_init_from(data: dict[str, Any]) -> dict[str, Any]:
+    """``train.init_from`` made absolute (relative to the working directory), so the saved
+    config names the run it started from wherever it is read."""
+    section = data.get("train") if isinstance(data, dict) else None
+    value = section.get("init_from") if isinstance(section, dict) else None
+    if not isinstance(value, str) or not value:
+        return data
+    return {**data, "train": {**section, "init_from": str(Path(value).expanduser().resolve())}}
 
 
 #: Data keys holding file system paths, made absolute by :func:`absolute_data_paths`.

@@ -68,6 +68,7 @@ from sdelab.train.rundir import (
     RunLockedError,
     StopOnSignal,
     check_run_dir,
+    init_from,
     merge_for_resume,
     require_tensorboard,
     restore,
@@ -304,6 +305,8 @@ def train(
         run = build_resolved_run(config, run_dir, info, dataset, device)
         if has_ckpt:
             restore(run)
+        elif config.train.init_from:
+            init_from(run, config.train.init_from)
         if info.is_main:
             write_config(run_dir, run.config)
             for name in (METRICS_FILE, EVAL_FILE):

@@ -8,6 +8,8 @@ draws them, and every rank keeps its rows — so N processes take the step one p
 
 - :data:`DSM` — denoising score matching (:func:`sdelab.losses.dsm_loss`) with the run's
   parametrization, weighting and time sampling; class-conditional nets get label dropout.
+  With ``loss.score_matching_order`` 2 or 3 the high-order terms of Lu et al.
+  (:func:`sdelab.losses.high_order_dsm_loss`) are added.
 - :data:`VDM` — the VDM bound in bits/dim (:func:`sdelab.vdm.vdm_vlb`), with VDM's
   variance-minimising gradient for a learned schedule's shape.
 - :data:`DDPM`, :data:`SMLD` — discrete time (:func:`sdelab.discrete.chain_loss`): DDPM's
@@ -25,7 +27,13 @@ import torch
 from torch import Tensor
 
 from sdelab.discrete import chain_loss
-from sdelab.losses import TimeSample, dsm_loss, sample_time
+from sdelab.losses import (
+    TimeSample,
+    dsm_loss,
+    high_order_dsm_loss,
+    rademacher_like,
+    sample_time,
+)
 from sdelab.train.build import Run
 from sdelab.utils import randn_like
 from sdelab.vdm import variance_gradient_step, vdm_vlb, vlb_times
@@ -72,16 +80,20 @@ def vdm_batch(run: Run) -> tuple[Tensor, None]:
     return run.dataset.sample(b, run.data_gen).to(run.device), None
 
 
-def _micro_batches(run: Run, b: int) -> Iterator[tuple[slice, contextlib.AbstractContextManager]]:
+def _micro_batches(
+    run: Run, b: int, ddp_sync: bool = True
+) -> Iterator[tuple[slice, contextlib.AbstractContextManager]]:
     """This rank's ``train.grad_accum`` micro-batches of a global batch of ``b`` rows: (rows,
-    context); the context defers DDP's gradient all-reduce to the last micro-batch's backward."""
+    context); the context defers DDP's gradient all-reduce to the last micro-batch's backward
+    (none with ``ddp_sync=False``)."""
     info, k = run.dist, run.config.train.grad_accum
     per_rank = b // info.world_size
     micro = per_rank // k
     for j in range(k):
         lo = info.rank * per_rank + j * micro
         last = j == k - 1
-        sync = contextlib.nullcontext() if run.ddp is None or last else run.ddp.no_sync()
+        plain = run.ddp is None or last or not ddp_sync
+        sync = contextlib.nullcontext() if plain else run.ddp.no_sync()
         yield slice(lo, lo + micro), sync
 
 
@@ -114,6 +126,8 @@ def dsm_backward(run: Run, x0: Tensor, labels: Tensor | None = None) -> Tensor:
         dtype=x0.dtype,
     )
     noise = randn_like(x0, run.loss_gen)
+    if cfg.loss.score_matching_order > 1:
+        return _high_order_backward(run, x0, labels, time, noise)
     net = run.ddp if run.ddp is not None else run.model.net
 
     def micro_loss(rows: slice) -> Tensor:
@@ -130,13 +144,55 @@ def dsm_backward(run: Run, x0: Tensor, labels: Tensor | None = None) -> Tensor:
     return _accumulate(run, b, micro_loss)
 
 
-def _accumulate(run: Run, b: int, micro_loss: Callable[[slice], Tensor]) -> Tensor:
+def _high_order_backward(
+    run: Run, x0: Tensor, labels: Tensor | None, time: TimeSample, noise: Tensor
+) -> Tensor:
+    """:func:`dsm_backward` with Lu et al.'s high-order terms; the Hutchinson probes are drawn
+    for the global batch after the noise. The network is differentiated in its input (forward
+    mode inside reverse mode), which DistributedDataParallel's hooks do not follow: with several
+    processes the bare network runs and the gradients are averaged here."""
+    cfg = run.config
+    probe = rademacher_like(x0, run.loss_gen)
+    net = run.model.net
+
+    def micro_loss(rows: slice) -> Tensor:
+        return high_order_dsm_loss(
+            _labeled(net, None if labels is None else labels[rows]),
+            run.schedule,
+            x0[rows],
+            order=cfg.loss.score_matching_order,
+            parametrization=cfg.loss.parametrization,
+            weighting=cfg.loss.weighting,
+            high_order_weight=cfg.loss.high_order_weight,
+            second_order_form=cfg.loss.second_order_form,
+            time=TimeSample(time.t[rows], time.weight[rows]),
+            noise=noise[rows],
+            probe=probe[rows],
+        ).loss
+
+    loss = _accumulate(run, x0.shape[0], micro_loss, ddp_sync=False)
+    if run.dist.enabled:
+        import torch.distributed as dist
+
+        for p in run.model.net.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= run.dist.world_size
+    return loss
+
+
+def _accumulate(
+    run: Run, b: int, micro_loss: Callable[[slice], Tensor], ddp_sync: bool = True
+) -> Tensor:
     """Backward of this rank's ``grad_accum`` micro-batches of a global batch of ``b`` rows,
     ``micro_loss(rows) -> (micro,)`` per-example losses; returns the global mean loss
-    (all-reduced), the same on every rank."""
+    (all-reduced), the same on every rank. ``ddp_sync=False``: the loss does not run the
+    DDP-wrapped network, so no DDP context is entered (the caller reduces the gradients)."""
     per_rank = b // run.dist.world_size
     total = torch.zeros((), device=run.device)
-    for rows, sync in _micro_batches(run, b):
+    for rows, sync in _micro_batches(run, b, ddp_sync):
         with sync:
             with _autocast(run):
                 loss = micro_loss(rows).float()  # (micro,)

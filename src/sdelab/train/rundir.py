@@ -26,6 +26,7 @@ from sdelab.train.build import Run, load_state
 from sdelab.train.checkpoint import (
     BEST_FILE,
     CKPT_DIR,
+    CheckpointError,
     best_step,
     list_checkpoints,
     load_checkpoint,
@@ -201,6 +202,42 @@ def restore(run: Run, step: int | None = None) -> None:
     run.data_gen.set_state(t["rng.data"])
     run.loss_gen.set_state(t["rng.loss"])
     run.step = ckpt.step
+
+
+#: What a run started by ``train.init_from`` must share with the run it starts from.
+INIT_KEYS = ("model", "sde", "loss.parametrization")
+
+
+def init_from(run: Run, source: str | Path) -> int:
+    """Start ``run`` from the weights and EMA of the newest checkpoint of the run folder
+    ``source`` (``train.init_from``: a fine-tuning stage); the optimizer, generators and step
+    stay new. Returns the source checkpoint's step.
+
+    Raises:
+        ConfigError: ``source`` has no readable checkpoint, or its model, sde or
+            parametrization differ from ``run``'s (one line naming the keys).
+    """
+    source = Path(source)
+    try:
+        ckpt = load_checkpoint(source)
+        saved = ckpt.config
+    except (CheckpointError, ConfigError) as e:
+        raise ConfigError(f"train.init_from={source}: {e}") from None
+    a, b = flat_config(saved.to_dict()), flat_config(run.config.to_dict())
+    differ = sorted(
+        k
+        for k in a.keys() | b.keys()
+        if any(k == r or k.startswith(r + ".") for r in INIT_KEYS) and a.get(k) != b.get(k)
+    )
+    if differ:
+        shown = ", ".join(f"{k} (there {a.get(k)!r}, here {b.get(k)!r})" for k in differ[:3])
+        raise ConfigError(
+            f"train.init_from={source} is a different model: {shown}; its "
+            f"{', '.join(INIT_KEYS)} must match this config's"
+        )
+    load_state(run.model, prefixed(ckpt.tensors, "model"), ckpt.path)
+    load_state(run.ema, prefixed(ckpt.tensors, "ema"), ckpt.path)
+    return ckpt.step
 
 
 def flat_config(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
