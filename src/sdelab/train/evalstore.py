@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import shutil
 import weakref
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from torch import Tensor
 
 from sdelab import distributed
 from sdelab.likelihood.bpd import EvaluationResult
+from sdelab.likelihood.dequantization import nats_to_bpd
 from sdelab.train.rundir import RunLock
 from sdelab.utils import atomic_write
 
@@ -237,7 +237,7 @@ def _dim_of(nll: Tensor, bpd: Tensor) -> int:
     ok = bpd.abs() > 0
     if not bool(ok.any()):
         return 0
-    return round(float((nll[ok] / (bpd[ok] * math.log(2))).mean()))
+    return round(float((nats_to_bpd(nll[ok], 1) / bpd[ok]).mean()))
 
 
 def _split(blob: bytes) -> tuple[dict[str, Any], bytes]:
