@@ -13,7 +13,6 @@ from sdelab.likelihood.bpd import ODE, evaluate_sharded
 from sdelab.runs import run_likelihood, sample_run
 from sdelab.sde import make_schedule
 
-
 #: the per-example estimator of the hard data (tight: the far example needs many steps).
 HARD = ODE(tol=1e-4)
 
