@@ -32,7 +32,8 @@ import torch
 
 from sdelab.data.png import save_level_grid
 from sdelab.discrete import DiscreteScoreModel, ddpm_vlb
-from sdelab.likelihood.bpd import evaluate_likelihood
+from sdelab.likelihood.bpd import ODE, Levels, evaluate_likelihood
+from sdelab.likelihood.options import Augmented, Hutchinson
 from sdelab.train.build import load_run, make_run_dataset
 from sdelab.train.config import load_config
 from sdelab.train.loop import train
@@ -57,16 +58,10 @@ def bench_twin(name: str, args, root: Path) -> dict:
         model,
         schedule,
         batches,
-        estimator="ode",
-        divergence="hutchinson",
-        levels=data.num_levels,
-        scale=data.scale,
-        shift=data.shift,
-        dequantization="uniform",
+        estimator=ODE(tol=1e-3, divergence=Hutchinson(), integrator=Augmented()),
+        levels=Levels(data.num_levels, data.scale, data.shift),
         generator=torch.Generator().manual_seed(1),
         progress=False,
-        rtol=1e-4,
-        atol=1e-4,
     )
     ode_cpu = time.process_time() - t0
     row = dict(

@@ -32,7 +32,8 @@ from scipy.interpolate import PchipInterpolator
 
 from sdelab.data.images import load_digits
 from sdelab.interop import DiffusersUNet, from_diffusers, load_diffusers
-from sdelab.likelihood.bpd import bits_per_dim
+from sdelab.likelihood.bpd import ODE, Levels, bits_per_dim
+from sdelab.likelihood.options import Augmented, Hutchinson
 from sdelab.parametrization import ScoreModel
 from sdelab.samplers import sample
 from sdelab.sde import VPSchedule
@@ -142,14 +143,10 @@ def bpd_rows(model, k: torch.Tensor, seed: int) -> None:
             res = bits_per_dim(
                 score_fn,
                 k,
-                17,
-                model.scale,
-                model.shift,
+                Levels(17, model.scale, model.shift),
                 schedule=schedule,
-                divergence="hutchinson",
+                estimator=ODE(tol=1e-3, divergence=Hutchinson(), integrator=Augmented()),
                 generator=torch.Generator().manual_seed(seed),
-                rtol=1e-5,
-                atol=1e-5,
             )
         se = float(res.bpd.std() / len(res.bpd) ** 0.5)
         cpu = time.process_time() - start

@@ -56,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_likelihood import RandomMLP, oracle, scoresde_likelihood
-from sdelab.likelihood import elbo, log_likelihood
+from sdelab.likelihood import elbo, log_likelihood, nats_to_bpd
 from sdelab.oracle import GaussianData
 from sdelab.sde import VESchedule, VPSchedule
 
@@ -240,7 +240,7 @@ def case_rows(args, peer, name, score, sched, x) -> list[str]:
             )
             dim = x[0].numel()
             # undo the peer's bits/dim "offset" hack (7 - inverse_scaler(-1) = 8 here)
-            return -(bpd.double() - 8.0) * dim * math.log(2), nfe
+            return -(bpd.double() - 8.0) / nats_to_bpd(1.0, dim), nfe
 
         t, (lp, nfe) = timed(peer_run, args.repeats)
         results.append(("Score-SDE's likelihood.py (1 probe)", t, nfe, float(nfe), lp))
@@ -619,7 +619,7 @@ def table_steps_bias(args) -> list[str]:
     numbers, solved by dopri8 at rtol = atol = 1e-7 (its tight twin), so every difference is
     the fixed grid's error alone; ± is the SE of the paired mean over images."""
     model, sched, y, dim = _run_images(args.bpd_run, args.bpd_n, args.steps_start)
-    n, c = y.shape[0], 1.0 / (dim * math.log(2))
+    n, c = y.shape[0], nats_to_bpd(1.0, dim)
     rnd = dict(integrator="randomized", divergence="hutchinson", prior_control=False)
     rnd["nodes"] = args.steps_nodes
 

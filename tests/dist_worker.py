@@ -9,9 +9,12 @@ import torch
 from safetensors.torch import save_file
 
 from sdelab import distributed
-from sdelab.likelihood.bpd import evaluate_sharded
+from sdelab.likelihood.bpd import ODE, evaluate_sharded
 from sdelab.runs import run_likelihood, sample_run
 from sdelab.sde import make_schedule
+
+#: the per-example estimator of the hard data (tight: the far example needs many steps).
+HARD = ODE(tol=1e-4)
 
 
 def hard_score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -28,7 +31,20 @@ def hard_data() -> torch.Tensor:
 def evaluate_all(run_dir: str) -> dict[str, torch.Tensor]:
     """Every distributed evaluation under test, as tensors."""
     hard = evaluate_sharded(
-        hard_score, make_schedule("vp"), hard_data(), batch_size=1, rtol=1e-5, atol=1e-5
+        hard_score,
+        make_schedule("vp"),
+        hard_data(),
+        estimator=HARD,
+        batch_size=1,
+        group=distributed.get_info(),
+    )
+    unsharded: list[int] = []  # no group: every batch here, though a process group exists
+    evaluate_sharded(
+        hard_score,
+        make_schedule("vp"),
+        hard_data()[1:],
+        batch_size=1,
+        on_batch=lambda i, _: unsharded.append(i),
     )
     lik = run_likelihood(
         run_dir,
@@ -44,6 +60,7 @@ def evaluate_all(run_dir: str) -> dict[str, torch.Tensor]:
     return {
         "hard_nll": hard.nll,
         "hard_nfe": torch.tensor(hard.nfe),
+        "unsharded": torch.tensor(unsharded),
         "lik_nll": lik.nll,
         "samples": smp.samples,
     }
@@ -53,7 +70,7 @@ def nfe_per_example() -> list[int]:
     """NFE of each hard-data example solved alone (batch size 1)."""
     out = []
     for x in hard_data():
-        res = evaluate_sharded(hard_score, make_schedule("vp"), x[None], rtol=1e-5, atol=1e-5)
+        res = evaluate_sharded(hard_score, make_schedule("vp"), x[None], estimator=HARD)
         out.append(res.nfe)
     return out
 

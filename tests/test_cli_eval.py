@@ -9,6 +9,7 @@ import pytest
 
 from cli_helpers import recorded, run_cli
 from sdelab.cli import main
+from sdelab.likelihood.options import default_policy
 from sdelab.runs import run_likelihood
 
 TINY = [
@@ -196,3 +197,5 @@ def test_train_with_periodic_likelihood_eval(tmp_path, capsys):
     rows = read_jsonl(run / "eval.jsonl")
     assert [r["step"] for r in rows] == [20, 40]
     assert all(math.isfinite(r["test_nll_ode"]) and math.isfinite(r["test_elbo_nll"]) for r in rows)
+    # the same default policy as `sdelab likelihood`, recorded; a solver-bias bound beside it
+    assert all(r["ode_policy"] == default_policy(2).tag and r["ode_bias_bound"] >= 0 for r in rows)

@@ -455,9 +455,9 @@ def test_non_finite_loss_advice_works(run_dir, tmp_path, capsys):
         (
             "eval:\n  options: {n_evl: 10}\n",
             [],
-            "unknown eval.options n_evl: valid are n_eval, rtol, atol",
+            "unknown eval.options n_evl: valid are n_eval, tol",
         ),
-        ("{}\n", ["eval.options.rtol=-1"], "eval.options.rtol must be > 0, got -1"),
+        ("{}\n", ["eval.options.tol=-1"], "eval.options.tol must be > 0"),
     ],
 )
 def test_config_mistakes_are_named(tmp_path, capsys, text, extra, needle):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
-from sdelab.likelihood.bpd import bits_per_dim
+from sdelab.likelihood.bpd import ODE, Dequantization, Levels, bits_per_dim
 from sdelab.likelihood.dequantization import check_levels, dequantize, nats_to_bpd
 from sdelab.oracle import GaussianData
 from sdelab.sde import VESchedule, VPSchedule
@@ -26,18 +26,15 @@ def test_uniform_density_gives_exactly_log2_levels(levels):
     exactly log2(L) bits/dim under uniform dequantization: P(k) = L^−D."""
     k = integer_data(levels)
     d = k.shape[1]
-    unit = bits_per_dim(lambda y: torch.zeros(len(y), dtype=D64), k, levels, 1.0, 0.0, dtype=D64)
+    k = k.to(D64)  # integral floats: the dequantized data keeps their dtype
+    unit = bits_per_dim(lambda y: torch.zeros(len(y), dtype=D64), k, Levels(levels, 1.0, 0.0))
     sym = bits_per_dim(
-        lambda y: torch.full((len(y),), -d * math.log(2), dtype=D64),
-        k,
-        levels,
-        2.0,
-        -1.0,
-        dtype=D64,
+        lambda y: torch.full((len(y),), -d * math.log(2), dtype=D64), k, Levels(levels, 2.0, -1.0)
     )
     for res in (unit, sym):
         torch.testing.assert_close(res.bpd, torch.full((64,), math.log2(levels), dtype=D64))
-    assert unit.dequantization == "uniform" and unit.levels == levels and sym.scale == 2.0
+    assert unit.dequantization == "uniform" and unit.levels.num_levels == levels
+    assert sym.levels == Levels(levels, 2.0, -1.0) and sym.policy["tag"] == "density"
 
 
 def test_histogram_density_is_exact_in_any_space():
@@ -46,15 +43,18 @@ def test_histogram_density_is_exact_in_any_space():
     levels, d = 4, 2
     logits = torch.randn(levels, levels, dtype=D64, generator=torch.Generator().manual_seed(0))
     log_pk = torch.log_softmax(logits.reshape(-1), 0).reshape(levels, levels)
-    k = integer_data(levels, d=d, seed=1)
+    k = integer_data(levels, d=d, seed=1).to(D64)
     for scale, shift in ((1.0, 0.0), (2.0, -1.0), (255.0, 3.0)):
 
         def logp(y, scale=scale, shift=shift):
             idx = ((y - shift) / scale * levels).floor().long()
             return log_pk[idx[:, 0], idx[:, 1]] + d * math.log(levels / scale)
 
-        res = bits_per_dim(logp, k, levels, scale, shift, n_repeats=3, dtype=D64)
-        expect = -log_pk[k[:, 0], k[:, 1]] / (d * math.log(2))
+        res = bits_per_dim(
+            logp, k, Levels(levels, scale, shift), dequantization=Dequantization(n_repeats=3)
+        )
+        ki = k.long()
+        expect = -log_pk[ki[:, 0], ki[:, 1]] / (d * math.log(2))
         torch.testing.assert_close(res.bpd, expect)
         torch.testing.assert_close(res.se, torch.zeros_like(res.se), atol=1e-12, rtol=0)
 
@@ -78,15 +78,12 @@ def test_oracle_never_negative_and_bounds_the_bin_probability(std):
     data is positive and, averaged over dequantization noise, ≥ −log2 P(k)/D within 4 SE."""
     levels = 4
     data = GaussianData(torch.tensor([0.1, -0.2], dtype=D64), torch.full((2,), std**2, dtype=D64))
-    k = integer_data(levels, n=32, d=2, seed=int(100 * std))
+    k = integer_data(levels, n=32, d=2, seed=int(100 * std)).to(D64)
     res = bits_per_dim(
         data.log_prob,
         k,
-        levels,
-        2.0,
-        -1.0,
-        n_repeats=64,
-        dtype=D64,
+        Levels(levels, 2.0, -1.0),
+        dequantization=Dequantization(n_repeats=64),
         generator=torch.Generator().manual_seed(0),
     )
     assert bool((res.bpd > 0).all())
@@ -102,17 +99,14 @@ def test_ode_bits_per_dim_of_the_oracle(dequantization):
     levels = 4
     sde = VPSchedule(t_min=1e-3)
     data = GaussianData(torch.zeros(2, dtype=D64), torch.tensor([0.1, 0.3], dtype=D64))
-    k = integer_data(levels, n=16, d=2, seed=3)
-    common = dict(n_repeats=4, dtype=D64, dequantization=dequantization)
+    k = integer_data(levels, n=16, d=2, seed=3).to(D64)
+    common = dict(dequantization=Dequantization(dequantization, n_repeats=4))
     ode = bits_per_dim(
         data.score_fn(sde),
         k,
-        levels,
-        2.0,
-        -1.0,
+        Levels(levels, 2.0, -1.0),
         schedule=sde,
-        rtol=1e-6,
-        atol=1e-6,
+        estimator=ODE(tol=1e-4),
         generator=torch.Generator().manual_seed(5),
         **common,
     )
@@ -120,9 +114,7 @@ def test_ode_bits_per_dim_of_the_oracle(dequantization):
         bits_per_dim(
             lambda y: data.marginal_log_prob(y, sde.t_min, sde),
             k,
-            levels,
-            2.0,
-            -1.0,
+            Levels(levels, 2.0, -1.0),
             generator=torch.Generator().manual_seed(5),
             **common,
         )
@@ -179,31 +171,34 @@ def test_uniform_dequantization_fills_the_bin():
 def test_bad_data_raise_errors_naming_the_fix():
     k = integer_data(256, n=4)
     logp = lambda y: torch.zeros(len(y))  # noqa: E731
+    lv = Levels(256, 2.0, -1.0)
     cases = [
-        ((logp, k.float() / 255, 256, 2.0, -1.0), "integer"),
-        ((logp, k.float() / 127.5 - 1, 256, 2.0, -1.0), "integer"),
-        ((logp, torch.full((2, 2), 256), 256, 2.0, -1.0), r"levels=256 allows only 0\.\.255"),
-        ((logp, k - 300, 256, 2.0, -1.0), "range|span"),
-        ((logp, torch.full((2, 2), float("nan")), 256, 2.0, -1.0), "NaN"),
-        ((logp, k, 1, 2.0, -1.0), "levels must be an integer >= 2"),
-        ((logp, k, 2.5, 2.0, -1.0), "levels must be an integer"),
-        ((logp, k, 256, 0.0, -1.0), "scale > 0"),
-        ((logp, k, 256, 2.0, float("nan")), "finite shift"),
-        ((logp, torch.arange(4), 256, 2.0, -1.0), "batch"),
+        ((logp, k.float() / 255, lv), "integer"),
+        ((logp, k.float() / 127.5 - 1, lv), "integer"),
+        ((logp, torch.full((2, 2), 256), lv), r"levels=256 allows only 0\.\.255"),
+        ((logp, k - 300, lv), "range|span"),
+        ((logp, torch.full((2, 2), float("nan")), lv), "NaN"),
+        ((logp, torch.arange(4), lv), "batch"),
+        ((logp, k, 256), "Levels"),
     ]
     for args, match in cases:
         with pytest.raises(ValueError, match=match):
             bits_per_dim(*args)
+    for make, match in [
+        (lambda: Levels(1, 2.0, -1.0), "num_levels must be an integer >= 2"),
+        (lambda: Levels(2.5, 2.0, -1.0), "num_levels must be an integer"),
+        (lambda: Levels(256, 0.0, -1.0), "scale > 0"),
+        (lambda: Levels(256, 2.0, float("nan")), "finite shift"),
+        (lambda: Dequantization("bogus"), "uniform, truncated_normal, variational"),
+        (lambda: Dequantization("variational"), "needs dequantizer"),
+        (lambda: Dequantization(n_repeats=0), "n_repeats"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            make()
     with pytest.raises(ValueError, match="schedule"):
-        bits_per_dim(logp, k, 256, 2.0, -1.0, dequantization="truncated_normal")
-    with pytest.raises(ValueError, match="uniform, truncated_normal, variational"):
-        bits_per_dim(logp, k, 256, 2.0, -1.0, dequantization="bogus")
-    with pytest.raises(ValueError, match="needs dequantizer"):
-        bits_per_dim(logp, k, 256, 2.0, -1.0, dequantization="variational")
-    with pytest.raises(ValueError, match="n_repeats"):
-        bits_per_dim(logp, k, 256, 2.0, -1.0, n_repeats=0)
+        bits_per_dim(logp, k, lv, dequantization=Dequantization("truncated_normal"))
     with pytest.raises(ValueError, match="schedule"):
-        bits_per_dim(logp, k, 256, 2.0, -1.0, rtol=1e-3)
+        bits_per_dim(logp, k, lv, estimator=ODE(tol=1e-3))
     with pytest.raises(ValueError, match="t_min > 0"):
         dequantize(k, 256, method="truncated_normal", schedule=VPSchedule(t_min=0.0))
     assert check_levels(k.to(torch.uint8), 256).dtype == torch.get_default_dtype()

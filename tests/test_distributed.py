@@ -186,7 +186,8 @@ def tiny_run(tmp_path_factory) -> Path:
 
 def test_distributed_evaluation_equals_one_process(tiny_run, tmp_path):
     """One hard example (~30x the NFE of the rest) on rank 0: the run completes (no collective
-    inside the solver) and every number equals the single-process one."""
+    inside the solver) and every number equals the single-process one; without a group each
+    process evaluates every batch itself."""
     out = tmp_path / "two.safetensors"
     _run([str(HERE / "dist_worker.py"), str(tiny_run), str(out)], tmp_path, timeout=180)
     two = load_file(out)
@@ -194,6 +195,7 @@ def test_distributed_evaluation_equals_one_process(tiny_run, tmp_path):
     nfe = dist_worker.nfe_per_example()
     assert nfe[0] > 10 * max(nfe[1:])  # the hard example really is hard
     assert int(two["hard_nfe"]) == int(one["hard_nfe"]) == sum(nfe)
+    assert two["unsharded"].tolist() == one["unsharded"].tolist() == [0, 1, 2, 3]
     for key in ("hard_nll", "lik_nll", "samples"):
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=0, msg=key)
     assert one["samples"].shape == (11, 2) and one["lik_nll"].shape == (7,)

@@ -14,6 +14,7 @@ from cli_helpers import recorded
 from sdelab.cli import main
 from sdelab.data import DATASETS, make_dataset
 from sdelab.data.image_data import IMAGE_DATA_NAMES, ImageData, image_shape_for
+from sdelab.likelihood.options import default_policy
 from sdelab.train.config import ConfigError, builtin_configs, load_config
 
 TINY = [
@@ -272,7 +273,12 @@ def test_eval_hook_on_images(tmp_path):
     from sdelab.train.loop import train
 
     over = [*TINY, "train.steps=4", "train.eval_every=4", "eval.n_test=4"]
-    over += ["eval.options.rtol=1e-3", "eval.options.atol=1e-3"]
-    train(load_config("images/digits", over), tmp_path / "run", eval_hook=likelihood_hook)
+    over += ["eval.options.tol=0.1"]
+    config = load_config("images/digits", over)
+    train(config, tmp_path / "run", eval_hook=likelihood_hook)
     rec = json.loads((tmp_path / "run" / "eval.jsonl").read_text().splitlines()[-1])
     assert rec["step"] == 4 and 0 < rec["test_bpd_ode"] < 20 and 0 < rec["test_bpd_elbo"] < 20
+    # the hook resolves its estimator as `sdelab likelihood` does: the one default policy
+    dim = math.prod(config.model.image_shape)
+    assert rec["ode_policy"] == default_policy(dim, tol=0.1).tag
+    assert rec["ode_bias_bound"] >= 0 and rec["test_bpd_ode_se"] > 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from sdelab.likelihood.bpd import bits_per_dim
+from sdelab.likelihood.bpd import Dequantization, Levels, bits_per_dim
 from sdelab.likelihood.dequantization import dequantize, variational_dequantize
 from sdelab.likelihood.dequantizer import dequantization_bound, train_dequantizer
 from sdelab.nets.dequantizer import DEQUANTIZER_PRESETS, Dequantizer, DequantizerConfig
@@ -231,7 +231,7 @@ def test_seeded_construction_and_presets():
 
 
 def test_bits_per_dim_with_a_dequantizer_is_the_variational_bound():
-    """`bits_per_dim(..., dequantization="variational")` is −log p(y) + log q(u|k) − D log a +
+    """`bits_per_dim` with a variational dequantization is −log p(y) + log q(u|k) − D log a +
     D log L per example, for the same draw as `variational_dequantize` (same generator)."""
     torch.manual_seed(0)
     flow = Dequantizer((1, 2, 2), levels=4, config="small", seed=0)
@@ -243,11 +243,8 @@ def test_bits_per_dim_with_a_dequantizer_is_the_variational_bound():
     res = bits_per_dim(
         logp,
         k,
-        4,
-        2.0,
-        -1.0,
-        dequantization="variational",
-        dequantizer=flow,
+        Levels(4, 2.0, -1.0),
+        dequantization=Dequantization("variational", flow),
         generator=torch.Generator().manual_seed(1),
     )
     with torch.no_grad():
@@ -258,4 +255,4 @@ def test_bits_per_dim_with_a_dequantizer_is_the_variational_bound():
     torch.testing.assert_close(res.bpd, expect)
     assert res.per_repeat.shape == (1, 5)
     with pytest.raises(ValueError, match="needs dequantizer"):
-        bits_per_dim(logp, k, 4, 2.0, -1.0, dequantization="variational")
+        Dequantization("variational")

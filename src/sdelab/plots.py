@@ -131,10 +131,11 @@ def density_grid(
     lim: tuple[float, float, float, float],
     n: int = 100,
     batch_size: int = 5000,
-    rtol: float = 1e-3,
-    atol: float = 1e-3,
+    tol: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """log p(x) of a 2-D model on an n×n grid via the exact-trace probability-flow ODE.
+    """log p(x) of a 2-D model on an n×n grid via the probability-flow ODE, with the default
+    likelihood policy (:func:`~sdelab.likelihood.options.default_policy`: exact trace, the
+    augmented solve, ``tol`` nats per point; ``None``: its default).
 
     ``lim`` is (x_min, x_max, y_min, y_max). Returns (xs, ys, logp) with logp of shape (n, n).
     """
@@ -144,9 +145,7 @@ def density_grid(
     logp = []
     for chunk in grid.split(batch_size):
         with torch.no_grad():  # inference: no graph through the solve
-            res = log_likelihood(
-                score_fn, schedule, chunk, divergence="exact", rtol=rtol, atol=atol
-            )
+            res = log_likelihood(score_fn, schedule, chunk, tol=tol)
         logp.append(res.logp)
     return xs, ys, torch.cat(logp).reshape(n, n).numpy()
 

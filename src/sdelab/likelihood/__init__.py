@@ -16,8 +16,13 @@ Layers inside the package (imports point down; ``lint-imports`` checks them):
 
 from sdelab.likelihood.bounds import BoundResult, elbo, scoreflow_bound
 from sdelab.likelihood.bpd import (
+    ELBO,
+    ODE,
     BPDResult,
+    Dequantization,
     EvaluationResult,
+    Levels,
+    ScoreFlow,
     bits_per_dim,
     evaluate_likelihood,
     evaluate_sharded,
@@ -26,10 +31,15 @@ from sdelab.likelihood.dequantization import dequantize, nats_to_bpd, to_model_s
 from sdelab.likelihood.ode import LikelihoodResult, log_likelihood
 
 __all__ = [
+    "ELBO",
+    "ODE",
     "BPDResult",
     "BoundResult",
+    "Dequantization",
     "EvaluationResult",
+    "Levels",
     "LikelihoodResult",
+    "ScoreFlow",
     "bits_per_dim",
     "dequantize",
     "elbo",

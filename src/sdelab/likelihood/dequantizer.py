@@ -18,7 +18,6 @@ Nothing here knows folders or configs: the run layer builds the objects, calls
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 
 from sdelab.likelihood.bounds import scoreflow_bound
-from sdelab.likelihood.dequantization import check_levels, variational_dequantize
+from sdelab.likelihood.dequantization import check_levels, nats_to_bpd, variational_dequantize
 from sdelab.nets.dequantizer import Dequantizer
 from sdelab.sde import Schedule
 
@@ -156,7 +155,7 @@ def dequantizer_step(
         time_sampling=time_sampling,
         generator=generator,
     )
-    loss = nll.mean() / (dequantizer.dim * math.log(2.0))
+    loss = nats_to_bpd(nll.mean(), dequantizer.dim)
     optimizer.zero_grad(set_to_none=True)
     loss.backward(inputs=params)  # the frozen model accumulates no gradient
     if grad_clip is not None:

@@ -415,8 +415,10 @@ EVAL_OPTIONS = {
         lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
         "an integer >= 1",
     ),
-    "rtol": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0, "> 0"),
-    "atol": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0, "> 0"),
+    "tol": (
+        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0,
+        "> 0 (nats per example)",
+    ),
 }
 
 
@@ -425,7 +427,7 @@ class EvalConfig(_Section):
     ``n_test`` held-out points, a ``sampler`` name (a key of ``sdelab.samplers.SAMPLERS``, or
     ``chain``: the exact DDPM/NCSN chain of a discrete objective; null: euler_maruyama) and its
     number of ``steps``, ``options`` for the built-in likelihood hook (:data:`EVAL_OPTIONS`:
-    ``n_eval``, ``rtol``, ``atol``; other keys are errors — a hook of your own takes its
+    ``n_eval``, ``tol``; other keys are errors — a hook of your own takes its
     settings as arguments); for ``train.sample_every``: ``n_samples`` and the sampler's
     ``sampler_options`` (e.g. {snr: 0.075}). ``fd_features`` (``identity`` or ``classifier``
     with ``fd_classifier`` a clean classifier folder) adds the Fréchet distance of ``fd_n`` EMA

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from sdelab import distributed
 from sdelab.likelihood.bpd import EvaluationResult
+from sdelab.likelihood.dequantization import nats_to_bpd
 from sdelab.train.rundir import RunLock
 from sdelab.utils import atomic_write
 
@@ -195,26 +196,48 @@ class EvalStore:
         if stored is None:
             return None
         t, meta = stored
+        nan = float("nan")
         return EvaluationResult(
             nll=t["nll"],
             bpd=t["bpd"],
             per_repeat=t.get("per_repeat"),
+            error=t.get("error"),
+            probe_se=t.get("probe_se"),
             nfe=int(meta["nfe"]),
             estimator=meta["estimator"],
             dequantization=meta["dequantization"],
-            nll_mean=float("nan"),
-            nll_se=float("nan"),
-            bpd_mean=float("nan"),
-            bpd_se=float("nan"),
+            policy=meta.get("policy"),
+            grid_check=float(meta.get("grid_check", nan)),
+            dim=int(meta["dim"]) if "dim" in meta else _dim_of(t["nll"], t["bpd"]),
+            nll_mean=nan,
+            nll_se=nan,
+            bpd_mean=nan,
+            bpd_se=nan,
         )
 
     def put(self, i: int, res: EvaluationResult) -> None:
         """Store batch i's likelihood result atomically."""
         tensors = {"nll": res.nll, "bpd": res.bpd}
-        if res.per_repeat is not None:
-            tensors["per_repeat"] = res.per_repeat
-        meta = {"nfe": res.nfe, "estimator": res.estimator, "dequantization": res.dequantization}
+        for name in ("per_repeat", "error", "probe_se"):
+            if getattr(res, name) is not None:
+                tensors[name] = getattr(res, name)
+        meta = {
+            "nfe": res.nfe,
+            "estimator": res.estimator,
+            "dequantization": res.dequantization,
+            "policy": res.policy,
+            "grid_check": res.grid_check,  # NaN is written as JSON NaN and read back
+            "dim": res.dim,
+        }
         self.put_tensors(i, tensors, meta)
+
+
+def _dim_of(nll: Tensor, bpd: Tensor) -> int:
+    """D of a batch stored before results recorded it: nats / (bits/dim · log 2)."""
+    ok = bpd.abs() > 0
+    if not bool(ok.any()):
+        return 0
+    return round(float((nats_to_bpd(nll[ok], 1) / bpd[ok]).mean()))
 
 
 def _split(blob: bytes) -> tuple[dict[str, Any], bytes]:

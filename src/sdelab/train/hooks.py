@@ -7,13 +7,11 @@ from collections.abc import Mapping
 
 import torch
 
-from sdelab.likelihood import elbo, log_likelihood
-from sdelab.likelihood.bpd import evaluate_likelihood
+from sdelab.likelihood.bpd import ELBO, ODE, Levels, evaluate_likelihood
 from sdelab.metrics import frechet_distance_features
 from sdelab.quality import ClassifierFeatures, IdentityFeatures, collect_features
 from sdelab.samplers import sample
 from sdelab.sde import make_schedule
-from sdelab.train.build import dequantization_options
 from sdelab.train.classifier import load_classifier
 from sdelab.train.config import RunConfig
 from sdelab.train.loop import EvalContext, EvalHook
@@ -21,55 +19,49 @@ from sdelab.train.loop import EvalContext, EvalHook
 __all__ = ["eval_hook_for", "fd_hook", "likelihood_hook"]
 
 
-def likelihood_hook(ctx: EvalContext) -> Mapping[str, float]:
-    """Test NLL of the EMA model through the probability-flow ODE, and the sdeflow ELBO.
+def likelihood_hook(ctx: EvalContext) -> Mapping[str, float | str]:
+    """Test NLL of the EMA model through the probability-flow ODE, and the ELBO.
 
-    Uses the first ``eval.options.n_eval`` (default 1000) held-out points. The ODE uses the
-    exact trace for D ≤ 16 and Hutchinson (one Rademacher probe) above; tolerances
-    ``eval.options.rtol`` / ``atol`` (default 1e-4). Returns nats per example (means); for
-    image data (integer test levels) bits/dim with uniform dequantization instead.
+    Uses the first ``eval.options.n_eval`` (default 1000) held-out points, evaluated as
+    ``sdelab likelihood`` evaluates them: :func:`~sdelab.likelihood.bpd.evaluate_likelihood`
+    with ``ODE(tol=eval.options.tol)``, i.e. the default policy for the data's dimension
+    (:func:`~sdelab.likelihood.options.default_policy`), so ``eval.jsonl`` and the CLI agree by
+    construction. Returns means in nats per example (``test_nll_ode``, ``test_elbo_nll``) —
+    for image data (integer test levels) bits/dim with uniform dequantization instead
+    (``test_bpd_ode``, ``test_bpd_elbo``) — each with its standard error (``*_se``), the ODE's
+    solver-bias bound (``ode_bias_bound``, same unit), ``ode_nfe`` and the policy's tag
+    (``ode_policy``).
     """
     opts = ctx.config.eval.options
     x = ctx.test_data[: int(opts.get("n_eval", 1000))]
-    tol = float(opts.get("rtol", 1e-4)), float(opts.get("atol", 1e-4))
+    tol = opts.get("tol")
+    levels = None
     if not x.is_floating_point():  # image data: integer levels, bits/dim (uniform deq.)
-        return _image_hook(ctx, x, tol)
-    divergence = "exact" if x[0].numel() <= 16 else "hutchinson"
-    ode = log_likelihood(
-        ctx.model,
-        ctx.schedule,
-        x,
-        divergence=divergence,
-        rtol=tol[0],
-        atol=tol[1],
-        generator=ctx.generator,
-    )
-    bound = elbo(ctx.model, ctx.schedule, x, generator=ctx.generator)
-    with torch.no_grad():
+        ds = ctx.dataset
+        levels = Levels(ds.num_levels, float(ds.scale), float(ds.shift))
+    common = dict(levels=levels, generator=ctx.generator, progress=False)
+    estimator = ODE(tol=None if tol is None else float(tol))
+    ode = evaluate_likelihood(ctx.model, ctx.schedule, [x], estimator=estimator, **common)
+    bound = evaluate_likelihood(ctx.model, ctx.schedule, [x], estimator=ELBO(), **common)
+    if levels is None:
         return {
-            "test_nll_ode": float(ode.nll.mean()),
-            "test_elbo_nll": float(bound.nll_bound.mean()),
+            "test_nll_ode": ode.nll_mean,
+            "test_nll_ode_se": ode.nll_se,
+            "ode_bias_bound": ode.bias_bound,
+            "test_elbo_nll": bound.nll_mean,
+            "test_elbo_nll_se": bound.nll_se,
             "ode_nfe": float(ode.nfe),
+            "ode_policy": ode.tag,
         }
-
-
-def _image_hook(ctx: EvalContext, k: torch.Tensor, tol: tuple[float, float]) -> dict[str, float]:
-    """Test bits/dim of integer levels: ODE (one Hutchinson probe) and the ELBO, uniformly
-    dequantized with the dataset's levels and map to model space."""
-    deq = dequantization_options(ctx.dataset)
-    common = dict(generator=ctx.generator, progress=False, **deq)
-    ode = evaluate_likelihood(
-        ctx.model,
-        ctx.schedule,
-        [k],
-        estimator="ode",
-        divergence="hutchinson",
-        rtol=tol[0],
-        atol=tol[1],
-        **common,
-    )
-    bound = evaluate_likelihood(ctx.model, ctx.schedule, [k], estimator="elbo", **common)
-    return {"test_bpd_ode": ode.bpd_mean, "test_bpd_elbo": bound.bpd_mean, "ode_nfe": ode.nfe}
+    return {
+        "test_bpd_ode": ode.bpd_mean,
+        "test_bpd_ode_se": ode.bpd_se,
+        "ode_bias_bound": ode.bias_bound_bpd,
+        "test_bpd_elbo": bound.bpd_mean,
+        "test_bpd_elbo_se": bound.bpd_se,
+        "ode_nfe": float(ode.nfe),
+        "ode_policy": ode.tag,
+    }
 
 
 def fd_hook(ctx: EvalContext) -> Mapping[str, float]:
@@ -115,7 +107,7 @@ def eval_hook_for(config: RunConfig) -> EvalHook | None:
     if config.eval.fd_features is None:
         return likelihood_hook
 
-    def hook(ctx: EvalContext) -> Mapping[str, float]:
+    def hook(ctx: EvalContext) -> Mapping[str, float | str]:
         return {**likelihood_hook(ctx), **fd_hook(ctx)}
 
     return hook

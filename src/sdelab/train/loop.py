@@ -142,8 +142,8 @@ class EvalContext:
     dataset: Dataset
 
 
-#: ``hook(ctx) -> {"name": value}``: scalar metrics logged to eval.jsonl and TensorBoard.
-EvalHook = Callable[[EvalContext], Mapping[str, float]]
+#: ``hook(ctx) -> {"name": value}``: metrics logged to eval.jsonl (numbers also to TensorBoard).
+EvalHook = Callable[[EvalContext], Mapping[str, float | str]]
 
 
 @dataclass(frozen=True)
@@ -225,8 +225,9 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 # ---- evaluation, logging ---------------------------------------------------------------------
-def evaluate(run: Run, hook: EvalHook) -> dict[str, float]:
-    """Call ``hook`` on the EMA model with the fixed test set; returns its metrics as floats."""
+def evaluate(run: Run, hook: EvalHook) -> dict[str, float | str]:
+    """Call ``hook`` on the EMA model with the fixed test set; returns its metrics as floats
+    (strings, e.g. the likelihood policy's tag, pass through)."""
     test = run.dataset.test_set(run.config.eval.n_test).to(run.device)
     gen = torch.Generator(device=run.device).manual_seed(
         derive_seed(run.config.train.seed, streams.TRAIN_EVAL, run.step)
@@ -243,7 +244,7 @@ def evaluate(run: Run, hook: EvalHook) -> dict[str, float]:
         dataset=run.dataset,
     )
     try:
-        return {str(k): float(v) for k, v in hook(ctx).items()}
+        return {str(k): v if isinstance(v, str) else float(v) for k, v in hook(ctx).items()}
     finally:
         run.ema.train()
 

@@ -19,7 +19,6 @@ draws them, and every rank keeps its rows — so N processes take the step one p
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 
 from sdelab.discrete import chain_loss
+from sdelab.likelihood.dequantization import nats_to_bpd
 from sdelab.losses import (
     TimeSample,
     dsm_loss,
@@ -262,7 +262,7 @@ def vdm_backward(run: Run, x0: Tensor, labels: Tensor | None = None) -> Tensor:
                     noise=noise[rows],
                     z0_noise=z0_noise[rows],
                 )
-            to_bpd = 1.0 / (vlb.dims * math.log(2))
+            to_bpd = nats_to_bpd(1.0, vlb.dims)
             bpd = vlb.total.float() * to_bpd
             variance_gradient_step(
                 vlb.diffusion.float() * to_bpd,
