@@ -7,7 +7,7 @@ measured default grids and orders (``DEFAULT_GRIDS``, ``sdelab.samplers.defaults
 >>> res = sample(score_fn, schedule, (B, D), sampler="pc", steps=500)   # doctest: +SKIP
 """
 
-from sdelab.samplers.api import COMMON_OPTIONS, SAMPLERS, SampleResult, sample, sampler_options
+from sdelab.samplers.api import SampleResult, sample
 from sdelab.samplers.defaults import (
     DEFAULT_GRIDS,
     PROBE_GRIDS,
@@ -30,6 +30,7 @@ from sdelab.samplers.ode import (
     sample_dpm_solver,
     sample_ode,
 )
+from sdelab.samplers.registry import COMMON_OPTIONS, SAMPLERS, sampler_options
 from sdelab.samplers.stochastic import (
     CORRECTORS,
     PREDICTORS,

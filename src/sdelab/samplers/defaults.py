@@ -34,6 +34,7 @@ from sdelab.samplers.ode import (
     sample_dpm_solver,
     sample_ode,
 )
+from sdelab.samplers.registry import sampler_options
 from sdelab.sde import Schedule
 
 __all__ = [
@@ -223,8 +224,6 @@ def resolve_options(
         ``(run, record)``: keyword options for the sampler and the dict stored in
         ``SampleResult.options``.
     """
-    from sdelab.samplers.api import sampler_options  # the registry lives in api
-
     defaults = {k: v for k, v in sampler_options(name).items() if k not in ("denoise", "rho")}
     run = {**defaults, **options}
     record = dict(run)
