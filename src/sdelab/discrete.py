@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from sdelab.likelihood.dequantization import to_model_space
+from sdelab.likelihood.terms import VLBResult
 from sdelab.parametrization import ScoreModel, from_eps, to_eps
 from sdelab.sde import Schedule, ScheduleOutput, VESchedule, VPSchedule
 from sdelab.utils import append_dims, batch_time, check_int, randn_like, sum_except_batch
@@ -46,7 +47,6 @@ __all__ = [
     "DiscreteChain",
     "DiscreteLoss",
     "DiscreteScoreModel",
-    "DiscreteVLB",
     "chain_loss",
     "ddpm_chain",
     "ddpm_vlb",
@@ -246,25 +246,6 @@ def chain_loss(
 
 
 # ---- the variational bound -------------------------------------------------------------------
-@dataclass(frozen=True)
-class DiscreteVLB:
-    """Per-example terms of the discrete bound, each ``(B,)`` in nats; ``bpd`` = total/(D log 2)
-    bounds −log₂ P(k) per dimension for discrete data (no dequantization)."""
-
-    prior: Tensor
-    diffusion: Tensor
-    reconstruction: Tensor
-    dims: int
-
-    @property
-    def total(self) -> Tensor:
-        return self.prior + self.diffusion + self.reconstruction
-
-    @property
-    def bpd(self) -> Tensor:
-        return self.total / (self.dims * math.log(2))
-
-
 def _log_normal_bin(lo: Tensor, hi: Tensor) -> Tensor:
     """log(Φ(hi) − Φ(lo)) for lo < hi (±inf allowed), computed in the lower tail: where the
     bin lies right of 0, use Φ(−lo) − Φ(−hi) instead."""
@@ -297,7 +278,7 @@ def ddpm_vlb(
     shift: float = -1.0,
     n_terms: int | None = None,
     generator: torch.Generator | None = None,
-) -> DiscreteVLB:
+) -> VLBResult:
     """Per-example discrete variational bound L_vlb of the chain (Ho et al. 2020, Eq. 5):
 
         KL(q(x_{N−1}|x_0) ‖ prior) + Σ_{i=1}^{N−1} ½ expm1(λ_{i−1} − λ_i) E‖ε − ε̂(x_i, i)‖²
@@ -318,7 +299,7 @@ def ddpm_vlb(
         generator: source of all randomness (steps, then the noises).
 
     Returns:
-        :class:`DiscreteVLB`; ``bpd`` is the bound in bits/dim.
+        :class:`VLBResult`; ``bpd`` is the bound in bits/dim.
     """
     if levels is not None:
         k = x
@@ -367,7 +348,7 @@ def ddpm_vlb(
         reconstruction = sum_except_batch(nll)
     else:
         reconstruction = discretized_gaussian_nll(k.to(x.device), mean, std, levels, scale, shift)
-    return DiscreteVLB(prior=prior, diffusion=diffusion, reconstruction=reconstruction, dims=dims)
+    return VLBResult(prior=prior, diffusion=diffusion, reconstruction=reconstruction, dims=dims)
 
 
 # ---- the exact chains ------------------------------------------------------------------------

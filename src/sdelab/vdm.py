@@ -26,42 +26,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from sdelab.likelihood.dequantization import to_model_space
+from sdelab.likelihood.terms import VLBResult
 from sdelab.losses import TIME_SAMPLERS, TimeSample, draw_uniforms, dsm_loss, sample_time
 from sdelab.sde import LogSNRSchedule
 from sdelab.utils import append_dims, randn_like, sum_except_batch
 
 __all__ = [
-    "VLBResult",
     "check_vdm_schedule",
     "levels_to_centres",
     "variance_gradient_step",
     "vdm_vlb",
     "vlb_times",
 ]
-
-
-@dataclass(frozen=True)
-class VLBResult:
-    """Per-example VLB terms, each ``(B,)`` in nats; ``bpd`` = total / (D log 2)."""
-
-    prior: Tensor
-    reconstruction: Tensor
-    diffusion: Tensor
-    dims: int
-
-    @property
-    def total(self) -> Tensor:
-        return self.prior + self.reconstruction + self.diffusion
-
-    @property
-    def bpd(self) -> Tensor:
-        return self.total / (self.dims * math.log(2))
 
 
 def levels_to_centres(k: Tensor, levels: int) -> Tensor:

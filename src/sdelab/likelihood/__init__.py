@@ -11,6 +11,7 @@ Layers inside the package (imports point down; ``lint-imports`` checks them):
 - ground: :mod:`~sdelab.likelihood.divergence` (exact trace, Hutchinson),
   :mod:`~sdelab.likelihood.batched_rk` (per-example Dormand–Prince),
   :mod:`~sdelab.likelihood.dequantization` (levels ↔ model space, the one ``nats_to_bpd``),
+  :mod:`~sdelab.likelihood.terms` (:class:`VLBResult`, the terms of every variational bound),
   :mod:`~sdelab.likelihood.repeats` (standard errors of repeated estimates).
 """
 
@@ -24,12 +25,14 @@ from sdelab.likelihood.bpd import (
 )
 from sdelab.likelihood.dequantization import dequantize, nats_to_bpd, to_model_space
 from sdelab.likelihood.ode import LikelihoodResult, log_likelihood
+from sdelab.likelihood.terms import VLBResult
 
 __all__ = [
     "BPDResult",
     "BoundResult",
     "EvaluationResult",
     "LikelihoodResult",
+    "VLBResult",
     "bits_per_dim",
     "dequantize",
     "elbo",
