@@ -189,7 +189,7 @@ def test_continuous_view_runs_every_sampler_and_the_ode_likelihood():
     so its ODE likelihood is the oracle's; for DDPM it is exact at the steps."""
     ve = VESchedule(0.01, 10.0)
     smld = smld_chain(ve, 100)
-    model = DiscreteScoreModel(oracle_eps_net(smld), smld, output="eps")
+    model = DiscreteScoreModel(oracle_eps_net(smld), smld, parametrization="eps")
     data = gaussian()
     gen = torch.Generator().manual_seed(3)
     x = data.sample(64, generator=gen)
@@ -202,7 +202,7 @@ def test_continuous_view_runs_every_sampler_and_the_ode_likelihood():
 
     vp = VPSchedule()
     ddpm = ddpm_chain(vp, 1000)
-    model = DiscreteScoreModel(oracle_eps_net(ddpm), ddpm, output="eps")
+    model = DiscreteScoreModel(oracle_eps_net(ddpm), ddpm, parametrization="eps")
     steps = torch.randint(0, 1000, (64,), generator=gen)
     a, s = ddpm.at_step(steps, x)
     exact = -(x - a[:, None] * MEAN) / (a[:, None] ** 2 * VAR + s[:, None] ** 2)
@@ -235,7 +235,7 @@ def test_ddpm_bound_on_discrete_data_tends_to_minus_log_p():
     for n in (100, 1000):
         chain = ddpm_chain(VPSchedule(), n)
         k = torch.multinomial(probs, 4000, replacement=True, generator=gen)[:, None]
-        total = ddpm_vlb(step_fn_for(chain), chain, k, levels=4, generator=gen).total
+        total = ddpm_vlb(step_fn_for(chain), chain, k, num_levels=4, generator=gen).total
         se = float(total.std()) / math.sqrt(len(total))
         gaps.append(float(total.mean()) - entropy)
         assert gaps[-1] > -3 * se
