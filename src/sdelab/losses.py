@@ -30,7 +30,6 @@ from sdelab.sde import Schedule, ScheduleOutput
 from sdelab.utils import append_dims, randn_like, sum_except_batch
 
 __all__ = [
-    "SCORE_MATCHING_ORDERS",
     "SECOND_ORDER_FORMS",
     "TIME_SAMPLERS",
     "WEIGHTINGS",

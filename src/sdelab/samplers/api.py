@@ -16,6 +16,7 @@ from sdelab.utils import make_generator
 
 __all__ = ["SampleResult", "sample"]
 
+
 @dataclass
 class SampleResult:
     """What :func:`sample` returns.

@@ -37,15 +37,7 @@ from sdelab.samplers.ode import (
 from sdelab.samplers.registry import sampler_options
 from sdelab.sde import Schedule
 
-__all__ = [
-    "DEFAULT_GRIDS",
-    "PROBE_GRIDS",
-    "PROBE_MAX_NFE",
-    "PROBE_TOL",
-    "default_grid",
-    "linear_probe",
-    "resolve_options",
-]
+__all__ = ["DEFAULT_GRIDS", "PROBE_GRIDS", "PROBE_TOL", "default_grid", "linear_probe"]
 
 #: Grid used when ``sample`` is called without ``grid``: a grid name, or ``"probe"``: the
 #: grid among ``PROBE_GRIDS`` on which :func:`linear_probe` (of the sampler itself, or for the
