@@ -86,7 +86,7 @@ def bench_twin(name: str, args, root: Path) -> dict:
                         model.eps_at_step,
                         model.chain,
                         kb,
-                        levels=data.num_levels,
+                        num_levels=data.num_levels,
                         scale=data.scale,
                         shift=data.shift,
                         generator=gen,

@@ -131,7 +131,7 @@ def bpd_rows(model, k: torch.Tensor, seed: int) -> None:
         "linear log ᾱ, t_min = 0": from_diffusers(unet, scheduler, interpolation="linear"),
         "PCHIP, network snapped to steps": from_diffusers(unet, scheduler, snap_to_steps=True),
         f"fitted linear-β VP ({b_min:.3g}, {b_max:.3g}), t_min = 1e-5 (Score-SDE)": (
-            ScoreModel(DiffusersUNet(unet), fitted, output="eps"),
+            ScoreModel(DiffusersUNet(unet), fitted, parametrization="eps"),
             fitted,
         ),
     }

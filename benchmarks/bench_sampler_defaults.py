@@ -31,7 +31,8 @@ import torch
 from bench_samplers import affine_map, euler_maruyama_law, oracle
 from sdelab import FunctionSchedule, GaussianData, Schedule
 from sdelab.metrics import w2_between_gaussians
-from sdelab.samplers import dpm_solver_default_order, sample
+from sdelab.samplers import sample
+from sdelab.samplers.ode import dpm_solver_default_order
 from sdelab.sde import make_schedule
 
 D64 = torch.float64

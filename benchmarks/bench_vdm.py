@@ -52,7 +52,7 @@ def estimator_variance(run_dir: Path, time_sampling: str, m: int = 200, k: int =
             model.eps,
             schedule,
             reps,
-            levels=levels,
+            num_levels=levels,
             time_sampling=time_sampling,
             low_discrepancy=False,
             generator=torch.Generator().manual_seed(7),

@@ -19,6 +19,7 @@ from sdelab.discrete import (
     smld_chain,
 )
 from sdelab.likelihood import log_likelihood
+from sdelab.likelihood.options import Exact
 from sdelab.oracle import GaussianData
 from sdelab.samplers import sample
 from sdelab.sde import VESchedule, VPSchedule
@@ -188,20 +189,20 @@ def test_continuous_view_runs_every_sampler_and_the_ode_likelihood():
     so its ODE likelihood is the oracle's; for DDPM it is exact at the steps."""
     ve = VESchedule(0.01, 10.0)
     smld = smld_chain(ve, 100)
-    model = DiscreteScoreModel(oracle_eps_net(smld), smld, output="eps")
+    model = DiscreteScoreModel(oracle_eps_net(smld), smld, parametrization="eps")
     data = gaussian()
     gen = torch.Generator().manual_seed(3)
     x = data.sample(64, generator=gen)
     t = torch.rand(64, dtype=torch.float64) * 0.99 + 0.01
     torch.testing.assert_close(model(x, t), data.score_fn(ve)(x, t))
-    opts = dict(divergence="exact", rtol=1e-6, atol=1e-6)
+    opts = dict(divergence=Exact(), tol=1e-5)
     ll = log_likelihood(model, ve, x[:16], **opts)
     exact = log_likelihood(data.score_fn(ve), ve, x[:16], **opts)
     torch.testing.assert_close(ll.nll, exact.nll, atol=1e-4, rtol=0)
 
     vp = VPSchedule()
     ddpm = ddpm_chain(vp, 1000)
-    model = DiscreteScoreModel(oracle_eps_net(ddpm), ddpm, output="eps")
+    model = DiscreteScoreModel(oracle_eps_net(ddpm), ddpm, parametrization="eps")
     steps = torch.randint(0, 1000, (64,), generator=gen)
     a, s = ddpm.at_step(steps, x)
     exact = -(x - a[:, None] * MEAN) / (a[:, None] ** 2 * VAR + s[:, None] ** 2)
@@ -234,7 +235,7 @@ def test_ddpm_bound_on_discrete_data_tends_to_minus_log_p():
     for n in (100, 1000):
         chain = ddpm_chain(VPSchedule(), n)
         k = torch.multinomial(probs, 4000, replacement=True, generator=gen)[:, None]
-        total = ddpm_vlb(step_fn_for(chain), chain, k, levels=4, generator=gen).total
+        total = ddpm_vlb(step_fn_for(chain), chain, k, num_levels=4, generator=gen).total
         se = float(total.std()) / math.sqrt(len(total))
         gaps.append(float(total.mean()) - entropy)
         assert gaps[-1] > -3 * se

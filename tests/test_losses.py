@@ -25,7 +25,11 @@ def correlated_gaussian() -> GaussianData:
 def test_importance_sampler_ks(schedule):
     """t from the importance sampler has CDF F(t) = (λ(t_min) − λ(t)) / Λ (KS test, α = 1e-3)."""
     ts = sample_time(
-        schedule, 4000, method="importance", generator=torch.Generator().manual_seed(5), dtype=D64
+        schedule,
+        4000,
+        time_sampling="importance",
+        generator=torch.Generator().manual_seed(5),
+        dtype=D64,
     )
     ends = schedule.log_snr(torch.tensor([schedule.t_min, schedule.T], dtype=D64))
 
@@ -44,7 +48,7 @@ def test_velocity_importance_sampler_ks(schedule):
     ts = sample_time(
         schedule,
         4000,
-        method="importance-velocity",
+        time_sampling="importance-velocity",
         generator=torch.Generator().manual_seed(6),
         dtype=D64,
     )
@@ -66,7 +70,10 @@ def test_velocity_importance_gives_idode_constant_weight():
     weight of the velocity importance sampler is i-DODE's ½ Z ‖v̂ − v‖², Z = ∫ α² dλ."""
     schedule = VPSchedule()
     ts = sample_time(
-        schedule, 256, method="importance-velocity", generator=torch.Generator().manual_seed(1)
+        schedule,
+        256,
+        time_sampling="importance-velocity",
+        generator=torch.Generator().manual_seed(1),
     )
     v = schedule(ts.t.double())
     lam = schedule.log_snr(torch.tensor([schedule.t_min, schedule.T], dtype=D64))
@@ -276,7 +283,11 @@ def test_sdeflow_dsm_matches_its_formula():
         # replay the same draws: times first, then noise
         g = torch.Generator().manual_seed(5)
         ts = sample_time(
-            schedule, 32, method="importance" if debias else "uniform", generator=g, dtype=D64
+            schedule,
+            32,
+            time_sampling="importance" if debias else "uniform",
+            generator=g,
+            dtype=D64,
         )
         eps = torch.randn(x0.shape, generator=g, dtype=D64)
         v = schedule(ts.t)

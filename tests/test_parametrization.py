@@ -111,7 +111,7 @@ def test_score_model_wraps_any_kind(schedule):
 
     for kind in KINDS:
         net = at_net_time(score_fn_to_kind(score, schedule, kind))
-        model = ScoreModel(net, schedule, output=kind)
+        model = ScoreModel(net, schedule, parametrization=kind)
         torch.testing.assert_close(model(x, t), score(x, t), rtol=1e-8, atol=1e-8)
         torch.testing.assert_close(model.eps(x, t), -schedule(t).sigma[:, None] * score(x, t))
 

@@ -16,12 +16,14 @@ from sdelab.samplers import (
     SAMPLERS,
     TABLEAUX,
     SampleResult,
-    ancestral_predictor,
-    langevin_corrector,
-    reverse_diffusion_predictor,
     sample,
     sampler_options,
     time_grid,
+)
+from sdelab.samplers.stochastic import (
+    ancestral_predictor,
+    langevin_corrector,
+    reverse_diffusion_predictor,
 )
 from sdelab.sde import SubVPSchedule, VESchedule, VPSchedule
 

@@ -20,18 +20,13 @@ import pytest
 import torch
 
 from sdelab import FunctionSchedule, GaussianData, Schedule
-from sdelab.samplers import (
+from sdelab.samplers import SAMPLERS, linear_probe, sample, sampler_options, time_grid
+from sdelab.samplers.defaults import PROBE_GRIDS, default_grid
+from sdelab.samplers.ode import (
     DPM_3M_FROM_NFE,
     DPM_LOWER_ORDER_FINAL_STEPS,
-    PROBE_GRIDS,
-    SAMPLERS,
-    default_grid,
     dpm_solver_default_order,
     dpm_solver_orders,
-    linear_probe,
-    sample,
-    sampler_options,
-    time_grid,
 )
 from sdelab.sde import make_schedule
 

@@ -68,7 +68,7 @@ def test_mlp_every_output_kind(kind, embedding):
     cfg = resolve_config(cfg)
     sde = make_schedule("vp")
     model = build_model(cfg, sde)
-    assert isinstance(model, ScoreModel) and model.output == kind
+    assert isinstance(model, ScoreModel) and model.parametrization == kind
     x, t = torch.randn(5, 2), torch.rand(5) * 0.9 + 0.05
     assert model(x, t).shape == (5, 2)
     for other in KINDS:  # every kind is a consistent conversion of the same prediction

@@ -38,7 +38,7 @@ def test_output_shape(size, channels, mults, gen):
     assert out.shape == x.shape
     assert torch.count_nonzero(out) == 0  # zero-initialised output: ε̂ = 0 at the start
     assert net(x, 0.5).shape == x.shape  # scalar time broadcasts
-    model = ScoreModel(net, make_schedule("vp"), output="eps")
+    model = ScoreModel(net, make_schedule("vp"), parametrization="eps")
     assert model(x, 0.3).shape == x.shape
 
 

@@ -103,13 +103,13 @@ def test_discrete_steps_approach_continuous():
 def test_discrete_data_bpd_and_errors():
     sched = VDMLinearSchedule()
     k = torch.randint(0, 256, (8, 1, 4, 4), generator=torch.Generator().manual_seed(0))
-    out = vdm_vlb(lambda z, t: torch.zeros_like(z), sched, k, levels=256)
+    out = vdm_vlb(lambda z, t: torch.zeros_like(z), sched, k, num_levels=256)
     assert out.bpd.shape == (8,) and bool((out.bpd > 0).all())
     assert bool((out.reconstruction >= 0).all())  # −log of a probability mass
     centres = levels_to_centres(torch.tensor([0, 255]), 256)
     torch.testing.assert_close(centres, torch.tensor([-255 / 256, 255 / 256]))
     with pytest.raises(ValueError, match=r"levels must lie in \[0, 15\]"):
-        vdm_vlb(lambda z, t: z, sched, k, levels=16)
+        vdm_vlb(lambda z, t: z, sched, k, num_levels=16)
     with pytest.raises(ValueError, match="integers"):
         levels_to_centres(torch.tensor([0.5]), 256)
     with pytest.raises(ValueError, match="log-SNR schedule on"):

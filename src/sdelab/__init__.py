@@ -7,19 +7,30 @@ The core meets at a plain ``score_fn(x, t)`` plus a :class:`~sdelab.sde.Schedule
 >>> data = sdelab.GaussianData(torch.zeros(2), torch.eye(2))
 >>> loss = sdelab.dsm_loss(data.score_fn(sde), sde, data.sample(8), parametrization="score",
 ...                        weighting="likelihood", time_sampling="importance").loss
+>>> res = sdelab.sample(data.score_fn(sde), sde, (8, 2), sampler="dpm_solver", steps=20)
+>>> ll = sdelab.log_likelihood(data.score_fn(sde), sde, data.sample(8), tol=1e-2)
+
+This namespace holds what a user calls; everything else lives in its subpackage
+(``sdelab.samplers``, ``sdelab.likelihood``, ``sdelab.train``, ``sdelab.metrics``, …).
+Optional dependencies (diffusers) are imported only when used.
 """
 
 from sdelab import metrics as metrics  # sdelab.metrics.gaussian_w2 after `import sdelab`
-from sdelab.losses import TimeSample, dsm_loss, sample_time, sdeflow_dsm
+from sdelab.interop import from_diffusers, from_k_diffusion, load_diffusers
+from sdelab.likelihood.bounds import elbo, scoreflow_bound
+from sdelab.likelihood.bpd import bits_per_dim, evaluate_likelihood
+from sdelab.likelihood.dequantization import nats_to_bpd
+from sdelab.likelihood.ode import LikelihoodResult, log_likelihood
+from sdelab.likelihood.options import Augmented, Exact, Hutchinson, Quadrature, Randomized
+from sdelab.losses import dsm_loss
 from sdelab.oracle import GaussianData
-from sdelab.parametrization import KINDS, ScoreModel, convert, score_fn_to_kind
+from sdelab.parametrization import ScoreModel, convert
+from sdelab.samplers import SampleResult, sample
 from sdelab.sde import (
-    SCHEDULES,
     CosineSchedule,
     FunctionSchedule,
     LogSNRSchedule,
     Schedule,
-    ScheduleOutput,
     SubVPSchedule,
     TutorialSchedule,
     VDMLinearSchedule,
@@ -31,25 +42,36 @@ from sdelab.sde import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "KINDS",
-    "SCHEDULES",
+    "Augmented",
     "CosineSchedule",
+    "Exact",
     "FunctionSchedule",
     "GaussianData",
+    "Hutchinson",
+    "LikelihoodResult",
     "LogSNRSchedule",
+    "Quadrature",
+    "Randomized",
+    "SampleResult",
     "Schedule",
-    "ScheduleOutput",
     "ScoreModel",
     "SubVPSchedule",
-    "TimeSample",
     "TutorialSchedule",
     "VDMLinearSchedule",
     "VESchedule",
     "VPSchedule",
+    "__version__",
+    "bits_per_dim",
     "convert",
     "dsm_loss",
+    "elbo",
+    "evaluate_likelihood",
+    "from_diffusers",
+    "from_k_diffusion",
+    "load_diffusers",
+    "log_likelihood",
     "make_schedule",
-    "sample_time",
-    "score_fn_to_kind",
-    "sdeflow_dsm",
+    "nats_to_bpd",
+    "sample",
+    "scoreflow_bound",
 ]

@@ -64,7 +64,6 @@ __all__ = [
     "DECOUPLE",
     "cfg_score",
     "cfg_score_fn",
-    "colorization_mask",
     "colorize",
     "couple",
     "decouple",

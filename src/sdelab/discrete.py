@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from sdelab.likelihood.dequantization import to_model_space
+from sdelab.likelihood.terms import VLBResult
 from sdelab.parametrization import ScoreModel, from_eps, to_eps
 from sdelab.sde import Schedule, ScheduleOutput, VESchedule, VPSchedule
 from sdelab.utils import append_dims, batch_time, check_int, randn_like, sum_except_batch
@@ -46,7 +47,6 @@ __all__ = [
     "DiscreteChain",
     "DiscreteLoss",
     "DiscreteScoreModel",
-    "DiscreteVLB",
     "chain_loss",
     "ddpm_chain",
     "ddpm_vlb",
@@ -154,24 +154,27 @@ CHAINS: dict[str, Callable[..., DiscreteChain]] = {"ddpm": ddpm_chain, "smld": s
 class DiscreteScoreModel(ScoreModel):
     """A network trained on a discrete chain, seen as a continuous-time score model.
 
-    ``net(x, τ)`` predicts ``output`` (eps, score, x0, v; drift needs g and is converted with the
-    continuous schedule's g) at the step input τ (:meth:`DiscreteChain.net_input`). Calling the
-    model at (x, t) returns the score of the continuous view (see the module docstring), so it
-    works with every sampler and the ODE likelihood; :meth:`at_step` predicts at integer steps
-    for the exact chains (:func:`sample_ddpm`, :func:`sample_ncsn`, :func:`ddpm_vlb`).
+    ``net(x, τ)`` predicts ``parametrization`` (eps, score, x0, v; drift needs g and is converted
+    with the continuous schedule's g) at the step input τ (:meth:`DiscreteChain.net_input`).
+    Calling the model at (x, t) returns the score of the continuous view (see the module
+    docstring), so it works with every sampler and the ODE likelihood; :meth:`at_step` predicts
+    at integer steps for the exact chains (:func:`sample_ddpm`, :func:`sample_ncsn`,
+    :func:`ddpm_vlb`).
     """
 
-    def __init__(self, net: nn.Module | Callable, chain: DiscreteChain, output: str = "eps"):
-        super().__init__(net, chain.schedule, output=output)
+    def __init__(
+        self, net: nn.Module | Callable, chain: DiscreteChain, parametrization: str = "eps"
+    ):
+        super().__init__(net, chain.schedule, parametrization=parametrization)
         self.chain = chain
 
     def _predict_at(self, x: Tensor, u: Tensor, kind: str, y: Tensor | None) -> Tensor:
         tau = self.chain.net_input(u)
         out = self.net(x, tau) if y is None else self.net(x, tau, y)
-        if kind == self.output:
+        if kind == self.parametrization:
             return out
         vals = self.chain.values(u)
-        return from_eps(to_eps(out, self.output, x, vals), kind, x, vals)
+        return from_eps(to_eps(out, self.parametrization, x, vals), kind, x, vals)
 
     def predict(
         self, x: Tensor, t: Tensor | float, kind: str = "score", y: Tensor | None = None
@@ -246,25 +249,6 @@ def chain_loss(
 
 
 # ---- the variational bound -------------------------------------------------------------------
-@dataclass(frozen=True)
-class DiscreteVLB:
-    """Per-example terms of the discrete bound, each ``(B,)`` in nats; ``bpd`` = total/(D log 2)
-    bounds −log₂ P(k) per dimension for discrete data (no dequantization)."""
-
-    prior: Tensor
-    diffusion: Tensor
-    reconstruction: Tensor
-    dims: int
-
-    @property
-    def total(self) -> Tensor:
-        return self.prior + self.diffusion + self.reconstruction
-
-    @property
-    def bpd(self) -> Tensor:
-        return self.total / (self.dims * math.log(2))
-
-
 def _log_normal_bin(lo: Tensor, hi: Tensor) -> Tensor:
     """log(Φ(hi) − Φ(lo)) for lo < hi (±inf allowed), computed in the lower tail: where the
     bin lies right of 0, use Φ(−lo) − Φ(−hi) instead."""
@@ -276,14 +260,16 @@ def _log_normal_bin(lo: Tensor, hi: Tensor) -> Tensor:
 
 
 def discretized_gaussian_nll(
-    k: Tensor, mean: Tensor, std: Tensor, levels: int, scale: float = 2.0, shift: float = -1.0
+    k: Tensor, mean: Tensor, std: Tensor, num_levels: int, scale: float = 2.0, shift: float = -1.0
 ) -> Tensor:
     """DDPM's discretised decoder: −log ∫_{bin k} N(y; mean, std²) dy per example ``(B,)``,
     with bins of width scale/L around the level centres scale(k + ½)/L + shift and the outer
     bins extended to ±∞ (so the L probabilities sum to 1)."""
     kf = k.to(mean.dtype)
-    lo = torch.where(kf <= 0, -math.inf, to_model_space(kf, levels, scale, shift, u=0.0))
-    hi = torch.where(kf >= levels - 1, math.inf, to_model_space(kf, levels, scale, shift, u=1.0))
+    lo = torch.where(kf <= 0, -math.inf, to_model_space(kf, num_levels, scale, shift, u=0.0))
+    hi = torch.where(
+        kf >= num_levels - 1, math.inf, to_model_space(kf, num_levels, scale, shift, u=1.0)
+    )
     return -sum_except_batch(_log_normal_bin((lo - mean) / std, (hi - mean) / std))
 
 
@@ -292,12 +278,12 @@ def ddpm_vlb(
     chain: DiscreteChain,
     x: Tensor,
     *,
-    levels: int | None = None,
+    num_levels: int | None = None,
     scale: float = 2.0,
     shift: float = -1.0,
     n_terms: int | None = None,
     generator: torch.Generator | None = None,
-) -> DiscreteVLB:
+) -> VLBResult:
     """Per-example discrete variational bound L_vlb of the chain (Ho et al. 2020, Eq. 5):
 
         KL(q(x_{N−1}|x_0) ‖ prior) + Σ_{i=1}^{N−1} ½ expm1(λ_{i−1} − λ_i) E‖ε − ε̂(x_i, i)‖²
@@ -310,23 +296,23 @@ def ddpm_vlb(
     Args:
         step_fn: ``step_fn(x_i, i) -> ε̂`` (e.g. :meth:`DiscreteScoreModel.eps_at_step`).
         chain: the chain the model was trained on.
-        x: integer levels ``(B, ...)`` when ``levels`` is given (the bound is on −log P(k)),
+        x: integer levels ``(B, ...)`` when ``num_levels`` is given (the bound is on −log P(k)),
             else continuous data in model space.
-        levels, scale, shift: L levels mapped to scale·(k + ½)/L + shift (default [−1, 1]).
+        num_levels, scale, shift: L levels mapped to scale·(k + ½)/L + shift (default [−1, 1]).
         n_terms: ``None`` sums every step (N − 1 network calls); an integer m draws m steps
             uniformly per example and rescales, an unbiased estimate at m calls.
         generator: source of all randomness (steps, then the noises).
 
     Returns:
-        :class:`DiscreteVLB`; ``bpd`` is the bound in bits/dim.
+        :class:`VLBResult`; ``bpd`` is the bound in bits/dim.
     """
-    if levels is not None:
+    if num_levels is not None:
         k = x
-        if not bool((k == k.round()).all()) or int(k.min()) < 0 or int(k.max()) >= levels:
-            raise ValueError(f"levels=L needs integer data in [0, {levels - 1}]")
-        x = to_model_space(k.to(torch.get_default_dtype()), levels, scale, shift).to(x.device)
+        if not bool((k == k.round()).all()) or int(k.min()) < 0 or int(k.max()) >= num_levels:
+            raise ValueError(f"num_levels=L needs integer data in [0, {num_levels - 1}]")
+        x = to_model_space(k.to(torch.get_default_dtype()), num_levels, scale, shift).to(x.device)
     elif not x.is_floating_point():
-        raise ValueError("integer data needs levels=L (the number of pixel levels)")
+        raise ValueError("integer data needs num_levels=L (the number of pixel levels)")
     b, n, dims = x.shape[0], chain.n, x[0].numel()
     lam = chain.log_snr
     weight = 0.5 * torch.expm1(lam[:-1] - lam[1:])  # (N−1,) the weight of step i = 1..N−1
@@ -362,12 +348,14 @@ def ddpm_vlb(
     z = a0 * x + s0 * eps
     mean = (z - s0 * step_fn(z, zero)) / a0  # x̂_0 = DDPM's μ_θ(x_1, 1)
     std = s0.expand_as(x)
-    if levels is None:
+    if num_levels is None:
         nll = 0.5 * ((x - mean) / std) ** 2 + torch.log(std) + 0.5 * math.log(2 * math.pi)
         reconstruction = sum_except_batch(nll)
     else:
-        reconstruction = discretized_gaussian_nll(k.to(x.device), mean, std, levels, scale, shift)
-    return DiscreteVLB(prior=prior, diffusion=diffusion, reconstruction=reconstruction, dims=dims)
+        reconstruction = discretized_gaussian_nll(
+            k.to(x.device), mean, std, num_levels, scale, shift
+        )
+    return VLBResult(prior=prior, diffusion=diffusion, reconstruction=reconstruction, dims=dims)
 
 
 # ---- the exact chains ------------------------------------------------------------------------

@@ -31,7 +31,6 @@ __all__ = [
     "gather_indexed",
     "get_info",
     "init",
-    "launched_world_size",
     "leave",
     "shard",
 ]

@@ -30,7 +30,6 @@ from sdelab.sde import Schedule, ScheduleOutput
 from sdelab.utils import append_dims, randn_like, sum_except_batch
 
 __all__ = [
-    "SCORE_MATCHING_ORDERS",
     "SECOND_ORDER_FORMS",
     "TIME_SAMPLERS",
     "WEIGHTINGS",
@@ -85,7 +84,7 @@ def sample_time(
     schedule: Schedule,
     n: int,
     *,
-    method: str = "uniform",
+    time_sampling: str = "uniform",
     low_discrepancy: bool = False,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
@@ -93,9 +92,9 @@ def sample_time(
 ) -> TimeSample:
     r"""Draw ``n`` times in [t_min, T] with their importance weights.
 
-    ``method="uniform"``: t ~ U[t_min, T], weight T − t_min.
+    ``time_sampling="uniform"``: t ~ U[t_min, T], weight T − t_min.
 
-    ``method="importance"``: t has density q(t) ∝ g(t)²/σ(t)², the density that makes the
+    ``time_sampling="importance"``: t has density q(t) ∝ g(t)²/σ(t)², the density that makes the
     likelihood-weighted integrand flat in its time factor (ScoreFlow's importance sampling,
     sdeflow-light's ``--debias``). Derivation: for every schedule g²/σ² = −dλ/dt, so
 
@@ -112,7 +111,7 @@ def sample_time(
     as with uniform t and a far smaller variance, because the 1/σ² blow-up near t_min is
     absorbed into the sampling density.
 
-    ``method="importance-velocity"``: i-DODE's density (Zheng et al. 2023) q(t) ∝
+    ``time_sampling="importance-velocity"``: i-DODE's density (Zheng et al. 2023) q(t) ∝
     −λ'(t) sigmoid(λ(t)), i.e. λ has density ∝ sigmoid(λ) = α²/(α² + σ²) on [λ(T), λ(t_min)].
     For a variance-preserving schedule sigmoid(λ) = α², and the likelihood-weighted loss in
     Salimans & Ho's v, ½ (g²/σ²) α² ‖v̂ − v‖², gets a constant weight: i-DODE's ½ Z ‖v̂ − v‖².
@@ -122,18 +121,18 @@ def sample_time(
     ``low_discrepancy=True`` replaces i.i.d. uniforms by VDM's evenly spaced draws
     u_i = (u_0 + i/n) mod 1, before any mapping.
     """
-    if method not in TIME_SAMPLERS:
+    if time_sampling not in TIME_SAMPLERS:
         raise ValueError(
-            f"unknown time sampler {method!r}: choose one of {', '.join(TIME_SAMPLERS)}"
+            f"unknown time sampler {time_sampling!r}: choose one of {', '.join(TIME_SAMPLERS)}"
         )
     dtype = dtype or torch.get_default_dtype()
     u = draw_uniforms(n, low_discrepancy, generator, device, dtype)
-    if method == "uniform":
+    if time_sampling == "uniform":
         t = schedule.t_min + (schedule.T - schedule.t_min) * u
         return TimeSample(t, torch.full_like(t, schedule.T - schedule.t_min))
     ends = torch.tensor([schedule.t_min, schedule.T], dtype=dtype, device=u.device)
     lam_hi, lam_lo = schedule.log_snr(ends).unbind()
-    if method == "importance-velocity":
+    if time_sampling == "importance-velocity":
         # in float64: softplus(λ_hi) − u Z cancels for u near 1
         sp_hi, sp_lo = F.softplus(lam_hi.double()), F.softplus(lam_lo.double())
         z = sp_hi - sp_lo
@@ -207,7 +206,7 @@ def dsm_loss(
         time = sample_time(
             schedule,
             b,
-            method=time_sampling,
+            time_sampling=time_sampling,
             low_discrepancy=low_discrepancy,
             generator=generator,
             device=x0.device,
@@ -429,7 +428,7 @@ def high_order_dsm_loss(
         time = sample_time(
             schedule,
             b,
-            method=time_sampling,
+            time_sampling=time_sampling,
             low_discrepancy=low_discrepancy,
             generator=generator,
             device=x0.device,

@@ -115,7 +115,7 @@ def convert(
 
 
 class ScoreModel(nn.Module):
-    """Wrap a network ``net(x_t, t)`` whose output is of kind ``output`` into every other kind.
+    """Wrap a network ``net(x_t, t)`` that predicts ``parametrization`` into every other kind.
 
     Calling the wrapper returns the score, so a ``ScoreModel`` works wherever a plain
     ``score_fn(x, t)`` does (samplers, likelihood, bounds). ``model.predict(x, t, "x0")``
@@ -127,13 +127,13 @@ class ScoreModel(nn.Module):
         self,
         net: nn.Module | Callable[[Tensor, Tensor], Tensor],
         schedule: Schedule,
-        output: Kind = "eps",
+        parametrization: Kind = "eps",
     ) -> None:
         super().__init__()
-        _check_kind(output)
+        _check_kind(parametrization)
         self.net = net
         self.schedule = schedule
-        self.output = output
+        self.parametrization = parametrization
 
     def predict(
         self, x: Tensor, t: Tensor | float, kind: str = "score", y: Tensor | None = None
@@ -143,9 +143,11 @@ class ScoreModel(nn.Module):
         t = batch_time(t, x)
         tau = self.schedule.net_time(t)
         out = self.net(x, tau) if y is None else self.net(x, tau, y)
-        if kind == self.output:
+        if kind == self.parametrization:
             return out
-        return convert(out, source=self.output, target=kind, x=x, t=t, schedule=self.schedule)
+        return convert(
+            out, source=self.parametrization, target=kind, x=x, t=t, schedule=self.schedule
+        )
 
     def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
         return self.predict(x, t, "score", y)

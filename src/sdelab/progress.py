@@ -17,7 +17,7 @@ from typing import Any, TextIO
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["Progress", "TimeProgress", "format_duration"]
+__all__ = ["Progress", "TimeProgress"]
 
 
 def format_duration(seconds: float) -> str:

@@ -45,7 +45,6 @@ __all__ = [
     "ProbabilisticExtractor",
     "QualityResult",
     "check_metrics",
-    "check_stats",
     "collect_features",
     "evaluate_quality",
     "feature_stats",

@@ -26,18 +26,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from sdelab.likelihood.dequantization import to_model_space
+from sdelab.likelihood.terms import VLBResult
 from sdelab.losses import TIME_SAMPLERS, TimeSample, draw_uniforms, dsm_loss, sample_time
 from sdelab.sde import LogSNRSchedule
 from sdelab.utils import append_dims, randn_like, sum_except_batch
 
 __all__ = [
-    "VLBResult",
     "check_vdm_schedule",
     "levels_to_centres",
     "variance_gradient_step",
@@ -46,34 +45,16 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class VLBResult:
-    """Per-example VLB terms, each ``(B,)`` in nats; ``bpd`` = total / (D log 2)."""
-
-    prior: Tensor
-    reconstruction: Tensor
-    diffusion: Tensor
-    dims: int
-
-    @property
-    def total(self) -> Tensor:
-        return self.prior + self.reconstruction + self.diffusion
-
-    @property
-    def bpd(self) -> Tensor:
-        return self.total / (self.dims * math.log(2))
-
-
-def levels_to_centres(k: Tensor, levels: int) -> Tensor:
+def levels_to_centres(k: Tensor, num_levels: int) -> Tensor:
     """Map integer levels k ∈ {0..L−1} to VDM's bin centres (2k + 1)/L − 1 in (−1, 1)."""
     if k.is_floating_point() and not bool((k == k.round()).all()):
         raise ValueError("levels must be integers (pass the raw pixel levels, not scaled data)")
-    if int(k.min()) < 0 or int(k.max()) >= levels:
+    if int(k.min()) < 0 or int(k.max()) >= num_levels:
         raise ValueError(
-            f"levels must lie in [0, {levels - 1}], got [{int(k.min())}, "
+            f"levels must lie in [0, {num_levels - 1}], got [{int(k.min())}, "
             f"{int(k.max())}]: pass the number of levels of your data"
         )
-    return to_model_space(k, levels, 2.0, -1.0)
+    return to_model_space(k, num_levels, 2.0, -1.0)
 
 
 def _prior_kl(schedule: LogSNRSchedule, x: Tensor) -> Tensor:
@@ -87,7 +68,7 @@ def _reconstruction(
     schedule: LogSNRSchedule,
     x: Tensor,
     k: Tensor | None,
-    levels: int | None,
+    num_levels: int | None,
     z0_noise: Tensor,
 ) -> Tensor:
     zero = torch.full((x.shape[0],), schedule.t_min, dtype=x.dtype, device=x.device)
@@ -97,7 +78,9 @@ def _reconstruction(
         std = sigma / alpha
         nll = 0.5 * ((x - z0 / alpha) / std) ** 2 + torch.log(std) + 0.5 * math.log(2 * math.pi)
         return sum_except_batch(nll.expand_as(x))
-    grid = to_model_space(torch.arange(levels, dtype=x.dtype, device=x.device), levels, 2.0, -1.0)
+    grid = to_model_space(
+        torch.arange(num_levels, dtype=x.dtype, device=x.device), num_levels, 2.0, -1.0
+    )
     logits = -0.5 * ((z0.unsqueeze(-1) - alpha.unsqueeze(-1) * grid) / sigma.unsqueeze(-1)) ** 2
     logp = torch.log_softmax(logits, dim=-1).gather(-1, k.long().unsqueeze(-1)).squeeze(-1)
     return -sum_except_batch(logp)
@@ -121,7 +104,7 @@ def vlb_times(
         return sample_time(
             schedule,
             n,
-            method=time_sampling,
+            time_sampling=time_sampling,
             low_discrepancy=low_discrepancy,
             generator=generator,
             device=device,
@@ -151,7 +134,7 @@ def vdm_vlb(
     schedule: LogSNRSchedule,
     x: Tensor,
     *,
-    levels: int | None = None,
+    num_levels: int | None = None,
     n_steps: int | None = None,
     parametrization: str = "eps",
     time_sampling: str = "uniform",
@@ -167,9 +150,9 @@ def vdm_vlb(
         eps_fn: ``eps_fn(z_t, t)`` predicting ``parametrization`` (default ε; a plain score
             function works with ``parametrization="score"``).
         schedule: a variance-preserving schedule on [0, 1] (``vdm``, ``vdm-learned``, …).
-        x: integer levels ``(B, ...)`` when ``levels`` is given (discrete data, the bound is on
+        x: integer levels ``(B, ...)`` when ``num_levels`` is given (discrete data, the bound is on
             −log P(k)), else continuous data in model space.
-        levels: number of data levels L (e.g. 256), or ``None`` for continuous data.
+        num_levels: number of data levels L (e.g. 256), or ``None`` for continuous data.
         n_steps: ``None`` for the continuous-time diffusion loss, or T for T discrete steps.
         parametrization: what ``eps_fn`` predicts (eps, score, x0, v, drift).
         time_sampling: continuous time only: ``"uniform"`` (VDM) or ``"importance"`` (t with
@@ -190,11 +173,11 @@ def vdm_vlb(
             f"unknown time sampler {time_sampling!r}: choose one of {', '.join(TIME_SAMPLERS)}"
         )
     k = None
-    if levels is not None:
+    if num_levels is not None:
         k = x
-        x = levels_to_centres(k, levels).to(x.device)
+        x = levels_to_centres(k, num_levels).to(x.device)
     elif not x.is_floating_point():
-        raise ValueError("integer data needs levels=L (the number of pixel levels)")
+        raise ValueError("integer data needs num_levels=L (the number of pixel levels)")
     b = x.shape[0]
     if t is None:
         t = vlb_times(
@@ -236,7 +219,7 @@ def vdm_vlb(
     ).loss
     return VLBResult(
         prior=_prior_kl(schedule, x),
-        reconstruction=_reconstruction(schedule, x, k, levels, z0_noise),
+        reconstruction=_reconstruction(schedule, x, k, num_levels, z0_noise),
         diffusion=diffusion,
         dims=x[0].numel(),
     )

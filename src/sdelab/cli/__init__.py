@@ -29,7 +29,7 @@ from sdelab import __version__, distributed
 from sdelab.cli import control, dequantizer, likelihood, plot, quality, sample, train
 from sdelab.cli.common import CLIError, OneLineParser, is_override
 
-__all__ = ["CLIError", "build_parser", "main"]
+__all__ = ["CLIError", "main"]
 
 #: The subcommand modules, in the order ``--help`` lists them.
 _MODULES = (train, sample, likelihood, quality, plot, control, dequantizer)

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from sdelab import distributed
-from sdelab.samplers.api import sampler_options
+from sdelab.samplers.registry import sampler_options
 from sdelab.train.build import resolve_device
 
 __all__ = [

@@ -45,12 +45,7 @@ from sdelab.data.images import (
 from sdelab.data.toys import no_labels_error
 from sdelab.likelihood.dequantization import to_model_space
 
-__all__ = [
-    "IMAGE_DATA_NAMES",
-    "NATIVE_SHAPES",
-    "ImageData",
-    "image_shape_for",
-]
+__all__ = ["IMAGE_DATA_NAMES", "ImageData", "image_shape_for"]
 
 #: Native (C, H, W) and number of levels of the built-in image datasets (``folder``: unknown).
 NATIVE_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "IDX_DTYPES",
     "RestrictedUnpickler",
     "UnsafePickleError",
     "read_cifar_pickle",

@@ -43,9 +43,7 @@ from sdelab.likelihood.dequantization import to_model_space
 from sdelab.utils import make_generator, sum_except_batch
 
 __all__ = [
-    "CIFAR10_CLASSES",
     "DATA_RANGES",
-    "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_ROOT",
     "IMAGE_DATASETS",
     "ImageDataset",

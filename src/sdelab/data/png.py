@@ -19,15 +19,7 @@ from sdelab.data.image_formats import read_image_file
 from sdelab.data.images import levels_to_model
 from sdelab.utils import atomic_write
 
-__all__ = [
-    "load_mask_png",
-    "load_png",
-    "save_level_grid",
-    "save_png_grid",
-    "tile_rows",
-    "upscale_factor",
-    "write_png",
-]
+__all__ = ["load_mask_png", "load_png", "save_level_grid", "save_png_grid", "upscale_factor"]
 
 
 #: Grids upscale each tile to at least this many pixels on its longer side (8×8 digits: ×8).

@@ -11,6 +11,7 @@ Layers inside the package (imports point down; ``lint-imports`` checks them):
 - ground: :mod:`~sdelab.likelihood.divergence` (exact trace, Hutchinson),
   :mod:`~sdelab.likelihood.batched_rk` (per-example Dormand–Prince),
   :mod:`~sdelab.likelihood.dequantization` (levels ↔ model space, the one ``nats_to_bpd``),
+  :mod:`~sdelab.likelihood.terms` (:class:`VLBResult`, the terms of every variational bound),
   :mod:`~sdelab.likelihood.repeats` (standard errors of repeated estimates).
 """
 
@@ -28,19 +29,38 @@ from sdelab.likelihood.bpd import (
     evaluate_sharded,
 )
 from sdelab.likelihood.dequantization import dequantize, nats_to_bpd, to_model_space
-from sdelab.likelihood.ode import LikelihoodResult, log_likelihood
+from sdelab.likelihood.ode import LikelihoodResult, decoder_bound, log_likelihood
+from sdelab.likelihood.options import (
+    Augmented,
+    Exact,
+    Hutchinson,
+    Policy,
+    Quadrature,
+    Randomized,
+    default_policy,
+)
+from sdelab.likelihood.terms import VLBResult
 
 __all__ = [
     "ELBO",
     "ODE",
+    "Augmented",
     "BPDResult",
     "BoundResult",
     "Dequantization",
     "EvaluationResult",
+    "Exact",
+    "Hutchinson",
     "Levels",
     "LikelihoodResult",
+    "Policy",
+    "Quadrature",
+    "Randomized",
     "ScoreFlow",
+    "VLBResult",
     "bits_per_dim",
+    "decoder_bound",
+    "default_policy",
     "dequantize",
     "elbo",
     "evaluate_likelihood",

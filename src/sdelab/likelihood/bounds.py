@@ -195,7 +195,7 @@ def elbo(
         ts = sample_time(
             schedule,
             xr.shape[0],
-            method=time_sampling,
+            time_sampling=time_sampling,
             generator=generator,
             device=x.device,
             dtype=x.dtype,

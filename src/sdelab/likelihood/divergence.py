@@ -17,14 +17,7 @@ from torch import Tensor
 from sdelab.sde import Schedule
 from sdelab.utils import ScoreFn, check_int
 
-__all__ = [
-    "DIVERGENCES",
-    "PROBES",
-    "TRACE_MODES",
-    "exact_trace",
-    "hutchinson_trace",
-    "sample_probes",
-]
+__all__ = ["PROBES", "TRACE_MODES", "exact_trace", "hutchinson_trace", "sample_probes"]
 
 #: divergence estimators: the exact trace, or Hutchinson's unbiased estimate.
 DIVERGENCES: tuple[str, ...] = ("exact", "hutchinson")

@@ -10,7 +10,7 @@ input gets VDM's Fourier features sin/cos(2ⁿ·2π·x) concatenated on the chan
 
 The last conv of each residual branch, each attention output projection and the output
 conv start at zero (as in DDPM), so an untrained U-Net returns zeros: ε̂ = 0 under
-``ScoreModel(net, schedule, output="eps")``.
+``ScoreModel(net, schedule, parametrization="eps")``.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class _Upsample(nn.Module):
 class UNet(nn.Module):
     """DDPM/NCSN++-style U-Net: ``UNet(...)(x, t)`` returns a tensor shaped like ``x``.
 
-    Drops into ``ScoreModel(net, schedule, output="eps")`` (or any other output kind).
+    Drops into ``ScoreModel(net, schedule, parametrization="eps")`` (or any other kind).
 
     Args:
         image_size: H = W, or ``(H, W)``; each must be divisible by 2^(levels − 1).

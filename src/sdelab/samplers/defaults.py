@@ -34,17 +34,10 @@ from sdelab.samplers.ode import (
     sample_dpm_solver,
     sample_ode,
 )
+from sdelab.samplers.registry import sampler_options
 from sdelab.sde import Schedule
 
-__all__ = [
-    "DEFAULT_GRIDS",
-    "PROBE_GRIDS",
-    "PROBE_MAX_NFE",
-    "PROBE_TOL",
-    "default_grid",
-    "linear_probe",
-    "resolve_options",
-]
+__all__ = ["DEFAULT_GRIDS", "PROBE_GRIDS", "PROBE_TOL", "default_grid", "linear_probe"]
 
 #: Grid used when ``sample`` is called without ``grid``: a grid name, or ``"probe"``: the
 #: grid among ``PROBE_GRIDS`` on which :func:`linear_probe` (of the sampler itself, or for the
@@ -223,8 +216,6 @@ def resolve_options(
         ``(run, record)``: keyword options for the sampler and the dict stored in
         ``SampleResult.options``.
     """
-    from sdelab.samplers.api import sampler_options  # the registry lives in api
-
     defaults = {k: v for k, v in sampler_options(name).items() if k not in ("denoise", "rho")}
     run = {**defaults, **options}
     record = dict(run)

@@ -19,7 +19,7 @@ from torch import Tensor
 from sdelab.sde import Schedule
 from sdelab.utils import check_int
 
-__all__ = ["GRIDS", "edm_grid", "logsnr_grid", "time_grid", "uniform_grid"]
+__all__ = ["GRIDS", "time_grid"]
 
 D64 = torch.float64
 

@@ -38,7 +38,6 @@ from sdelab.sde import Schedule
 from sdelab.utils import ADAPTIVE_SOLVERS
 
 __all__ = [
-    "ADAPTIVE_METHODS",
     "DPM_3M_FROM_NFE",
     "DPM_LOWER_ORDER_FINAL_STEPS",
     "DPM_MIN_STEP_RATIO",
@@ -48,7 +47,6 @@ __all__ = [
     "dpm_solver_default_order",
     "dpm_solver_orders",
     "dpm_update",
-    "rk_step",
     "sample_dpm_solver",
     "sample_ode",
 ]

@@ -192,8 +192,8 @@ def build_model(config: RunConfig, schedule: Schedule) -> ScoreModel:
     objective = config.loss.objective
     if objective in CHAINS:  # discrete time: the continuous view of the chain's network
         chain = CHAINS[objective](schedule, config.loss.discrete_steps)
-        return DiscreteScoreModel(net, chain, output=config.loss.parametrization)
-    return ScoreModel(net, schedule, output=config.loss.parametrization)
+        return DiscreteScoreModel(net, chain, parametrization=config.loss.parametrization)
+    return ScoreModel(net, schedule, parametrization=config.loss.parametrization)
 
 
 def _allocate(config: RunConfig, schedule: Schedule, device: torch.device) -> ScoreModel:

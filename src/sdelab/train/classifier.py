@@ -32,14 +32,7 @@ from sdelab.train.config import load_config
 from sdelab.train.rundir import LOCK_FILE, RunLock
 from sdelab.utils import atomic_write, randn_like
 
-__all__ = [
-    "CLASSIFIER_FORMAT",
-    "classifier_accuracy",
-    "fit_classifier",
-    "load_classifier",
-    "noised_batch",
-    "train_classifier",
-]
+__all__ = ["fit_classifier", "load_classifier", "train_classifier"]
 
 
 def noised_batch(

@@ -42,8 +42,6 @@ from sdelab.train.rundir import METRICS_FILE, MetricsLog, StopOnSignal, truncate
 from sdelab.utils import atomic_write, check_int, derive_seed
 
 __all__ = [
-    "DEQUANTIZER_FILE",
-    "DEQUANTIZER_FORMAT",
     "DequantizerInterrupted",
     "check_dequantizer_fits",
     "load_dequantizer",

@@ -23,7 +23,7 @@ import torch
 from sdelab.train.build import Run
 from sdelab.train.config import ConfigError
 
-__all__ = ["MemoryReport", "check_memory", "measure_step", "parameter_count"]
+__all__ = ["MemoryReport", "check_memory", "measure_step"]
 
 MIB = 2**20
 

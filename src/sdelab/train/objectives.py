@@ -119,7 +119,7 @@ def dsm_backward(run: Run, x0: Tensor, labels: Tensor | None = None) -> Tensor:
     time = sample_time(
         run.schedule,
         b,
-        method=cfg.loss.time_sampling,
+        time_sampling=cfg.loss.time_sampling,
         low_discrepancy=cfg.loss.low_discrepancy,
         generator=run.loss_gen,
         device=x0.device,
@@ -255,7 +255,7 @@ def vdm_backward(run: Run, x0: Tensor, labels: Tensor | None = None) -> Tensor:
                     eps_fn,
                     schedule,
                     x0[rows],
-                    levels=levels,
+                    num_levels=levels,
                     n_steps=n_steps,
                     parametrization=cfg.loss.parametrization,
                     t=t[rows],
