@@ -29,7 +29,9 @@ from sdelab.utils import make_generator
 __all__ = ["SAMPLERS", "SampleResult", "sample", "sampler_options"]
 
 #: Samplers by name. Each is ``fn(score_fn, schedule, x_T, ts, *, generator, constraint,
-#: callback, **options) -> x_{t_min}``; its other keyword arguments are its options.
+#: callback, **options) -> x_{t_min}``; its other keyword arguments are its options. A sampler
+#: with Gaussian steps also takes ``log_probs`` (a list each step appends its ``(B,)``
+#: log-probability to): ``sample(..., return_log_probs=True)`` works with those only.
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler_maruyama": sample_euler_maruyama,
     "reverse_diffusion": sample_reverse_diffusion,
@@ -41,7 +43,8 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpm_solver": sample_dpm_solver,
 }
 
-_PLUMBING = ("generator", "constraint", "callback")  # passed by `sample`, not user options
+#: passed by `sample`, not user options
+_PLUMBING = ("generator", "constraint", "callback", "log_probs")
 #: Options `sample` handles itself, valid with every sampler: name -> default.
 COMMON_OPTIONS: dict[str, object] = {"denoise": False, "rho": None}
 
@@ -72,6 +75,8 @@ class SampleResult:
     grid: str | None = None
     grid_times: Tensor | None = None
     options: dict | None = None
+    log_probs: Tensor | None = None
+    path_log_prob: Tensor | None = None
 
 
 class _CountingScore:
@@ -110,6 +115,7 @@ def sample(
     dtype: torch.dtype | None = None,
     x_init: Tensor | None = None,
     return_trajectory: bool = False,
+    return_log_probs: bool = False,
     constraint: Constraint | None = None,
     **options,
 ) -> SampleResult:
@@ -153,6 +159,12 @@ def sample(
         device, dtype: of the samples (default: ``x_init``'s, else CPU and torch's default).
         x_init: ``(B, ...)`` state at T replacing the prior draw.
         return_trajectory: also return the state at every grid time.
+        return_log_probs: also return every stochastic step's log-probability and the path's
+            (``SampleResult.log_probs``, ``path_log_prob``). For samplers whose steps are
+            Gaussian given the current state: ``euler_maruyama``, ``reverse_diffusion``,
+            ``ancestral``, ``lambda`` with ``lam`` < 1, ``pc`` with a named predictor and the
+            ``ald`` corrector or none, ``annealed_langevin``. The samples are the same as
+            without it.
         constraint: ``constraint(x, t) -> x`` applied after every step of a stepping sampler
             (predictor and corrector steps alike), e.g. to clamp known pixels for inpainting.
         **options: the sampler's options above, plus ``denoise`` (default ``False``: end with
@@ -173,7 +185,10 @@ def sample(
 
     Raises:
         ValueError: unknown sampler, unknown option (the message lists the valid ones), an
-            option out of range, or ``x_init`` whose shape differs from ``shape``.
+            option out of range, ``x_init`` whose shape differs from ``shape``, or
+            ``return_log_probs`` with a sampler or option whose steps are not Gaussian (``ode``,
+            ``dpm_solver``, ``lam=1``, the Langevin corrector, a custom predictor) or with a
+            ``constraint``.
 
     Example::
 
@@ -184,6 +199,11 @@ def sample(
         res.samples.shape, res.nfe, res.grid, res.options["order"]   # (512, 2), 21, logsnr, 3
     """
     valid = sampler_options(sampler)
+    if return_log_probs and "log_probs" not in inspect.signature(SAMPLERS[sampler]).parameters:
+        raise ValueError(
+            f"return_log_probs needs a sampler with Gaussian steps: {sampler!r} is deterministic; "
+            "use euler_maruyama, reverse_diffusion, ancestral, lambda (lam < 1) or pc"
+        )
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(
@@ -221,6 +241,9 @@ def sample(
     counted = _CountingScore(score_fn)
     saved: list[Tensor] = [x.clone()] if return_trajectory else []
     callback = (lambda x_t, t: saved.append(x_t.clone())) if return_trajectory else None
+    steps_lp: list[Tensor] | None = [] if return_log_probs else None
+    plumbing = {"log_probs": steps_lp} if return_log_probs else {}
+    x_T = x
     with torch.no_grad():
         x = SAMPLERS[sampler](
             counted,
@@ -230,10 +253,15 @@ def sample(
             generator=gen,
             constraint=constraint,
             callback=callback,
+            **plumbing,
             **run_options,
         )
         if do_denoise:
             x = denoise(counted, schedule, x, ts[-1])
+        log_probs = path_log_prob = None
+        if steps_lp is not None:
+            log_probs = torch.stack(steps_lp) if steps_lp else x.new_zeros(0, x.shape[0])
+            path_log_prob = schedule.prior_logp(x_T).to(x.dtype) + log_probs.sum(0)
     return SampleResult(
         samples=x,
         nfe=counted.calls,
@@ -242,4 +270,6 @@ def sample(
         grid=grid_name,
         grid_times=ts,
         options=record,
+        log_probs=log_probs,
+        path_log_prob=path_log_prob,
     )
