@@ -312,6 +312,13 @@ def guided_score_fn(
             exact, 0 the unconditional score.
         num_classes: K, to reject a bad class index now rather than at the first call.
 
+    Returns:
+        ``guided(x, t)``, a plain score function: under ``torch.no_grad()`` (sampling) the
+        classifier's gradient is taken and detached; under grad mode it stays differentiable in
+        ``x`` and in the parameters (second derivatives of the classifier), so
+        :func:`~sdelab.likelihood.log_likelihood` of the guided probability-flow ODE gets the
+        full divergence.
+
     Raises:
         ValueError: a class index out of range (at once with ``num_classes``, else on call).
     """
@@ -322,12 +329,16 @@ def guided_score_fn(
         s = score_fn(x, t)
         if scale == 0:
             return s
+        # under grad mode (the likelihood's divergence, training through the guided score) the
+        # classifier's gradient stays in the graph, as a function of x itself: without it
+        # ∇·(∇ log p_t(y | x)) would be missing from the ODE's divergence
+        keep = torch.is_grad_enabled()
         with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
+            xg = x if keep and x.requires_grad else x.detach().requires_grad_(True)
             logp = torch.log_softmax(classifier_log_prob_fn(xg, t), dim=1)
             lab = _labels(y, x, logp.shape[1])
             chosen = logp.gather(1, lab[:, None]).sum()
-            (grad,) = torch.autograd.grad(chosen, xg)
+            (grad,) = torch.autograd.grad(chosen, xg, create_graph=keep)
         return s + scale * grad
 
     return guided

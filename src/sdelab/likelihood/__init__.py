@@ -3,7 +3,8 @@
 Layers inside the package (imports point down; ``lint-imports`` checks them):
 
 - composition: :mod:`~sdelab.likelihood.bpd` (bits/dim of integer data, data-set evaluation),
-  :mod:`~sdelab.likelihood.dequantizer` (training a variational dequantizer);
+  :mod:`~sdelab.likelihood.dequantizer` (training a variational dequantizer),
+  :mod:`~sdelab.likelihood.objectives` (maximum-likelihood training of the ODE);
 - the ODE: :mod:`~sdelab.likelihood.ode` (:func:`log_likelihood`, its integrators and their
   option objects), :mod:`~sdelab.likelihood.quadrature` (nested and randomized rules),
   :mod:`~sdelab.likelihood.forward` (the forward-only solve), :mod:`~sdelab.likelihood.bounds`
@@ -29,6 +30,7 @@ from sdelab.likelihood.bpd import (
     evaluate_sharded,
 )
 from sdelab.likelihood.dequantization import dequantize, nats_to_bpd, to_model_space
+from sdelab.likelihood.objectives import ode_nll_loss
 from sdelab.likelihood.ode import LikelihoodResult, decoder_bound, log_likelihood
 from sdelab.likelihood.options import (
     Augmented,
@@ -67,6 +69,7 @@ __all__ = [
     "evaluate_sharded",
     "log_likelihood",
     "nats_to_bpd",
+    "ode_nll_loss",
     "scoreflow_bound",
     "to_model_space",
 ]

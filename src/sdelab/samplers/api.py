@@ -43,6 +43,8 @@ class SampleResult:
     grid: str | None = None
     grid_times: Tensor | None = None
     options: dict | None = None
+    log_probs: Tensor | None = None
+    path_log_prob: Tensor | None = None
 
 
 class _CountingScore:
@@ -70,6 +72,7 @@ def sample(
     dtype: torch.dtype | None = None,
     x_init: Tensor | None = None,
     return_trajectory: bool = False,
+    return_log_probs: bool = False,
     constraint: Constraint | None = None,
     **options,
 ) -> SampleResult:
@@ -113,6 +116,12 @@ def sample(
         device, dtype: of the samples (default: ``x_init``'s, else CPU and torch's default).
         x_init: ``(B, ...)`` state at T replacing the prior draw.
         return_trajectory: also return the state at every grid time.
+        return_log_probs: also return every stochastic step's log-probability and the path's
+            (``SampleResult.log_probs``, ``path_log_prob``). For samplers whose steps are
+            Gaussian given the current state: ``euler_maruyama``, ``reverse_diffusion``,
+            ``ancestral``, ``lambda`` with ``lam`` < 1, ``pc`` with a named predictor and the
+            ``ald`` corrector or none, ``annealed_langevin``. The samples are the same as
+            without it.
         constraint: ``constraint(x, t) -> x`` applied after every step of a stepping sampler
             (predictor and corrector steps alike), e.g. to clamp known pixels for inpainting.
         **options: the sampler's options above, plus ``denoise`` (default ``False``: end with
@@ -133,7 +142,10 @@ def sample(
 
     Raises:
         ValueError: unknown sampler, unknown option (the message lists the valid ones), an
-            option out of range, or ``x_init`` whose shape differs from ``shape``.
+            option out of range, ``x_init`` whose shape differs from ``shape``, or
+            ``return_log_probs`` with a sampler or option whose steps are not Gaussian (``ode``,
+            ``dpm_solver``, ``lam=1``, the Langevin corrector, a custom predictor) or with a
+            ``constraint``.
 
     Example::
 
@@ -144,6 +156,11 @@ def sample(
         res.samples.shape, res.nfe, res.grid, res.options["order"]   # (512, 2), 21, logsnr, 3
     """
     valid = sampler_options(sampler)
+    if return_log_probs and "log_probs" not in inspect.signature(SAMPLERS[sampler]).parameters:
+        raise ValueError(
+            f"return_log_probs needs a sampler with Gaussian steps: {sampler!r} is deterministic; "
+            "use euler_maruyama, reverse_diffusion, ancestral, lambda (lam < 1) or pc"
+        )
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(
@@ -181,6 +198,9 @@ def sample(
     counted = _CountingScore(score_fn)
     saved: list[Tensor] = [x.clone()] if return_trajectory else []
     callback = (lambda x_t, t: saved.append(x_t.clone())) if return_trajectory else None
+    steps_lp: list[Tensor] | None = [] if return_log_probs else None
+    plumbing = {"log_probs": steps_lp} if return_log_probs else {}
+    x_T = x
     with torch.no_grad():
         x = SAMPLERS[sampler](
             counted,
@@ -190,10 +210,15 @@ def sample(
             generator=gen,
             constraint=constraint,
             callback=callback,
+            **plumbing,
             **run_options,
         )
         if do_denoise:
             x = denoise(counted, schedule, x, ts[-1])
+        log_probs = path_log_prob = None
+        if steps_lp is not None:
+            log_probs = torch.stack(steps_lp) if steps_lp else x.new_zeros(0, x.shape[0])
+            path_log_prob = schedule.prior_logp(x_T).to(x.dtype) + log_probs.sum(0)
     return SampleResult(
         samples=x,
         nfe=counted.calls,
@@ -202,4 +227,6 @@ def sample(
         grid=grid_name,
         grid_times=ts,
         options=record,
+        log_probs=log_probs,
+        path_log_prob=path_log_prob,
     )

@@ -36,7 +36,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpm_solver": sample_dpm_solver,
 }
 
-_PLUMBING = ("generator", "constraint", "callback")  # passed by `sample`, not user options
+_PLUMBING = ("generator", "constraint", "callback", "log_probs")  # passed by `sample`
 #: Options `sample` handles itself, valid with every sampler: name -> default.
 COMMON_OPTIONS: dict[str, object] = {"denoise": False, "rho": None}
 
