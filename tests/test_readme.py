@@ -48,3 +48,14 @@ def test_top_level_help_keeps_the_case_of_names(capsys):
     code, out, _ = run_cli(capsys, "--help")
     flat = " ".join(out.split())  # argparse wraps the lines
     assert code == 0 and "Song et al. 2021" in flat and "RGB" in flat
+
+
+def test_readme_links_resolve():
+    """Every relative link or image of the README points at a file of the repository (the
+    docs pages it sends readers to included)."""
+    root = README.parent
+    text = README.read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [t for t in targets if not re.match(r"[a-z]+://|mailto:", t)]
+    missing = [t for t in local if not (root / t).exists()]
+    assert not missing, f"README links to missing files: {missing}"
