@@ -9,9 +9,13 @@ import torch
 from safetensors.torch import save_file
 
 from sdelab import distributed
-from sdelab.likelihood.bpd import evaluate_sharded
+from sdelab.likelihood.bpd import ODE, evaluate_sharded
+from sdelab.likelihood.options import Hutchinson
 from sdelab.runs import run_likelihood, sample_run
 from sdelab.sde import make_schedule
+
+#: the hard data's estimator: the exact trace to 1e-3 nats per example.
+HARD = ODE(tol=1e-3)
 
 
 def hard_score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -28,16 +32,18 @@ def hard_data() -> torch.Tensor:
 def evaluate_all(run_dir: str) -> dict[str, torch.Tensor]:
     """Every distributed evaluation under test, as tensors."""
     hard = evaluate_sharded(
-        hard_score, make_schedule("vp"), hard_data(), batch_size=1, rtol=1e-5, atol=1e-5
+        hard_score,
+        make_schedule("vp"),
+        hard_data(),
+        batch_size=1,
+        estimator=HARD,
+        group=distributed.get_info(),  # shard over the launched processes
     )
     lik = run_likelihood(
         run_dir,
+        estimator=ODE(tol=1e-3, divergence=Hutchinson(1)),
         n=7,
         batch_size=2,
-        exact_trace=False,
-        probes=1,
-        rtol=1e-4,
-        atol=1e-4,
         progress=False,
     )
     smp = sample_run(run_dir, n=11, batch_size=3, sampler="euler_maruyama", steps=20, seed=3)
@@ -53,7 +59,7 @@ def nfe_per_example() -> list[int]:
     """NFE of each hard-data example solved alone (batch size 1)."""
     out = []
     for x in hard_data():
-        res = evaluate_sharded(hard_score, make_schedule("vp"), x[None], rtol=1e-5, atol=1e-5)
+        res = evaluate_sharded(hard_score, make_schedule("vp"), x[None], estimator=HARD)
         out.append(res.nfe)
     return out
 
