@@ -5,7 +5,7 @@ variational bound (:func:`run_vlb`: VDM's, or DDPM's discrete one), the denoisin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from sdelab.likelihood.bpd import (
     ScoreFlow,
     evaluate_sharded,
 )
-from sdelab.likelihood.options import Exact
+from sdelab.likelihood.options import Exact, Hutchinson
 from sdelab.losses import dsm_loss
 from sdelab.progress import Progress
 from sdelab.runs.core import LOSS_STREAM, VLB_STREAM, LoadedRun, open_run, split_levels
@@ -52,6 +52,8 @@ def resolve_estimator(estimator: Estimator | None, dim: int) -> Estimator:
         estimator = ODE()
     if not isinstance(estimator, ODE | ELBO | ScoreFlow):
         raise ValueError(f"estimator must be ODE(), ELBO() or ScoreFlow(), got {estimator!r}")
+    if isinstance(estimator, ELBO) and estimator.divergence is None:
+        return replace(estimator, divergence=Hutchinson())  # elbo()'s own default, made explicit
     if not isinstance(estimator, ODE):
         return estimator
     policy = estimator.policy(dim)  # default_policy: the one place defaults are resolved
