@@ -194,6 +194,7 @@ def test_sample_cli_writes_images(pipe, tmp_path, capsys):
         (["likelihood", "--diffusers", "PIPE", "--data", "digits", "--resume"], "--out FILE"),
         (["likelihood", "--diffusers", "PIPE", "--data", "digits", "--out", "x.txt"], ".json"),
         (["likelihood", "RUN", "--diffusers", "PIPE", "--data", "digits"], "not both"),
+        (["likelihood", "--diffusers", "PIPE", "--data", "digits", "--checkpoint", "3"], "a run's"),
         (["likelihood"], "RUN folder"),
         (["likelihood", "--diffusers", "NOWHERE", "--data", "digits"], "NOWHERE"),
     ],

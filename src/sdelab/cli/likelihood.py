@@ -120,6 +120,8 @@ def _likelihood(args: argparse.Namespace) -> int:
         raise CLIError("give a RUN folder (or --diffusers DIR)")
     if args.run is not None and args.diffusers is not None:
         raise CLIError("give either RUN or --diffusers DIR, not both")
+    if args.diffusers is not None and (args.checkpoint is not None or args.weights != "ema"):
+        raise CLIError("--checkpoint/--weights choose a run's weights: drop them with --diffusers")
     if args.diffusers is None and args.out is not None:
         raise CLIError("--out is for --diffusers: a run's result goes to RUN/likelihood_*.json")
     if args.method in ("vlb", "loss"):
