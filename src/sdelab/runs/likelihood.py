@@ -5,7 +5,7 @@ variational bound (:func:`run_vlb`: VDM's, or DDPM's discrete one), the denoisin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -179,8 +179,8 @@ class LikelihoodPlan:
                 seed=self.seed,
                 device=device,
                 progress=progress,
-                cached=None if store is None else (lambda i: _from_store(store, i)),
-                on_batch=None if store is None else (lambda i, r: _to_store(store, i, r)),
+                cached=None if store is None else store.get,
+                on_batch=None if store is None else store.put,
                 group=distributed.get_info(),
             )
         except AssertionError as e:
@@ -197,24 +197,6 @@ class LikelihoodPlan:
                 "diverged (see its loss.png)"
             )
         return res
-
-
-def _to_store(store: EvalStore, i: int, res: EvaluationResult) -> None:
-    """Batch i's result: its tensors in the store's file, every other field in its metadata."""
-    tensors, meta = {}, {}
-    for f in fields(res):
-        value = getattr(res, f.name)
-        (tensors if isinstance(value, Tensor) else meta)[f.name] = value
-    store.put_tensors(i, tensors, meta)
-
-
-def _from_store(store: EvalStore, i: int) -> EvaluationResult | None:
-    stored = store.get_tensors(i)
-    if stored is None:
-        return None
-    tensors, meta = stored
-    names = {f.name for f in fields(EvaluationResult)}
-    return EvaluationResult(**{k: v for k, v in {**meta, **tensors}.items() if k in names})
 
 
 def plan_likelihood(
