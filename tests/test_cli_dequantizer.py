@@ -70,9 +70,9 @@ def test_likelihood_with_the_dequantizer_is_a_finite_bound(run_dir, tmp_path, ca
     assert main(["train-dequantizer", str(run_dir), *DEQ, "--steps", "2", "--out", str(deq)]) == 0
     capsys.readouterr()
     code, _, err = run_cli(capsys, "likelihood", str(run_dir), "--dequantizer", str(deq),
-                             "--probes", "1", "--n", "8", "--rtol", "1e-3")  # fmt: skip
+                             "--probes", "1", "--n", "8", "--tol", "1e-2")  # fmt: skip
     assert code == 0, err
-    (path,) = run_dir.glob("likelihood_ode_*variational.json")
+    (path,) = run_dir.glob("likelihood_ode_*_variational_*.json")
     record = json.loads(path.read_text())
     assert record["dequantization"] == "variational"
     # a bound on −log2 P(k)/D of 17-level data: positive and below the uniform ceiling log2 17

@@ -9,7 +9,8 @@ import pytest
 
 from cli_helpers import recorded, run_cli
 from sdelab.cli import main
-from sdelab.likelihood.options import default_policy
+from sdelab.likelihood.bpd import ODE
+from sdelab.likelihood.options import Exact, Hutchinson, default_policy
 from sdelab.runs import run_likelihood
 
 TINY = [
@@ -90,32 +91,53 @@ def test_sample_bad_option_is_one_line(run_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args",
     [
-        ["--method", "ode"],
-        ["--method", "ode", "--probes", "2"],
+        ["--method", "ode", "--tol", "1e-3"],
+        ["--method", "ode", "--probes", "2", "--tol", "1e-3"],
         ["--method", "elbo"],
         ["--method", "scoreflow"],
     ],
 )
 def test_likelihood_reports_and_records(run_dir, capsys, args):
-    code, out, _ = run_cli(
-        capsys, "likelihood", str(run_dir), *args, "--n", "200", "--rtol", "1e-4"
-    )
+    code, out, _ = run_cli(capsys, "likelihood", str(run_dir), *args, "--n", "200", "--force")
     assert code == 0 and "nats" in out
     rec = recorded(out)
-    assert rec["rtol"] == (1e-4 if args[1] == "ode" else None) and rec["seed"] == 0
+    assert rec["tol"] == (1e-3 if args[1] == "ode" else None) and rec["seed"] == 0
     assert rec["n"] == 200 and math.isfinite(rec["nll_mean"]) and rec["nll_se"] > 0
     # bits/dim of a density is nats / (D log 2)
     assert rec["bpd_mean"] == pytest.approx(rec["nll_mean"] / (2 * math.log(2)), rel=1e-6)
+    # the printed policy, the file name and the record are the same resolved estimator's
+    assert f"({rec['tag']})" in out and rec["tag"] in recorded_path(out).name
+    assert rec["checkpoint"] == 150  # the newest checkpoint, resolved (never null)
+    assert "solver bias" in out and "SE by source" in out  # the error bar
+
+
+def recorded_path(out: str):
+    from pathlib import Path
+
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("recorded in ")]
+    return Path(line.removeprefix("recorded in "))
+
+
+def test_likelihood_defaults_come_from_the_one_policy(run_dir, capsys):
+    """No flags: the result is default_policy's choice for D = 2 (exact trace, augmented,
+    tol 1e-2), as the library resolves it."""
+    from sdelab.likelihood.options import default_policy
+
+    code, out, err = run_cli(capsys, "likelihood", str(run_dir), "--n", "20", "--force")
+    assert code == 0, err
+    policy = default_policy(2)
+    assert recorded(out)["estimator"]["tag"] == f"ode_{policy.tag}"
 
 
 def test_hutchinson_agrees_with_exact_trace(run_dir):
     """Same points, same ODE: the Hutchinson estimate is unbiased for the exact-trace NLL."""
-    exact = run_likelihood(run_dir, n=300, rtol=1e-4, atol=1e-4, progress=False)
+    exact = run_likelihood(run_dir, estimator=ODE(tol=1e-3, divergence=Exact()), n=300,
+                           progress=False)  # fmt: skip
     hutch = run_likelihood(
-        run_dir, n=300, exact_trace=False, probes=4, rtol=1e-4, atol=1e-4, progress=False
+        run_dir, estimator=ODE(tol=1e-3, divergence=Hutchinson(4)), n=300, progress=False
     )
     diff = hutch.nll - exact.nll
-    assert abs(float(diff.mean())) < 4 * float(diff.std()) / math.sqrt(len(diff)) + 1e-3
+    assert abs(float(diff.mean())) < 4 * float(diff.std()) / math.sqrt(len(diff)) + 1e-2
 
 
 def test_plot_writes_every_figure(run_dir, tmp_path, capsys):
@@ -169,7 +191,7 @@ def test_trained_oracle_nll_approaches_entropy(tmp_path):
     (and never below it by more than 3 SE: a model cannot beat the true density on average)."""
     run = tmp_path / "oracle"
     assert main(["train", "oracle", "train.steps=3000", "--out", str(run)]) == 0
-    res = run_likelihood(run, n=4000, rtol=1e-5, atol=1e-5, progress=False)
+    res = run_likelihood(run, estimator=ODE(tol=1e-3), n=4000, progress=False)
     from sdelab.train.build import load_run, make_run_dataset
 
     config, _, _ = load_run(run)

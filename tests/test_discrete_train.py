@@ -254,4 +254,8 @@ def test_likelihood_vlb_of_a_ddpm_run_is_its_discrete_bound(tmp_path, capsys):
     assert abs(a - b) < 5 * se
     capsys.readouterr()
     assert main(["likelihood", str(run), "--method", "vlb", "--n", "8"]) == 0
-    assert "DDPM's bound" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "DDPM's bound" in out and "likelihood_vlb_ddpm_all_" in out  # all terms, not "T0"
+    assert "\r" not in err and "it/s" not in err  # no tqdm bar in a log (stderr not a terminal)
+    assert main(["likelihood", str(run), "--method", "vlb", "--n", "8", "--steps", "5"]) == 0
+    assert "likelihood_vlb_ddpm_m5_" in capsys.readouterr().out  # m = 5 sampled terms

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdelab.likelihood.bpd import evaluate_sharded
+from sdelab.likelihood.bpd import ODE, evaluate_sharded
 from sdelab.runs import run_likelihood, sample_run
 from sdelab.sde import make_schedule
 from sdelab.train.build import build_run
@@ -204,9 +204,10 @@ def test_distributed_evaluation_equals_one_process(tiny_run, tmp_path):
 def test_sharded_results_do_not_depend_on_batching_for_per_example_solves():
     """evaluate_sharded with one example per batch equals solving each example alone."""
     data = dist_worker.hard_data()[1:]
-    res = evaluate_sharded(dist_worker.hard_score, make_schedule("vp"), data, batch_size=1)
+    vp, hard = make_schedule("vp"), dist_worker.HARD
+    res = evaluate_sharded(dist_worker.hard_score, vp, data, batch_size=1, estimator=hard)
     alone = [
-        evaluate_sharded(dist_worker.hard_score, make_schedule("vp"), x[None]).nll for x in data
+        evaluate_sharded(dist_worker.hard_score, vp, x[None], estimator=hard).nll for x in data
     ]
     torch.testing.assert_close(res.nll, torch.cat(alone), rtol=0, atol=0)
 
@@ -220,7 +221,7 @@ def test_one_chunk_sampling_is_unchanged(tiny_run):
     ref = sample(model, schedule, (9, 2), sampler="euler_maruyama", steps=10, generator=5)
     got = sample_run(tiny_run, n=9, sampler="euler_maruyama", steps=10, seed=5)
     torch.testing.assert_close(got.samples, ref.samples, rtol=0, atol=0)
-    res = run_likelihood(tiny_run, n=5, batch_size=2, rtol=1e-3, atol=1e-3, progress=False)
+    res = run_likelihood(tiny_run, estimator=ODE(tol=1e-2), n=5, batch_size=2, progress=False)
     assert res.nll.shape == (5,) and res.nfe > 0
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sdelab.cli import main
+from sdelab.likelihood.bpd import ELBO, ODE
 from sdelab.likelihood.repeats import repeat_statistics
 from sdelab.runs import run_likelihood, run_loss
 from sdelab.train import evalstore
@@ -29,7 +30,7 @@ IMG = [
     "train.batch_size=16",
     "train.ckpt_every=4",
 ]
-FAST = dict(n=40, batch_size=10, rtol=1e-3, atol=1e-3, progress=False)
+FAST = dict(n=40, batch_size=10, estimator=ODE(tol=1e-2), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -46,41 +47,45 @@ def digits(tmp_path_factory):
     return path
 
 
-class Preempted(Exception):
+class Preempted(BaseException):  # as SIGTERM (the CLI's Terminated) or Ctrl-C
     pass
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(toy, monkeypatch):
     full = run_likelihood(toy, **FAST)
-    put = evalstore.EvalStore.put
+    put = evalstore.EvalStore.put_tensors
     calls = {"n": 0}
 
-    def dying_put(self, i, res):  # the job is killed after its second finished batch
-        put(self, i, res)
+    def dying_put(self, i, *stored):  # the job is killed after its second finished batch
+        put(self, i, *stored)
         calls["n"] += 1
         if calls["n"] == 2:
             raise Preempted
 
-    monkeypatch.setattr(evalstore.EvalStore, "put", dying_put)
+    monkeypatch.setattr(evalstore.EvalStore, "put_tensors", dying_put)
     with pytest.raises(Preempted):
         run_likelihood(toy, resumable=True, **FAST)
-    monkeypatch.setattr(evalstore.EvalStore, "put", put)
+    monkeypatch.setattr(evalstore.EvalStore, "put_tensors", put)
     folder = toy / "eval" / "likelihood"
     assert len(list(folder.glob("batch_*.safetensors"))) == 2
     # a new evaluation is refused while the interrupted one is there; other options too
     with pytest.raises(ValueError, match="--resume"):
         run_likelihood(toy, resumable=True, **FAST)
-    with pytest.raises(ValueError, match="rtol"):
-        run_likelihood(toy, resume=True, **{**FAST, "rtol": 1e-4})
+    with pytest.raises(ValueError, match="tol saved 0.01, given 0.001"):
+        run_likelihood(toy, resume=True, **{**FAST, "estimator": ODE(tol=1e-3)})
     resumed = run_likelihood(toy, resume=True, **FAST)
     torch.testing.assert_close(resumed.nll, full.nll, rtol=0, atol=0)
+    # the error bar of the resumed result is the uninterrupted one's too
+    torch.testing.assert_close(resumed.error, full.error, rtol=0, atol=0)
+    assert (resumed.policy, resumed.nll_se, resumed.nfe) == (full.policy, full.nll_se, full.nfe)
+    assert resumed.bias_bound == full.bias_bound
     assert not folder.exists()  # complete: nothing left to resume
 
 
 def test_split_and_repeats(digits):
     """K repeats give K per-image values whose mean is the reported NLL, and the nested
     standard error of the mean splits into image and repeat parts that add up."""
-    res = run_likelihood(digits, method="elbo", n=12, batch_size=6, repeats=3, progress=False)
+    res = run_likelihood(digits, estimator=ELBO(), n=12, batch_size=6, repeats=3, progress=False)
     assert res.per_repeat.shape == (3, 12)
     torch.testing.assert_close(res.per_repeat.mean(0), res.nll)
     stats = repeat_statistics(res.per_repeat.T)
@@ -88,7 +93,7 @@ def test_split_and_repeats(digits):
         assert stats.se**2 == pytest.approx(stats.se_images**2 + stats.se_repeats**2, rel=1e-6)
     else:  # clamped at zero: then the whole SE is at most the repeats' part
         assert stats.se_images == 0 and stats.se <= stats.se_repeats * (1 + 1e-12)
-    train = run_likelihood(digits, method="elbo", n=12, split="train", progress=False)
+    train = run_likelihood(digits, estimator=ELBO(), n=12, split="train", progress=False)
     assert not torch.equal(train.nll, res.nll)  # other images
     with pytest.raises(ValueError, match="--repeats must be"):
         run_likelihood(digits, repeats=0)

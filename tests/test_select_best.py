@@ -51,9 +51,9 @@ def test_checkpoint_best_in_sample_and_likelihood(run_dir, tmp_path, capsys):
     code, _, err = run_cli(capsys, "sample", str(run_dir), *args, "--out", str(tmp_path / "s.npy"))
     assert code == 0, err
     code, out, err = run_cli(capsys, "likelihood", str(run_dir), "--checkpoint", "best",
-                             "--n", "20", "--rtol", "1e-3")  # fmt: skip
+                             "--n", "20", "--tol", "1e-2")  # fmt: skip
     assert code == 0, err
-    assert f"ckpt{best_step(run_dir)}" in out or "ckptbest" in out
+    assert f"_step{best_step(run_dir)}.json" in out  # the resolved step names the result
 
 
 def test_bad_settings_are_one_line(tmp_path, capsys):

@@ -187,14 +187,15 @@ def test_vlb_command_on_a_trained_image_run(tmp_path, capsys):
     # --checkpoint: the bound of that checkpoint, in a file of its own
     assert main(["likelihood", str(run), "--method", "vlb", "--n", "16", "--checkpoint", "3"]) == 0
     early = recorded(capsys.readouterr().out)
-    assert early["checkpoint"] == 3 and list(run.glob("likelihood_vlb_*ckpt3*.json"))
+    assert early["checkpoint"] == 3 and list(run.glob("likelihood_vlb_vdm_continuous_*step3.json"))
     ref = run_vlb(open_run(run, step=3), n=16, progress=False)
     assert early["total_nats_mean"] == pytest.approx(float(ref.terms["total"].mean()), rel=1e-6)
     code = main(["likelihood", str(run), "--method", "vlb", "--steps", "50", "--n", "40"])
     out = capsys.readouterr().out
     assert code == 0 and "T = 50 steps, 17 levels" in out and "reconstruction" in out
     rec = recorded(out)
-    assert rec["steps"] == 50 and rec["n"] == 40
+    assert rec["steps"] == 50 and rec["n"] == 40 and rec["bound"] == "vdm"
+    assert "likelihood_vlb_vdm_T50_" in out  # T steps of VDM's bound
     assert math.isfinite(rec["total_bpd_mean"]) and rec["total_bpd_mean"] > 0
     parts = sum(rec[f"{k}_nats_mean"] for k in ("diffusion", "prior", "reconstruction"))
     assert parts == pytest.approx(rec["total_nats_mean"], rel=1e-6)

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from sdelab.cli.common import DEFAULT_STEPS, CLIError, join_launched_group, parse_options
 from sdelab.data import make_dataset
+from sdelab.data.images import model_to_levels
 from sdelab.data.png import save_level_grid
 from sdelab.interop import DiffusersModel, load_diffusers
-from sdelab.likelihood.dequantization import DEQUANTIZATIONS
-from sdelab.runs import foreign_likelihood, foreign_sample, save_samples, write_json
+from sdelab.runs import ForeignRun, foreign_run, foreign_sample, save_samples
 from sdelab.train.build import resolve_device
 
-__all__ = ["add_diffusers_options", "diffusers_likelihood", "diffusers_sample"]
+__all__ = ["add_diffusers_options", "diffusers_sample", "diffusers_source"]
 
 
 def add_diffusers_options(p: argparse.ArgumentParser, *, data: bool) -> None:
@@ -39,16 +39,10 @@ def add_diffusers_options(p: argparse.ArgumentParser, *, data: bool) -> None:
             metavar="KEY=VALUE",
             help="--diffusers: data set option, e.g. root=/data/cifar-10-batches-py",
         )
-        p.add_argument(
-            "--dequantization",
-            default="uniform",
-            choices=DEQUANTIZATIONS,
-            help="--diffusers: dequantization of the test levels (default uniform)",
-        )
 
 
 def _load(args: argparse.Namespace, info) -> DiffusersModel:
-    if args.run is not None:
+    if getattr(args, "run", None) is not None:
         raise CLIError("give either RUN or --diffusers DIR, not both")
     device = resolve_device("auto" if info.enabled else "cpu", info)
     try:
@@ -57,51 +51,20 @@ def _load(args: argparse.Namespace, info) -> DiffusersModel:
         raise CLIError(f"{e}") from None
 
 
-def diffusers_likelihood(args: argparse.Namespace) -> int:
-    """Test-set bits/dim of a diffusers model on a data set's integer test levels."""
-    info = join_launched_group()
+def diffusers_source(args: argparse.Namespace, info) -> ForeignRun:
+    """``--diffusers DIR --data NAME``: the model with the data set it is evaluated on, as a
+    source for :func:`~sdelab.runs.likelihood.run_likelihood` (so every option of a run's
+    evaluation applies). A resumable evaluation keeps its batches beside ``--out``."""
     if args.data is None:
         raise CLIError("--diffusers needs --data NAME (the test data set, e.g. cifar10)")
-    if args.method == "vlb":
-        raise CLIError("--method vlb is for VDM runs; use ode, elbo or scoreflow with --diffusers")
     model = _load(args, info)
     dataset = make_dataset(args.data, **parse_options(args.data_option))
     dataset.load()
-    res = foreign_likelihood(
-        model,
-        dataset,
-        method=args.method,
-        n=args.n,
-        batch_size=args.batch_size,
-        exact_trace=args.exact_trace,
-        probes=args.probes or 1,
-        seed=args.seed,
-        rtol=args.rtol,
-        atol=args.rtol,
-        dequantization=args.dequantization,
-    )
-    if not info.is_main:
-        return 0
-    print(model.describe())
-    print(f"test NLL ({args.method}): {res}")
-    if args.out:
-        record = {
-            "model": str(Path(args.diffusers).resolve()),
-            "data": args.data,
-            "method": args.method,
-            "n": res.nll.numel(),
-            "nll_mean": res.nll_mean,
-            "nll_se": res.nll_se,
-            "bpd_mean": res.bpd_mean,
-            "bpd_se": res.bpd_se,
-            "divergence": "exact" if args.exact_trace else f"hutchinson x{args.probes or 1}",
-            "dequantization": res.dequantization,
-            "rtol": args.rtol,
-            "nfe": res.nfe,
-            "seed": args.seed,
-        }
-        print(f"-> {write_json(args.out, record)}")
-    return 0
+    out = None if args.out is None else Path(args.out)
+    if out is not None and out.suffix != ".json":
+        raise CLIError(f"--out names the result's JSON file: use a .json name, not {out.name}")
+    # the evaluation store of FILE.json: FILE's folder/eval/likelihood (as RUN/eval/likelihood)
+    return foreign_run(model, dataset, run_dir=None if out is None else out.resolve().parent)
 
 
 def diffusers_sample(args: argparse.Namespace) -> int:
@@ -128,7 +91,6 @@ def diffusers_sample(args: argparse.Namespace) -> int:
     if not info.is_main:
         return 0
     save_samples(res.samples, npy)
-    levels = ((res.samples.clamp(-1, 1) + 1) * 127.5).round().long()
-    save_level_grid(levels, 256, png)
+    save_level_grid(model_to_levels(res.samples, 256), 256, png)  # diffusers: [-1, 1]
     print(f"{args.n} samples ({args.sampler}, NFE {res.nfe}) of {model.describe()} -> {npy}, {png}")
     return 0

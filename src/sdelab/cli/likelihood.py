@@ -1,9 +1,9 @@
-"""``sdelab likelihood``: test-set NLL, bounds and the VDM bound of a run."""
+"""``sdelab likelihood``: the NLL and bounds of a run (or of a diffusers model), the variational
+bound with its terms, and the denoising loss."""
 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
@@ -16,122 +16,167 @@ from sdelab.cli.common import (
     positive_float,
     positive_int,
 )
-from sdelab.cli.interop import add_diffusers_options, diffusers_likelihood
-from sdelab.data.image_data import IMAGE_DATA_NAMES
+from sdelab.cli.interop import add_diffusers_options, diffusers_source
+from sdelab.likelihood.bpd import ELBO, ODE, Estimator, ScoreFlow
 from sdelab.likelihood.forward import EXPONENTIAL_METHODS
-from sdelab.likelihood.repeats import repeat_statistics
-from sdelab.runs import (
-    open_run,
-    run_likelihood,
-    run_loss,
-    run_vlb,
-    write_json,
+from sdelab.likelihood.options import (
+    DEFAULT_TOL,
+    Augmented,
+    Exact,
+    Hutchinson,
+    Quadrature,
+    Randomized,
 )
-from sdelab.runs.likelihood import (
-    AUTO_SOLVER_STEPS,
-    RUN_INTEGRATORS,
-    RUN_SOLVERS,
-    resolve_integrator,
-    resolve_solver,
-)
-from sdelab.train.checkpoint import load_checkpoint
+from sdelab.runs import open_run, plan_likelihood, run_loss, run_vlb, write_json
+from sdelab.runs.likelihood import DEQUANTIZATION_KINDS
+from sdelab.utils import ADAPTIVE_SOLVERS
+
+#: ``--integrator`` choices (unset: the default policy decides).
+INTEGRATORS = {"augmented": Augmented, "quadrature": Quadrature, "randomized": Randomized}
+#: ``--solver`` choices: torchdiffeq's adaptive solvers (to ``--tol``) and the fixed-grid
+#: DPM-Solver++ of the forward-only solve (``--solver-steps`` steps in log-SNR).
+SOLVERS: tuple[str, ...] = (*ADAPTIVE_SOLVERS, *EXPONENTIAL_METHODS)
+#: the smallest ``--tol``: below it the float64 state cannot resolve a log-density of
+#: thousands of nats, and the step size underflows.
+MIN_TOL: float = 1e-8
+_ODE_FLAGS = ("tol", "integrator", "solver", "solver_steps", "nodes")
+
+
+def estimator_from_args(args: argparse.Namespace) -> Estimator:
+    """The one map from ``sdelab likelihood``'s flags to the estimator object (unset flags stay
+    ``None``, so :func:`~sdelab.likelihood.options.default_policy` decides).
+
+    ``--method ode`` → :class:`ODE` (``--tol``, ``--exact-trace``/``--probes``, ``--integrator``
+    with ``--solver``, ``--solver-steps``, ``--nodes``); ``elbo`` → :class:`ELBO` (its
+    divergence: ``--exact-trace``/``--probes``); ``scoreflow`` → :class:`ScoreFlow`.
+
+    Raises:
+        CLIError: an impossible combination, named with its fix.
+    """
+    given = [f"--{k.replace('_', '-')}" for k in _ODE_FLAGS if getattr(args, k) is not None]
+    if args.method != "ode" and given:
+        raise CLIError(f"{'/'.join(given)} set the ODE's solve: they need --method ode")
+    divergence = None
+    if args.exact_trace:
+        divergence = Exact()
+    elif args.probes is not None:
+        divergence = Hutchinson(n_probes=args.probes)
+    if args.method == "scoreflow" and divergence is not None:
+        raise CLIError("--exact-trace/--probes: the ScoreFlow bound has no divergence")
+    if args.method == "elbo":
+        return ELBO(divergence=divergence)
+    if args.method == "scoreflow":
+        return ScoreFlow()
+    if args.tol is not None and args.tol < MIN_TOL:
+        raise CLIError(
+            f"--tol {args.tol:g} nats is below what the float64 ODE state can resolve: use "
+            f"--tol >= {MIN_TOL:g} (default {DEFAULT_TOL:g})"
+        )
+    kind = args.integrator
+    if kind is None:
+        for flag, value in (
+            ("--solver", args.solver),
+            ("--solver-steps", args.solver_steps),
+            ("--nodes", args.nodes),
+        ):
+            if value is not None:
+                raise CLIError(
+                    f"{flag} sets an integrator's option: give --integrator too (augmented, "
+                    "quadrature or randomized)"
+                )
+        return ODE(tol=args.tol, divergence=divergence)
+    if args.nodes is not None and kind != "randomized":
+        raise CLIError(f"--nodes is the randomized rule's: use --integrator randomized, not {kind}")
+    options: dict[str, Any] = {}
+    if args.solver is not None:
+        options["method"] = args.solver
+    if args.nodes is not None:
+        options["nodes"] = args.nodes
+    if args.solver_steps is not None:
+        method = args.solver or INTEGRATORS[kind]().method
+        if method not in EXPONENTIAL_METHODS:
+            raise CLIError(
+                f"--solver-steps sets the fixed grid of --solver {'/'.join(EXPONENTIAL_METHODS)};"
+                f" {method} is adaptive (its steps follow --tol)"
+            )
+        options["steps"] = args.solver_steps
+    try:
+        integrator = INTEGRATORS[kind](**options)
+    except ValueError as e:
+        raise CLIError(f"--integrator {kind}: {e}") from None
+    return ODE(tol=args.tol, divergence=divergence, integrator=integrator)
 
 
 def _likelihood(args: argparse.Namespace) -> int:
-    """Test-set negative log-likelihood of a trained run (nats and bits/dim, mean ± SE),
-    recorded in RUN/likelihood_<options>.json (one file per set of options)."""
-    if args.diffusers is not None:
-        return diffusers_likelihood(args)
-    if args.run is None:
+    """Negative log-likelihood of a run's test (or training) data, per example and mean ± SE in
+    nats and bits/dim, with the policy that computed it and its error bar; recorded in
+    RUN/likelihood_<options>.json (one file per set of options)."""
+    if args.rtol is not None or args.atol is not None:
+        raise CLIError(
+            "--rtol/--atol are gone: --tol sets the ODE's per-example target in nats (default "
+            f"{DEFAULT_TOL:g}), e.g. --tol 1e-3"
+        )
+    if args.run is None and args.diffusers is None:
         raise CLIError("give a RUN folder (or --diffusers DIR)")
-    info = join_launched_group()
-    if args.method == "vlb":
-        return _vlb(args, info)
-    if args.method == "loss":
-        return _loss(args, info)
+    if args.run is not None and args.diffusers is not None:
+        raise CLIError("give either RUN or --diffusers DIR, not both")
+    if args.diffusers is not None and (args.checkpoint is not None or args.weights != "ema"):
+        raise CLIError("--checkpoint/--weights choose a run's weights: drop them with --diffusers")
+    if args.diffusers is None and args.out is not None:
+        raise CLIError("--out is for --diffusers: a run's result goes to RUN/likelihood_*.json")
+    if args.method in ("vlb", "loss"):
+        if args.diffusers is not None:
+            raise CLIError(
+                f"--method {args.method} needs a run trained by sdelab; use ode, elbo or "
+                "scoreflow with --diffusers"
+            )
+        if args.probes is not None or args.exact_trace:
+            raise CLIError(f"--probes/--exact-trace do not apply to --method {args.method}")
+        given = [f"--{k.replace('_', '-')}" for k in _ODE_FLAGS if getattr(args, k) is not None]
+        if given:
+            raise CLIError(f"{'/'.join(given)} set the ODE's solve: they need --method ode")
+        info = join_launched_group()
+        return _vlb(args, info) if args.method == "vlb" else _loss(args, info)
     if args.steps is not None:
         raise CLIError(
             f"--steps is the number of VLB steps: it needs --method vlb, not {args.method}"
         )
-    if args.method != "ode" and (args.probes is not None or args.exact_trace):
-        raise CLIError(f"--probes/--exact-trace are for --method ode, not {args.method}")
-    config = load_checkpoint(args.run).config
-    image = config.data.name in IMAGE_DATA_NAMES
-    if args.probes is None and not args.exact_trace and image:  # images: Hutchinson, 1 probe
-        args.probes = 1
-    integrator = resolve_integrator(args.integrator, args.probes is None)
-    atol = args.rtol if args.atol is None else args.atol
-    if args.method == "ode":
-        divergence = "exact" if args.probes is None else f"hutchinson x{args.probes}"
+    estimator = estimator_from_args(args)  # impossible combinations fail before any loading
+    info = join_launched_group()
+    if args.diffusers is not None:
+        source = diffusers_source(args, info)
+        path = None if args.out is None else Path(args.out)
     else:
-        divergence = None
-    record: dict[str, Any] = {
-        "method": args.method,
-        "divergence": divergence,
-        "probes": args.probes,
-        "rtol": args.rtol if args.method == "ode" else None,
-        "atol": atol if args.method == "ode" else None,
-        "n": args.n,
-        "seed": args.seed,
-        "weights": args.weights,
-        "checkpoint": args.checkpoint,
-        "batch_size": args.batch_size,
-        "dequantization": ("variational" if args.dequantizer else "uniform") if image else None,
-        "dequantizer": None if args.dequantizer is None else str(Path(args.dequantizer)),
-        "split": args.split,
-        "repeats": args.repeats,
-        "integrator": integrator if args.method == "ode" else None,
-        "density": "log p_t_min" if args.method == "ode" else "bound",
-    }
-    record["nodes"] = args.nodes if record["integrator"] == "randomized" else None
-    solver = resolve_solver(args.solver, integrator) if args.method == "ode" else None
-    record["solver"] = solver
-    record["solver_steps"] = args.solver_steps if solver in EXPONENTIAL_METHODS else None
-    path = Path(args.run) / _result_name(record)
-    if info.is_main:
-        check_new_files([path], force=args.force, hint=_KEEP)
-    res = run_likelihood(
-        open_run(args.run, args.weights, args.checkpoint),
-        method=args.method,
+        source = open_run(args.run, args.weights, args.checkpoint)
+        path = None
+    plan = plan_likelihood(
+        source,
+        estimator=estimator,
         n=args.n,
         batch_size=args.batch_size,
-        exact_trace=args.probes is None,
-        probes=args.probes or 1,
+        split=args.split,
         seed=args.seed,
         which=args.weights,
-        rtol=args.rtol,
-        atol=atol,
+        checkpoint=args.checkpoint,
+        dequantization=args.dequantization,
         dequantizer=args.dequantizer,
-        split=args.split,
         repeats=args.repeats,
-        resumable=True,
-        resume=args.resume,
-        integrator=args.integrator,
-        nodes=args.nodes,
-        solver=args.solver,
-        solver_steps=args.solver_steps,
     )
+    if args.diffusers is None:
+        path = Path(args.run) / plan.name
+    if path is not None and info.is_main:
+        check_new_files([path], force=args.force, hint=_KEEP)
+    res = plan.evaluate(resumable=path is not None, resume=args.resume)
     if not info.is_main:
         return 0
-    print(f"test NLL ({args.method}): {res}")
-    record.update(
-        nll_mean=res.nll_mean,
-        nll_se=res.nll_se,
-        bpd_mean=res.bpd_mean,
-        bpd_se=res.bpd_se,
-        dequantization=res.dequantization,
-        nfe=res.nfe,
-        processes=info.world_size,
-    )
-    if args.repeats > 1:  # ScoreFlow's repeats: SE over images and over repeats separately
-        stats = repeat_statistics(res.per_repeat.T)
-        to_bpd = 1.0 / (config.model.dim * math.log(2))
-        record.update(
-            nll_se_images=stats.se_images,
-            nll_se_repeats=stats.se_repeats,
-            bpd_se_images=stats.se_images * to_bpd,
-            bpd_se_repeats=stats.se_repeats * to_bpd,
-        )
+    if args.diffusers is not None:
+        print(source.source)
+    print(f"{plan.split} NLL ({plan.estimator.tag}): {res}")  # with its error bar
+    if path is None:
+        return 0
+    record = result_record(plan, res, processes=info.world_size)
+    if args.diffusers is not None:
+        record.update(model=str(source.path), data=args.data, source=source.source)
     write_json(path, record, overwrite=args.force)
     print(f"recorded in {path}")
     return 0
@@ -140,50 +185,54 @@ def _likelihood(args: argparse.Namespace) -> int:
 _KEEP = "an earlier result with the same options is kept; pass --force to replace it"
 
 
-def _result_name(record: dict[str, Any]) -> str:
-    """The result file of a set of options: ``likelihood_ode_exact_rtol1e-05_n2000_seed0.json``
-    (estimator, divergence, tolerances, n, seed; the weights and batch size when not the
-    defaults), so results with other options never replace each other."""
-    parts = [record["method"]]
-    if record.get("divergence"):
-        parts.append(record["divergence"].replace(" x", ""))
-    if record.get("rtol") is not None:
-        tol = f"rtol{record['rtol']:g}"
-        if record["atol"] != record["rtol"]:
-            tol += f"_atol{record['atol']:g}"
-        parts.append(tol)
-    if record.get("steps") is not None:
-        parts.append(f"T{record['steps']}")
-    parts += [f"n{record['n']}", f"seed{record['seed']}"]
-    if record.get("weights", "ema") != "ema":
-        parts.append(record["weights"])
-    if record.get("batch_size", 1000) != 1000:
-        parts.append(f"b{record['batch_size']}")
-    if record.get("integrator") == "quadrature":
-        parts.append("quadrature")
-    if record.get("integrator") == "randomized":
-        parts.append(f"randomized{record.get('nodes', 32)}")
-    if record.get("solver_steps") is not None:  # a fixed grid: dpm3m64
-        parts.append(f"{record['solver']}{record['solver_steps']}")
-    elif record.get("solver") is not None:
-        parts.append(record["solver"])
-    if record.get("checkpoint") is not None:
-        parts.append(f"ckpt{record['checkpoint']}")
-    if record.get("split", "test") != "test":
-        parts.append(record["split"])
-    if record.get("repeats", 1) != 1:
-        parts.append(f"x{record['repeats']}")
-    if record.get("dequantizer"):
-        parts.append("variational")
-    return "likelihood_" + "_".join(parts) + ".json"
+def result_record(plan, res, *, processes: int = 1) -> dict[str, Any]:
+    """The JSON record of a likelihood result: the options it was computed with (from the plan,
+    the same objects that computed it) and the numbers with their error bar."""
+    est = plan.estimator
+    ode = isinstance(est, ODE)
+    divergence = getattr(est, "divergence", None)
+    deq = plan.dequantization
+    record: dict[str, Any] = {
+        "format": "sdelab-likelihood-2",
+        "method": est.name,
+        "tag": est.tag,
+        "estimator": est.record(),
+        "divergence": None if divergence is None else divergence.tag,
+        "probes": divergence.n_probes if isinstance(divergence, Hutchinson) else None,
+        "integrator": est.integrator.tag if ode else None,
+        "tol": est.tol if ode else None,
+        "density": "log p_t_min" if ode else "bound",
+        **{k: v for k, v in plan.record().items() if k != "estimator"},
+        "dequantization": "none" if deq is None else deq.kind,
+        "repeats": 1 if deq is None else deq.n_repeats,
+        "nll_mean": res.nll_mean,
+        "nll_se": res.nll_se,
+        "bpd_mean": res.bpd_mean,
+        "bpd_se": res.bpd_se,
+        "nfe": res.nfe,
+        "processes": processes,
+    }
+    # the error bar (module docstring of sdelab.likelihood.bpd): the SE split by source and
+    # a bound on the solver's bias, nats and bits/dim (NaN, written null: not measurable)
+    for unit, split in (("nll", res.se_split()), ("bpd", res.se_split(bpd=True))):
+        record.update({f"{unit}_se_{k}": v for k, v in split.items()})
+    record.update(bias_bound_nats=res.bias_bound, bias_bound_bpd=res.bias_bound_bpd)
+    if res.error is not None:
+        record["error_max_nats"] = float(res.error.max())
+    return record
 
 
 def _loss(args: argparse.Namespace, info) -> int:
     """``sdelab likelihood RUN --method loss``: the run's denoising loss on a split."""
-    if args.probes is not None or args.exact_trace or args.steps is not None:
-        raise CLIError("--probes/--exact-trace/--steps do not apply to --method loss")
+    loaded = open_run(args.run, args.weights, args.checkpoint)
+    path = Path(args.run) / (
+        f"loss_{args.split}_n{args.n}_b{args.batch_size}_seed{args.seed}_{args.weights}"
+        f"_step{loaded.step}.json"
+    )
+    if info.is_main:
+        check_new_files([path], force=args.force, hint=_KEEP)
     res = run_loss(
-        args.run, n=args.n, split=args.split, batch_size=args.batch_size, seed=args.seed,
+        loaded, n=args.n, split=args.split, batch_size=args.batch_size, seed=args.seed,
         which=args.weights,
     )  # fmt: skip
     if not info.is_main:
@@ -195,45 +244,58 @@ def _loss(args: argparse.Namespace, info) -> int:
         "split": args.split,
         "seed": args.seed,
         "weights": args.weights,
+        "checkpoint": loaded.step,
         "batch_size": args.batch_size,
         "loss_mean": res.mean,
         "loss_se": res.se,
         "weighting": res.weighting,
         "time_sampling": res.time_sampling,
     }
-    path = Path(args.run) / f"loss_{args.split}_n{args.n}_seed{args.seed}.json"
-    write_json(path, record, overwrite=True)
+    write_json(path, record, overwrite=args.force)
     print(f"recorded in {path}")
     return 0
 
 
+def _vlb_tag(bound: str, steps: int | None) -> str:
+    """``vlb_vdm_continuous``/``vlb_vdm_T1000`` (VDM's bound in continuous time or with T
+    steps), ``vlb_ddpm_all``/``vlb_ddpm_m100`` (DDPM's bound: all terms, or m sampled)."""
+    if bound == "ddpm":
+        return "vlb_ddpm_" + ("all" if steps is None else f"m{steps}")
+    return "vlb_vdm_" + ("continuous" if steps is None else f"T{steps}")
+
+
 def _vlb(args: argparse.Namespace, info) -> int:
-    """``sdelab likelihood RUN --method vlb``: the VDM bound with its terms (nats, bits/dim)."""
-    if args.probes is not None or args.exact_trace:
-        raise CLIError("--probes/--exact-trace are for the ODE: --method vlb takes --steps T")
+    """``sdelab likelihood RUN --method vlb``: the variational bound with its terms."""
+    if args.split != "test":
+        raise CLIError("--method vlb evaluates the test set: drop --split train")
+    loaded = open_run(args.run, args.weights, args.checkpoint)
+    steps = args.steps or None
+    bound = "ddpm" if loaded.config.loss.objective == "ddpm" else "vdm"
     record: dict[str, Any] = {
         "method": "vlb",
-        "steps": args.steps or 0,
+        "bound": bound,
+        "steps": steps,
         "n": args.n,
         "seed": args.seed,
         "weights": args.weights,
         "batch_size": args.batch_size,
-        "checkpoint": args.checkpoint,
+        "checkpoint": loaded.step,
     }
-    path = Path(args.run) / _result_name(record)
+    name = (
+        f"likelihood_{_vlb_tag(bound, steps)}_{args.split}_n{args.n}_b{args.batch_size}"
+        f"_seed{args.seed}_{args.weights}_step{loaded.step}.json"
+    )
+    path = Path(args.run) / name
     if info.is_main:
         check_new_files([path], force=args.force, hint=_KEEP)
-    try:
-        res = run_vlb(
-            open_run(args.run, args.weights, args.checkpoint),
-            steps=args.steps,
-            n=args.n,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            which=args.weights,
-        )
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+    res = run_vlb(
+        loaded,
+        steps=steps,
+        n=args.n,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        which=args.weights,
+    )
     if not info.is_main:
         return 0
     print(res.table())
@@ -243,10 +305,10 @@ def _vlb(args: argparse.Namespace, info) -> int:
         dequantization=None,  # the discretized decoder bounds the levels themselves
         processes=info.world_size,
     )
-    for name in res.terms:
+    for term in res.terms:
         for unit in ("nats", "bpd"):
-            mean, se = res.mean_se(name, unit)
-            record[f"{name}_{unit}_mean"], record[f"{name}_{unit}_se"] = mean, se
+            mean, se = res.mean_se(term, unit)
+            record[f"{term}_{unit}_mean"], record[f"{term}_{unit}_se"] = mean, se
     write_json(path, record, overwrite=args.force)
     print(f"recorded in {path}")
     return 0
@@ -256,109 +318,125 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to ``sub``."""
     p = sub.add_parser(
         "likelihood",
-        help="test-set NLL of a trained run",
+        help="NLL (bits/dim) of a trained run or a diffusers model, with its error bar",
         description=_likelihood.__doc__,
-        epilog="examples:\n  sdelab likelihood runs/checker --method ode\n"
-        "  sdelab likelihood runs/checker --method ode --probes 4\n"
+        epilog="examples:\n  sdelab likelihood runs/checker                # exact trace, per "
+        "example\n"
+        "  sdelab likelihood runs/checker --tol 1e-3 --force   # tighter; replace the result\n"
+        "  sdelab likelihood runs/checker --probes 4\n"
         "  sdelab likelihood runs/checker --method elbo --n 5000\n"
-        "  sdelab likelihood runs/digits --probes 4   # images: uniform dequantization, bits/dim\n"
-        "  sdelab likelihood runs/vdm --method vlb --steps 1000   # VDM bound with its terms\n"
-        "  sdelab likelihood runs/checker --rtol 1e-3 --force     # replace an earlier result\n"
-        "  sdelab likelihood runs/digits --repeats 4 --split test  # ScoreFlow's num_repeats\n"
-        "  sdelab likelihood runs/digits --resume       # continue an interrupted evaluation\n"
+        "  sdelab likelihood runs/digits                 # images: randomized rule, bits/dim\n"
+        "  sdelab likelihood runs/digits --integrator randomized --nodes 16 --solver-steps 32\n"
+        "  sdelab likelihood runs/digits --integrator augmented --probes 1\n"
+        "  sdelab likelihood runs/vdm --method vlb --steps 1000   # the VLB with its terms\n"
+        "  sdelab likelihood runs/digits --repeats 4        # ScoreFlow's num_repeats\n"
+        "  sdelab likelihood runs/digits --resume           # continue an interrupted one\n"
         "  sdelab likelihood runs/digits --dequantizer runs/digits-deq   # variational\n"
-        "  sdelab likelihood runs/checker --method loss  # the run's denoising loss\n"
+        "  sdelab likelihood runs/checker --method loss     # the run's denoising loss\n"
         "  sdelab likelihood --diffusers ddpm-cifar10 --data cifar10 "
-        "--data-option root=/data/cifar-10-batches-py --probes 1 --out ddpm.json\n\n"
-        "each result goes to RUN/likelihood_<method>_<divergence>_<tolerances>_n<N>_seed<S>"
-        ".json\n(the options it was computed with are in the name and the file); an existing "
-        "one is\nkept unless --force. finished test batches are kept in RUN/eval/likelihood "
-        "until the\nevaluation completes: after a kill, --resume computes only the rest.",
+        "--data-option root=/data/cifar-10-batches-py --out ddpm.json\n\n"
+        "unset options are chosen by one default policy (sdelab.likelihood.default_policy),\n"
+        "printed with the result. each result goes to RUN/likelihood_<estimator>_<policy>_"
+        "<split>_n<N>_b<B>_seed<S>_<weights>_step<STEP>.json\n(every option that changes a "
+        "number is in the name and the file); an existing one is kept\nunless --force. "
+        "finished batches are kept in RUN/eval/likelihood until the evaluation\ncompletes: "
+        "after a kill, --resume computes only the rest. measurements behind the\ndefaults: "
+        "benchmarks/RESULTS.md (docs/benchmarks).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run", metavar="RUN", nargs="?", help="run folder written by sdelab train")
     add_diffusers_options(p, data=True)
-    p.add_argument("--out", metavar="FILE.json", help="--diffusers: write the result here")
+    p.add_argument(
+        "--out",
+        metavar="FILE.json",
+        help="--diffusers: record the result here (kept unless --force; resumable)",
+    )
     p.add_argument(
         "--method",
         default="ode",
         choices=("ode", "elbo", "scoreflow", "vlb", "loss"),
-        help="ode (exact likelihood), elbo or scoreflow (bounds), vlb (the VDM bound: "
-        "diffusion + prior + reconstruction; image levels with VDM's discretized decoder)",
+        help="the estimator: ode (exact likelihood through the probability-flow ODE), elbo or "
+        "scoreflow (bounds), vlb (the variational bound with its diffusion, prior and "
+        "reconstruction terms: VDM's for VDM runs, DDPM's discrete L_vlb for DDPM runs; "
+        "image levels with a discretized decoder), loss (the run's denoising loss)",
     )
     p.add_argument(
         "--steps",
         type=nonneg_int,
         metavar="T",
-        help="--method vlb only: T-step diffusion loss (default 0: continuous time)",
+        help="--method vlb only: T-step VDM bound (0: continuous time), or m sampled terms of "
+        "DDPM's bound (0: all terms); default 0",
     )
     trace = p.add_mutually_exclusive_group()
     trace.add_argument(
         "--exact-trace",
         action="store_true",
-        help="exact divergence (default for vector runs; D backward passes per step)",
+        help="exact divergence (D products per evaluation; the default up to D = 64)",
     )
     trace.add_argument(
         "--probes",
         type=positive_int,
         metavar="K",
-        help="Hutchinson divergence with K Rademacher probes instead (default for image runs, "
-        "K = 1)",
+        help="Hutchinson divergence with K Rademacher probes (default above D = 64: K = 1)",
     )
+    p.add_argument(
+        "--tol",
+        type=positive_float,
+        metavar="NATS",
+        help=f"ODE: per-example target in nats (default {DEFAULT_TOL:g}; unused by a fixed grid)",
+    )
+    p.add_argument(
+        "--integrator",
+        choices=tuple(INTEGRATORS),
+        help="ODE: augmented (x and the divergence together, per example), quadrature "
+        "(forward solve + nested quadrature, per example) or randomized (shifted rule with "
+        "fresh probes: unbiased data-set means); default: the policy's (augmented up to "
+        "D = 64, randomized above)",
+    )
+    p.add_argument(
+        "--solver",
+        choices=SOLVERS,
+        help="with --integrator: its ODE solver (adaptive to --tol, or dpm3m/dpm2m on "
+        "--solver-steps steps in log-SNR for quadrature/randomized)",
+    )
+    p.add_argument(
+        "--solver-steps",
+        type=positive_int,
+        metavar="N",
+        help="with --solver dpm3m/dpm2m (randomized's default): steps in log-SNR (default 64)",
+    )
+    p.add_argument(
+        "--nodes",
+        type=positive_int,
+        metavar="N",
+        help="with --integrator randomized: divergence nodes per example (even; default 32)",
+    )
+    p.add_argument("--rtol", type=float, help=argparse.SUPPRESS)  # gone: refused, see --tol
+    p.add_argument("--atol", type=float, help=argparse.SUPPRESS)
     p.add_argument(
         "--n",
         "--num-examples",  # under torchrun, whose own options swallow the abbreviation --n
         dest="n",
         type=positive_int,
         default=2000,
-        help="test points (default 2000)",
+        help="examples (default 2000)",
     )
     p.add_argument(
         "--batch-size", type=positive_int, default=1000, help="batch size (default 1000)"
     )
     p.add_argument(
-        "--rtol", type=positive_float, default=1e-5, help="ODE relative tolerance (default 1e-5)"
-    )
-    p.add_argument(
-        "--atol", type=positive_float, default=None, help="ODE absolute tolerance (default rtol)"
-    )
-    p.add_argument(
         "--force", action="store_true", help="replace an existing result with the same options"
+    )
+    p.add_argument(
+        "--dequantization",
+        default="uniform",
+        choices=DEQUANTIZATION_KINDS,
+        help="image levels: uniform (default) or truncated_normal dequantization",
     )
     p.add_argument(
         "--dequantizer",
         metavar="DIR",
-        help="image runs: a folder from sdelab train-dequantizer (variational dequantization "
-        "instead of uniform)",
-    )
-    p.add_argument(
-        "--integrator",
-        default="auto",
-        choices=RUN_INTEGRATORS,
-        help="ODE: auto (default: randomized with --probes, augmented with --exact-trace), "
-        "augmented (x and the divergence solved together), quadrature (per example) or "
-        "randomized (unbiased shifted rule with fresh probes: test-set means)",
-    )
-    p.add_argument(
-        "--nodes",
-        type=positive_int,
-        default=32,
-        help="--integrator randomized: divergence nodes per image (even; default 32)",
-    )
-    p.add_argument(
-        "--solver",
-        default="auto",
-        choices=RUN_SOLVERS,
-        help="ODE solver: auto (default: dpm3m for --integrator randomized, else the "
-        "integrator's adaptive default), dopri5/dopri8 (adaptive, --rtol/--atol) or "
-        "dpm3m/dpm2m (DPM-Solver++ from the data to the prior on --solver-steps steps in "
-        "log-SNR; randomized or quadrature only)",
-    )
-    p.add_argument(
-        "--solver-steps",
-        type=positive_int,
-        default=AUTO_SOLVER_STEPS,
-        help=f"--solver dpm3m/dpm2m: steps in log-SNR (default {AUTO_SOLVER_STEPS})",
+        help="image levels: a folder from sdelab train-dequantizer (variational dequantization)",
     )
     p.add_argument(
         "--split", default="test", choices=("test", "train"), help="data split (default test)"
@@ -367,7 +445,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--repeats",
         type=positive_int,
         default=1,
-        help="image runs: dequantization/probe draws per image (ScoreFlow's num_repeats; 1)",
+        help="image levels: dequantization/probe draws per image (ScoreFlow's num_repeats; 1)",
     )
     p.add_argument(
         "--resume",

@@ -1,46 +1,61 @@
-"""Models trained elsewhere (diffusers, via :func:`sdelab.interop.load_diffusers`): bits/dim on
-a data set and samples, through the same sharded loops as a run."""
+"""Models trained elsewhere (diffusers, via :func:`sdelab.interop.load_diffusers`) as sources
+of the run operations: :class:`ForeignRun` holds ``(score_fn, schedule, dataset)`` for
+:func:`~sdelab.runs.likelihood.run_likelihood`, and :func:`foreign_sample` draws samples through
+the same sharded loop as a run."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from sdelab.data import Dataset
 from sdelab.interop import DiffusersModel
-from sdelab.likelihood.bpd import EvaluationResult, evaluate_sharded
-from sdelab.runs.core import METHODS
 from sdelab.runs.sampling import sample_chunks
 from sdelab.samplers import SampleResult
+from sdelab.sde import Schedule
+
+__all__ = ["ForeignRun", "foreign_run", "foreign_sample"]
 
 
-# ---- models trained elsewhere ----------------------------------------------------------------
-def foreign_likelihood(
-    model: DiffusersModel,
-    dataset: Dataset,
-    *,
-    method: str = "ode",
-    n: int = 2000,
-    batch_size: int = 500,
-    exact_trace: bool = False,
-    probes: int = 1,
-    seed: int = 0,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    dequantization: str = "uniform",
-    progress: bool = True,
-) -> EvaluationResult:
-    """Test-set bits/dim of a model trained elsewhere (:func:`sdelab.interop.load_diffusers`)
-    on ``dataset``'s integer test levels, dequantized and mapped to the model's space [−1, 1].
+@dataclass(frozen=True)
+class ForeignRun:
+    """A model trained elsewhere with the data set it is evaluated on: what
+    :func:`~sdelab.runs.likelihood.run_likelihood` reads from a run (the same attributes as
+    :class:`~sdelab.runs.core.LoadedRun` where they apply).
 
-    Batches are split over launched processes and seeded per batch exactly as for a run
-    (:func:`sdelab.likelihood.bpd.evaluate_sharded`).
+    Attributes:
+        model: the score function ``score_fn(x, t)`` (an ``nn.Module`` on the evaluation device).
+        schedule: its continuous-time schedule.
+        dataset: the data set whose integer levels are evaluated (mapped to the model's space).
+        run_dir: the folder that holds resumable evaluations (``run_dir/eval/likelihood``);
+            ``None``: none can be kept (the evaluation is not resumable).
+        source: what the model is (one line, for messages and records).
+        path: the model's folder.
+        step: ``None`` (a foreign model has no checkpoint steps).
+    """
+
+    model: nn.Module
+    schedule: Schedule
+    dataset: Dataset
+    run_dir: Path | None
+    source: str
+    path: Path
+    step: int | None = None
+
+
+def foreign_run(
+    model: DiffusersModel, dataset: Dataset, *, run_dir: str | Path | None = None
+) -> ForeignRun:
+    """A diffusers model (:func:`sdelab.interop.load_diffusers`) with the image data set it is
+    evaluated on, as a source for :func:`~sdelab.runs.likelihood.run_likelihood`.
 
     Raises:
-        ValueError: continuous data, an image shape other than the model's, or a data range
-            other than the model's.
+        ValueError: continuous data, an image shape other than the model's, or a map to model
+            space other than the model's ([−1, 1]).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if dataset.num_levels is None:
         raise ValueError(
             f"data set {dataset.name!r} is continuous: --diffusers models are image models, "
@@ -56,28 +71,13 @@ def foreign_likelihood(
             f"the model works on [-1, 1] but data set {dataset.name!r} is mapped to "
             f"{dataset.data_range}: use --data-option data_range=[-1,1]"
         )
-    kwargs: dict[str, Any] = {}
-    if method == "ode":
-        kwargs = dict(rtol=rtol, atol=atol)
-        kwargs.update(
-            divergence="exact" if exact_trace else "hutchinson",
-            **({} if exact_trace else {"n_probes": probes}),
-        )
-    device = next(iter(model.unet.parameters())).device
-    return evaluate_sharded(
-        model.score_fn,
-        model.schedule,
-        dataset.test_set(n),
-        estimator=method,
-        batch_size=batch_size,
-        seed=seed,
-        device=device,
-        progress=progress,
-        levels=dataset.num_levels,
-        scale=model.scale,
-        shift=model.shift,
-        dequantization=dequantization,
-        **kwargs,
+    return ForeignRun(
+        model=model.score_fn,
+        schedule=model.schedule,
+        dataset=dataset,
+        run_dir=None if run_dir is None else Path(run_dir),
+        source=model.describe(),
+        path=Path(model.path).resolve(),
     )
 
 

@@ -1,236 +1,339 @@
-"""A run's likelihood: the test-set NLL and bounds (:func:`run_likelihood`, resumable), the VDM
-bound (:func:`run_vlb`), the denoising loss (:func:`run_loss`) and the demo's table."""
+"""A run's likelihood: the test-set NLL and bounds (:func:`run_likelihood`, resumable), the
+variational bound (:func:`run_vlb`: VDM's, or DDPM's discrete one), the denoising loss
+(:func:`run_loss`) and the demo's table."""
 
 from __future__ import annotations
 
 import math
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from torch import Tensor
 
 from sdelab import distributed
 from sdelab.discrete import ddpm_vlb
-from sdelab.likelihood.bpd import EvaluationResult, evaluate_sharded
-from sdelab.likelihood.forward import EXPONENTIAL_METHODS, EXPONENTIAL_STEPS
+from sdelab.likelihood.bpd import (
+    ELBO,
+    ODE,
+    Dequantization,
+    Estimator,
+    EvaluationResult,
+    Levels,
+    ScoreFlow,
+    evaluate_sharded,
+)
+from sdelab.likelihood.options import Exact, Hutchinson
 from sdelab.losses import dsm_loss
-from sdelab.runs.core import LOSS_STREAM, METHODS, VLB_STREAM, LoadedRun, open_run, split_levels
-from sdelab.train.build import dequantization_options
+from sdelab.progress import Progress
+from sdelab.runs.core import LOSS_STREAM, VLB_STREAM, LoadedRun, open_run, split_levels
+from sdelab.runs.foreign import ForeignRun
 from sdelab.train.dequantizer import check_dequantizer_fits, load_dequantizer
 from sdelab.train.evalstore import EVAL_DIR, EvalStore
 from sdelab.utils import check_int, chunk_generator, mean_se_float
 from sdelab.vdm import check_vdm_schedule, vdm_vlb
 
-#: integrators of :func:`run_likelihood` (``"auto"``: :func:`resolve_integrator`).
-RUN_INTEGRATORS: tuple[str, ...] = ("auto", "augmented", "quadrature", "randomized")
-#: ODE solvers of :func:`run_likelihood` (``"auto"``: :func:`resolve_solver`): torchdiffeq's
-#: adaptive ones with ``rtol``/``atol``, or a fixed-grid exponential integrator of the
-#: forward-only solve with ``solver_steps`` steps in λ.
-RUN_SOLVERS: tuple[str, ...] = ("auto", "dopri5", "dopri8", *EXPONENTIAL_METHODS)
-#: ``solver="auto"`` with the randomized rule: DPM-Solver++(3M) on 64 steps in λ (issue 17:
-#: solver bias ≤ 0.001 bpd on the digits and Fashion-MNIST U-Nets against dopri8 at 1e-7,
-#: 1.5–2.2× less CPU than dopri5 at 1e-5 in λ; benchmarks/RESULTS.md).
-AUTO_SOLVER_STEPS: int = EXPONENTIAL_STEPS
+#: the dequantizations of image levels :func:`run_likelihood` takes by name (``"variational"``
+#: comes with a trained dequantizer).
+DEQUANTIZATION_KINDS: tuple[str, ...] = ("uniform", "truncated_normal")
 
 
-def resolve_solver(solver: str, integrator: str) -> str | None:
-    """``"auto"`` → ``"dpm3m"`` for the randomized rule (a test-set mean: a fixed grid whose
-    bias was measured), else ``None`` (the integrator's own adaptive default); any other name
-    is returned as it is."""
-    if solver != "auto":
-        return solver
-    return "dpm3m" if integrator == "randomized" else None
+def resolve_estimator(estimator: Estimator | None, dim: int) -> Estimator:
+    """The estimator with its defaults filled in: ``None`` is ``ODE()``, and an ODE's unset
+    tolerance, divergence and integrator come from
+    :func:`~sdelab.likelihood.options.default_policy` for data of dimension ``dim`` (the one
+    place defaults are resolved); the bounds are returned as they are.
+
+    Raises:
+        ValueError: an estimator that is not ODE, ELBO or ScoreFlow, or a bad option.
+    """
+    if estimator is None:
+        estimator = ODE()
+    if not isinstance(estimator, ODE | ELBO | ScoreFlow):
+        raise ValueError(f"estimator must be ODE(), ELBO() or ScoreFlow(), got {estimator!r}")
+    if isinstance(estimator, ELBO) and estimator.divergence is None:
+        return replace(estimator, divergence=Hutchinson())  # elbo()'s own default, made explicit
+    if not isinstance(estimator, ODE):
+        return estimator
+    policy = estimator.policy(dim)  # default_policy: the one place defaults are resolved
+    return ODE(tol=policy.tol, divergence=policy.divergence, integrator=policy.integrator)
 
 
-def resolve_integrator(integrator: str, exact_trace: bool) -> str:
-    """``"auto"`` → ``"augmented"`` for the exact trace (per-example values), ``"randomized"``
-    for Hutchinson probes (test-set means); any other name is returned as it is."""
-    if integrator != "auto":
-        return integrator
-    return "augmented" if exact_trace else "randomized"
+@dataclass(frozen=True)
+class LikelihoodPlan:
+    """One likelihood evaluation, resolved before any work: the source (a run or a model from
+    elsewhere), the estimator with every default filled in, the data and its dequantization.
+    :attr:`name` and :meth:`record` derive from the same objects that :meth:`evaluate` computes
+    with, so a result's name, its record and its numbers cannot disagree.
+
+    Build it with :func:`plan_likelihood`.
+    """
+
+    source: LoadedRun | ForeignRun
+    estimator: Estimator
+    data: Tensor
+    levels: Levels | None
+    dequantization: Dequantization | None
+    batch_size: int
+    split: str
+    seed: int
+    weights: str | None
+    dequantizer: str | None
+
+    @property
+    def n(self) -> int:
+        """Examples evaluated (the split may hold fewer than asked for)."""
+        return len(self.data)
+
+    @property
+    def checkpoint(self) -> int | None:
+        """The step of the checkpoint evaluated, resolved (``None``: a model from elsewhere)."""
+        return self.source.step
+
+    @property
+    def name(self) -> str:
+        """The result's file name: every option that changes a number, e.g.
+        ``likelihood_ode_augmented_dopri5_exact_tol0.01_test_n2000_b1000_seed0_ema_step150.json``
+        (images add the dequantization, e.g. ``uniform`` or ``variational_x4``)."""
+        parts = [self.estimator.tag]
+        if self.dequantization is not None:
+            parts.append(self.dequantization.tag)
+        parts += [self.split, f"n{self.n}", f"b{self.batch_size}", f"seed{self.seed}"]
+        if self.weights is not None:
+            parts.append(self.weights)
+        if self.checkpoint is not None:
+            parts.append(f"step{self.checkpoint}")
+        return "likelihood_" + "_".join(parts) + ".json"
+
+    def record(self) -> dict[str, Any]:
+        """The options as a JSON-able dict (what a result file and a resumable store hold)."""
+        return {
+            "estimator": self.estimator.record(),
+            "levels": None if self.levels is None else self.levels.record(),
+            "dequantization": None if self.dequantization is None else self.dequantization.record(),
+            "dequantizer": self.dequantizer,
+            "split": self.split,
+            "n": self.n,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "weights": self.weights,
+            "checkpoint": self.checkpoint,
+        }
+
+    def _store_options(self) -> dict[str, Any]:
+        """:meth:`record`, one level flat (a resumed evaluation that differs names the option
+        that differs, e.g. ``tol``)."""
+        flat: dict[str, Any] = {}
+        for key, value in self.record().items():
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    flat[k if k not in flat else f"{key}.{k}"] = v
+            else:
+                flat[key] = value
+        return flat
+
+    def store_folder(self) -> Path | None:
+        """Where a resumable evaluation keeps its finished batches (``None``: nowhere)."""
+        folder = self.source.run_dir
+        return None if folder is None else Path(folder) / EVAL_DIR / "likelihood"
+
+    def evaluate(
+        self, *, resumable: bool = False, resume: bool = False, progress: bool = True
+    ) -> EvaluationResult:
+        """Compute it (see :func:`run_likelihood` for ``resumable``, ``resume``)."""
+        store = None
+        if resumable or resume:
+            folder = self.store_folder()
+            if folder is None:
+                raise ValueError(
+                    "this evaluation has no folder to keep finished batches in (--diffusers: "
+                    "give --out FILE.json), so it cannot be resumed"
+                )
+            store = EvalStore(
+                folder, self._store_options(), resume=resume, command="sdelab likelihood"
+            )
+            if distributed.get_info().is_main:
+                store.open()
+        if store is None:
+            res = self._evaluate(None, progress)
+        else:
+            with store.guard():
+                res = self._evaluate(store, progress)
+                if distributed.get_info().is_main:
+                    store.finish()  # complete: the result is the caller's to keep
+        return res
+
+    def _evaluate(self, store: EvalStore | None, progress: bool) -> EvaluationResult:
+        where = getattr(self.source, "run_dir", None) or getattr(self.source, "path", "")
+        device = next(iter(self.source.model.parameters())).device
+        try:
+            res = evaluate_sharded(
+                self.source.model,
+                self.source.schedule,
+                self.data,
+                estimator=self.estimator,
+                levels=self.levels,
+                dequantization=self.dequantization,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                device=device,
+                progress=progress,
+                cached=None if store is None else store.get,
+                on_batch=None if store is None else store.put,
+                group=distributed.get_info(),
+            )
+        except AssertionError as e:
+            if "underflow in dt" not in str(e):
+                raise  # a bug, not an unsolvable ODE
+            raise ValueError(
+                f"the probability-flow ODE of {where} could not be solved (torchdiffeq: {e}): "
+                "the model is not finite or too stiff there — the run may have diverged (see "
+                "its loss.png); try a looser --tol (e.g. 1e-2), or retrain with a lower optim.lr"
+            ) from None
+        if not math.isfinite(res.nll_mean):
+            raise ValueError(
+                f"the {self.estimator.tag} NLL of {where} is not finite: the run may have "
+                "diverged (see its loss.png)"
+            )
+        return res
+
+
+def plan_likelihood(
+    run: str | Path | LoadedRun | ForeignRun,
+    *,
+    estimator: Estimator | None = None,
+    n: int = 2000,
+    batch_size: int = 1000,
+    split: str = "test",
+    seed: int = 0,
+    which: str = "ema",
+    checkpoint: int | str | None = None,
+    dequantization: str = "uniform",
+    dequantizer: str | Path | None = None,
+    repeats: int = 1,
+) -> LikelihoodPlan:
+    """Resolve a likelihood evaluation without computing it (arguments as
+    :func:`run_likelihood`): the run is opened, the data split read, the estimator's defaults
+    filled in. ``plan.name`` is the result's file name, ``plan.record()`` its options."""
+    check_int("--batch-size", batch_size, 1)
+    check_int("--repeats", repeats, 1)
+    if dequantization not in DEQUANTIZATION_KINDS:
+        raise ValueError(
+            f"unknown dequantization {dequantization!r}: choose one of "
+            f"{', '.join(DEQUANTIZATION_KINDS)} (or give a trained dequantizer)"
+        )
+    source = run if isinstance(run, ForeignRun) else open_run(run, which, checkpoint)
+    dataset = source.dataset
+    data = split_levels(dataset, split, n, seed)
+    label = source.run_dir if isinstance(source, LoadedRun) else source.path
+    levels = deq = deq_path = None
+    if dataset.num_levels is not None:  # integer levels: dequantized, accounted in bits/dim
+        levels = Levels(dataset.num_levels, dataset.scale, dataset.shift)
+        flow, kind = None, dequantization
+        if dequantizer is not None:
+            flow, deq_record = load_dequantizer(dequantizer)
+            check_dequantizer_fits(deq_record, dataset, dequantizer)
+            device = next(iter(source.model.parameters())).device
+            flow, kind = flow.to(device), "variational"
+            deq_path = str(Path(dequantizer).resolve())
+        deq = Dequantization(kind=kind, dequantizer=flow, n_repeats=repeats)
+    else:
+        for given, flag in ((dequantizer is not None, "--dequantizer"), (repeats > 1, "--repeats")):
+            if given:
+                raise ValueError(
+                    f"{flag} dequantizes integer levels: it needs a run on image data; {label} "
+                    "has continuous data"
+                )
+        if dequantization != "uniform":
+            raise ValueError(f"--dequantization needs image data; {label} has continuous data")
+    return LikelihoodPlan(
+        source=source,
+        estimator=resolve_estimator(estimator, data[0].numel()),
+        data=data,
+        levels=levels,
+        dequantization=deq,
+        batch_size=batch_size,
+        split=split,
+        seed=seed,
+        weights=which if isinstance(source, LoadedRun) else None,
+        dequantizer=deq_path,
+    )
 
 
 def run_likelihood(
-    run: str | Path | LoadedRun,
+    run: str | Path | LoadedRun | ForeignRun,
     *,
-    method: str = "ode",
+    estimator: Estimator | None = None,
     n: int = 2000,
     batch_size: int = 1000,
-    exact_trace: bool = True,
-    probes: int = 1,
+    split: str = "test",
     seed: int = 0,
     which: str = "ema",
-    rtol: float = 1e-5,
-    atol: float | None = None,
+    checkpoint: int | str | None = None,
+    dequantization: str = "uniform",
     dequantizer: str | Path | None = None,
-    split: str = "test",
     repeats: int = 1,
     resumable: bool = False,
     resume: bool = False,
-    integrator: str = "auto",
-    nodes: int = 32,
-    solver: str = "auto",
-    solver_steps: int = AUTO_SOLVER_STEPS,
     progress: bool = True,
 ) -> EvaluationResult:
-    """Test-set negative log-likelihood of a run, mean ± SE in nats (and bits/dim).
+    """Negative log-likelihood of a data split under a trained run (or a model from elsewhere),
+    per example and mean ± standard error, in nats and bits/dim.
 
-    ``integrator``: the ODE's ``"augmented"`` solve (x and the divergence together),
-    ``"quadrature"`` (forward solve + nested quadrature of the divergence, per example) or
-    ``"randomized"`` (forward solve in log-SNR + a randomly shifted ``nodes``-point rule with
-    fresh Hutchinson probes: unbiased, for test-set means; :mod:`sdelab.likelihood.quadrature`).
-    ``"auto"`` (default): ``"randomized"`` with Hutchinson probes (a test-set mean; with the
-    default solver, measured against the augmented solve at the same estimator SE ≤ 0.005
-    bpd and solver bias ≤ 0.001 bpd: 9.4× less CPU on the digits U-Net, 2.3× on
-    Fashion-MNIST — 5.3× there with ``nodes=16, solver_steps=32``, since one pass over 1000
-    images already reaches the SE; benchmarks/RESULTS.md, issue 17), ``"augmented"`` with the
-    exact trace (per-example values). ``atol``: ``None`` → ``rtol``.
-    ``solver``: the ODE solver: ``"dopri5"``/``"dopri8"`` (adaptive, to ``rtol``/``atol``) or,
-    for the quadrature rules, ``"dpm3m"``/``"dpm2m"`` (DPM-Solver++ run from the data to the
-    prior on ``solver_steps`` equal steps in λ: no step control, so no tolerance).
-    ``"auto"`` (default): ``"dpm3m"`` with the randomized rule (64 steps: its bias measured
-    ≤ 0.001 bpd on the digits and Fashion-MNIST U-Nets), the integrator's adaptive default
-    otherwise.
-    ``split``: ``"test"`` (the run's fixed test set) or ``"train"``
-    (the training split of image data; fresh training draws seeded by ``seed`` for vector
-    data). ``repeats``: K dequantization and probe draws per image (ScoreFlow's
-    ``num_repeats``; image data only),
-    averaged per image, their values in ``per_repeat``. ``resumable``: write every finished
-    batch to ``RUN/eval/likelihood/`` (:class:`~sdelab.train.evalstore.EvalStore`) so that an
-    interrupted evaluation continues with ``resume=True`` and gives exactly the values of an
-    uninterrupted one; the folder is removed when the evaluation completes.
+    Args:
+        run: a run folder, a :class:`~sdelab.runs.core.LoadedRun`, or a
+            :class:`~sdelab.runs.foreign.ForeignRun` (a diffusers model with its data set).
+        estimator: :class:`~sdelab.likelihood.bpd.ODE` (the exact likelihood through the
+            probability-flow ODE; default), :class:`~sdelab.likelihood.bpd.ELBO` or
+            :class:`~sdelab.likelihood.bpd.ScoreFlow` (bounds). An ODE's unset options are
+            resolved by :func:`~sdelab.likelihood.options.default_policy` for the data's
+            dimension (:func:`resolve_estimator`).
+        n: the first ``n`` examples of the split.
+        batch_size: examples per batch; batch i is evaluated with a generator seeded by
+            (seed, i) and, under a launcher, by process i mod N alone, so the per-example values
+            do not depend on the number of processes (they do on ``batch_size``).
+        split: ``"test"`` (the run's fixed test set) or ``"train"`` (the training split of image
+            data; fresh draws seeded by ``seed`` for vector data).
+        seed: the evaluation's randomness (dequantization, probes, the randomized rule).
+        which, checkpoint: the run's weights (``"ema"``/``"raw"``) and checkpoint (a step,
+            ``"best"``, ``None``: the newest); ignored for a :class:`ForeignRun`.
+        dequantization: image levels: ``"uniform"`` or ``"truncated_normal"``.
+        dequantizer: a folder from ``sdelab train-dequantizer`` made for this data: variational
+            dequantization by the trained flow (still a bound on −log₂ P(k)/D).
+        repeats: dequantization and probe draws per image, averaged (ScoreFlow's
+            ``num_repeats``; image data only); their values are in ``per_repeat``.
+        resumable: keep every finished batch in ``RUN/eval/likelihood/`` so that an interrupted
+            evaluation continues with ``resume=True`` and gives exactly the values of an
+            uninterrupted one; the folder is removed when the evaluation completes.
+        resume: continue such an evaluation (its options must be the same).
+        progress: report progress on stderr (main process).
 
-    ``dequantizer``: a folder from ``sdelab train-dequantizer`` for this run's data: image
-    levels are then dequantized by the trained flow (variational dequantization, still a bound
-    on −log₂ P(k)/D) instead of uniformly; a flow made for other data is refused.
+    Returns:
+        :class:`~sdelab.likelihood.bpd.EvaluationResult`: per-example nats and bits/dim, their
+        means ± SE, the policy that ran and its error bar. Image levels are dequantized, so
+        bits/dim bounds the discrete data's −log₂ P(k) per dimension.
 
-    ``method="ode"``: exact log-likelihood through the probability-flow ODE, with the exact
-    trace or ``probes`` Hutchinson probes. ``"elbo"``: sdeflow-light's bound. ``"scoreflow"``:
-    the likelihood-weighted DSM bound. Uses the first ``n`` points of the run's fixed test set.
-
-    Batch i of ``batch_size`` points gets its own generator seeded by (seed, i) (the ODE's
-    adaptive steps and Hutchinson probes depend on the batch), and under a launcher it is
-    solved by process i mod N alone; the per-example results are gathered in order at the end,
-    so they equal the single-process ones for the same ``batch_size`` and ``seed``. Use at
-    least as many batches as processes to keep every process busy.
-
-    For image runs the test set is integer levels, uniformly dequantized by
-    :func:`evaluate_likelihood` (``levels``, ``scale``, ``shift`` from the dataset), so bits/dim
-    is a bound on the discrete data's −log₂ P(k) per dimension.
-
-    Raises ValueError for a run whose ODE cannot be solved or whose NLL is not finite (a
-    diverged run).
+    Raises:
+        ValueError: a bad option; ``--dequantizer``/``--repeats`` on continuous data, a
+            dequantizer made for other data; finished batches of an interrupted evaluation
+            without ``resume`` (or with other options); an ODE that cannot be solved or an NLL
+            that is not finite (a diverged run).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {batch_size}")
-    check_int("--repeats", repeats, 1)
-    loaded = open_run(run, which)
-    model, schedule = loaded.model, loaded.schedule
-    device = next(iter(model.parameters())).device
-    dataset = loaded.dataset
-    data = split_levels(dataset, split, n, seed)
-    # Image data: the test set is integer levels; evaluate_likelihood dequantizes them
-    # uniformly, maps y = scale·(k + u)/L + shift and accounts for both in bits/dim.
-    discrete = dequantization_options(dataset)
-    if dequantizer is not None:
-        if not discrete:
-            raise ValueError(
-                f"--dequantizer needs a run on image data with integer levels; {loaded.run_dir} "
-                "has continuous data"
-            )
-        flow, record = load_dequantizer(dequantizer)
-        check_dequantizer_fits(record, dataset, dequantizer)
-        discrete.update(dequantization="variational", dequantizer=flow.to(device))
-    if repeats > 1:
-        if not discrete:
-            raise ValueError(
-                f"--repeats draws dequantization noise and probes per image: it needs a run on "
-                f"image data; {loaded.run_dir} has continuous data"
-            )
-        discrete["n_repeats"] = repeats
-    kwargs: dict[str, Any] = {}
-    if integrator not in RUN_INTEGRATORS:
-        raise ValueError(
-            f"unknown integrator {integrator!r}: choose one of {', '.join(RUN_INTEGRATORS)}"
-        )
-    if method == "ode":
-        integrator = resolve_integrator(integrator, exact_trace)
-        atol = rtol if atol is None else atol
-        kwargs = dict(rtol=rtol, atol=atol, integrator=integrator)
-        chosen = resolve_solver(solver, integrator)
-        if chosen is not None:
-            if chosen not in RUN_SOLVERS:
-                raise ValueError(
-                    f"unknown --solver {chosen!r}: choose one of {', '.join(RUN_SOLVERS)}"
-                )
-            if chosen in EXPONENTIAL_METHODS:  # (log_likelihood refuses it with augmented)
-                check_int("--solver-steps", solver_steps, 2)
-                kwargs["options"] = {"steps": solver_steps}
-            kwargs["method"] = chosen
-        if integrator == "randomized":
-            check_int("--nodes", nodes, 2)
-            if nodes % 2:
-                raise ValueError(f"--nodes must be even (the rule's two half-rules), got {nodes}")
-            kwargs["nodes"] = nodes
-        if exact_trace:
-            kwargs["divergence"] = "exact"
-        else:
-            kwargs.update(divergence="hutchinson", n_probes=probes)
-    store = None
-    if resumable or resume:
-        options = dict(
-            method=method,
-            n=len(data),
-            split=split,
-            batch_size=batch_size,
-            seed=seed,
-            weights=which,
-            checkpoint=loaded.step,
-            repeats=repeats,
-            dequantizer=None if dequantizer is None else str(Path(dequantizer).resolve()),
-            **{
-                ("solver" if k == "method" else k): v
-                for k, v in {**discrete, **kwargs}.items()
-                if k != "dequantizer"
-            },
-        )
-        store = EvalStore(loaded.run_dir / EVAL_DIR / "likelihood", options, resume=resume)
-        if distributed.get_info().is_main:
-            store.open()
-    try:
-        res = evaluate_sharded(
-            model,
-            schedule,
-            data,
-            estimator=method,
-            batch_size=batch_size,
-            seed=seed,
-            device=device,
-            progress=progress,
-            cached=None if store is None else store.get,
-            on_batch=None if store is None else store.put,
-            **discrete,
-            **kwargs,
-        )
-    except AssertionError as e:  # torchdiffeq's "underflow in dt": the ODE cannot be solved
-        raise ValueError(
-            f"the probability-flow ODE of {loaded.run_dir} could not be solved ({e}): the model "
-            "is not finite or too stiff there — the run may have diverged (see its loss.png); "
-            "try a looser --rtol (e.g. 1e-3), or retrain with a lower optim.lr"
-        ) from None
-    if not math.isfinite(res.nll_mean):
-        raise ValueError(
-            f"the {method} NLL of {loaded.run_dir} is not finite: the run may have diverged "
-            "(see its loss.png)"
-        )
-    if store is not None and distributed.get_info().is_main:
-        shutil.rmtree(store.folder)  # complete: the result is the caller's to keep
-    return res
+    plan = plan_likelihood(
+        run,
+        estimator=estimator,
+        n=n,
+        batch_size=batch_size,
+        split=split,
+        seed=seed,
+        which=which,
+        checkpoint=checkpoint,
+        dequantization=dequantization,
+        dequantizer=dequantizer,
+        repeats=repeats,
+    )
+    return plan.evaluate(resumable=resumable, resume=resume, progress=progress)
 
 
 @dataclass(frozen=True)
@@ -337,9 +440,9 @@ def run_vlb(
     batches = dataset.test_set(n).split(batch_size)
     local = []
     mine = distributed.shard(len(batches), info)
-    bar = tqdm(mine, disable=not (progress and info.is_main), desc="vlb", unit="batch")
-    with torch.no_grad():
-        for i in bar:
+    bar = Progress(len(mine), "vlb", "batches", enabled=progress and info.is_main)
+    with torch.no_grad(), bar:  # a bar on a terminal, plain lines in a log
+        for done, i in enumerate(mine):
             gen = chunk_generator(seed, VLB_STREAM, i, device)
             if ddpm:  # the discrete chain's own bound
                 vlb = ddpm_vlb(
@@ -367,6 +470,7 @@ def run_vlb(
                 total=vlb.total,
             )
             local.append((i, {k: v.cpu() for k, v in terms.items()}))
+            bar.set(done + 1)
     parts = distributed.gather_indexed(local, info)
     cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     return VLBEvaluation(
@@ -394,12 +498,12 @@ def likelihood_table(
     entropy when known (the NLL a perfect model attains), each in nats."""
     loaded = open_run(run)
     rows = []
-    for method, label in (
-        ("ode", "NLL, probability-flow ODE (exact trace)"),
-        ("elbo", "NLL bound, ELBO of the reverse SDE (sdeflow)"),
-        ("scoreflow", "NLL bound, likelihood-weighted DSM (ScoreFlow)"),
+    for estimator, label in (
+        (ODE(divergence=Exact()), "NLL, probability-flow ODE (exact trace)"),
+        (ELBO(), "NLL bound, ELBO of the reverse SDE (sdeflow)"),
+        (ScoreFlow(), "NLL bound, likelihood-weighted DSM (ScoreFlow)"),
     ):
-        res = run_likelihood(loaded, method=method, n=n, progress=progress, seed=seed)
+        res = run_likelihood(loaded, estimator=estimator, n=n, progress=progress, seed=seed)
         rows.append(LikelihoodRow(label, res.nll_mean, res.nll_se))
     entropy = loaded.dataset.entropy()
     if entropy is not None:
