@@ -347,7 +347,7 @@ def from_diffusers(
         )
     schedule = DiscreteVPSchedule(scheduler.alphas_cumprod, interpolation=interpolation)
     net = DiffusersUNet(unet, drop_variance=c_out == 2 * c_in, snap=snap_to_steps)
-    return ScoreModel(net, schedule, output=PREDICTION_KINDS[prediction]), schedule
+    return ScoreModel(net, schedule, parametrization=PREDICTION_KINDS[prediction]), schedule
 
 
 # ---- k-diffusion / EDM ------------------------------------------------------------------------

@@ -449,7 +449,7 @@ def run_vlb(
                     model.eps_at_step,
                     model.chain,
                     batches[i].to(device),
-                    levels=levels,
+                    num_levels=levels,
                     n_terms=steps,
                     generator=gen,
                 )
@@ -458,7 +458,7 @@ def run_vlb(
                     model.eps,
                     schedule,
                     batches[i].to(device),
-                    levels=levels,
+                    num_levels=levels,
                     n_steps=steps,
                     low_discrepancy=True,
                     generator=gen,
