@@ -704,7 +704,7 @@ def table_unet_nodes(args) -> list[str]:
     h = torch.empty(times.numel(), n, dtype=F64)
     chunk = max(1, 64 // n)
 
-    def trace(fn, xx, rows):
+    def trace(fn, xx, rows, nodes):
         return exact_trace(fn, xx)
 
     for s in range(0, times.numel(), chunk):
@@ -787,21 +787,21 @@ def table_trace_estimators(args) -> list[str]:
     for name, score, sched, x in cases(args):
         gen = torch.Generator().manual_seed(11)
 
-        def rad(fn, xx, rows, m, gen=gen):
+        def rad(fn, xx, m, gen=gen):
             draw = torch.randint(0, 2, (m, *xx.shape), generator=gen, dtype=torch.int64)
             return hutchinson_trace(fn, xx, draw.to(xx.dtype) * 2 - 1)
 
-        estimators = [("exact trace", 64, lambda fn, xx, rows: exact_trace(fn, xx))]
+        estimators = [("exact trace", 64, lambda fn, xx, rows, nodes: exact_trace(fn, xx))]
         for m in (8, 24, 48):
             estimators.append(
-                (f"Rademacher, {m} probes", m, lambda fn, xx, rows, m=m: rad(fn, xx, rows, m))
+                (f"Rademacher, {m} probes", m, lambda fn, xx, rows, nodes, m=m: rad(fn, xx, m))
             )
         for m in (24, 48):
             estimators.append(
                 (
                     f"Hutch++, {m} products",
                     m,
-                    lambda fn, xx, rows, m=m, gen=gen: hutchpp_trace(fn, xx, m, gen),
+                    lambda fn, xx, rows, nodes, m=m, gen=gen: hutchpp_trace(fn, xx, m, gen),
                 )
             )
         ref = None
