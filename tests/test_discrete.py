@@ -19,6 +19,7 @@ from sdelab.discrete import (
     smld_chain,
 )
 from sdelab.likelihood import log_likelihood
+from sdelab.likelihood.options import Exact
 from sdelab.oracle import GaussianData
 from sdelab.samplers import sample
 from sdelab.sde import VESchedule, VPSchedule
@@ -194,7 +195,7 @@ def test_continuous_view_runs_every_sampler_and_the_ode_likelihood():
     x = data.sample(64, generator=gen)
     t = torch.rand(64, dtype=torch.float64) * 0.99 + 0.01
     torch.testing.assert_close(model(x, t), data.score_fn(ve)(x, t))
-    opts = dict(divergence="exact", rtol=1e-6, atol=1e-6)
+    opts = dict(divergence=Exact(), tol=1e-5)
     ll = log_likelihood(model, ve, x[:16], **opts)
     exact = log_likelihood(data.score_fn(ve), ve, x[:16], **opts)
     torch.testing.assert_close(ll.nll, exact.nll, atol=1e-4, rtol=0)

@@ -10,6 +10,7 @@ import torch
 from sdelab.cli import main
 from sdelab.discrete import DiscreteScoreModel, chain_loss
 from sdelab.likelihood import log_likelihood
+from sdelab.likelihood.options import Exact
 from sdelab.samplers import sample
 from sdelab.train.build import build_run, load_run, resolve_config
 from sdelab.train.checkpoint import list_checkpoints
@@ -78,7 +79,7 @@ def test_discrete_run_trains_loads_and_samples_every_way(tmp_path, objective, ca
     # the continuous view: any sampler, and the ODE likelihood
     res = sample(model, schedule, (32, 2), sampler="pc", steps=50, generator=0)
     assert torch.isfinite(res.samples).all()
-    ll = log_likelihood(model, schedule, x0[:8], divergence="exact")
+    ll = log_likelihood(model, schedule, x0[:8], divergence=Exact())
     assert torch.isfinite(ll.nll).all()
 
 
