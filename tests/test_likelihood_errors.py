@@ -278,6 +278,9 @@ def test_default_policy_picks_by_dimension_and_gradients():
     assert default_policy(small, integrator=Randomized()).divergence == Hutchinson()
     assert default_policy(small, integrator=Quadrature()).divergence == Exact()
     assert default_policy(small, integrator=Randomized(), tol=1e-3).tol is None  # fixed grid
+    # a fixed-grid forward solve under the nested rule: tol still sets the rule's refinement
+    fixed = Quadrature(method="dpm3m", solve_in="log_snr")
+    assert default_policy(small, integrator=fixed, tol=1e-3).tol == 1e-3
     assert default_policy(small, integrator=Randomized(method="dopri5"), tol=1e-3).tol == 1e-3
 
 
