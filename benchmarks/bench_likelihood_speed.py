@@ -5,10 +5,10 @@ Run:
       [--digits-run RUN] [--scoresde PATH/TO/score_sde_pytorch] [--sdeflow PATH/TO/sdeflow-light]
 
 Table 1 — every example within 0.01 nats of a tight reference (augmented exact trace,
-rtol = atol = 1e-8) at the lowest cost: D = 64 Gaussian oracle (VP and VE), a D = 64 random MLP
+tol = 1e-8 nats) at the lowest cost: D = 64 Gaussian oracle (VP and VE), a D = 64 random MLP
 score (VP) and, with ``--digits-run``, a trained digits U-Net (VP, D = 64, float64 weights).
-Rows: today's default (augmented exact trace, rtol = atol = 1e-5) is speed 1.0×; the quadrature
-integrator (the new default) and its variants (time variable, forward-mode trace, Hutchinson at
+Rows: the augmented exact trace at tol = 1e-5 nats is speed 1.0×; the quadrature integrator
+and its variants (time variable, forward-mode trace, Hutchinson at
 the nodes); the Score-SDE design (bench_likelihood.py's scipy re-implementation, exact trace);
 with ``--scoresde``, Score-SDE's own ``likelihood.py`` (one Rademacher probe), loaded from the
 given checkout through a small adapter (never copied here).
@@ -57,6 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_likelihood import RandomMLP, oracle, scoresde_likelihood
 from sdelab.likelihood import elbo, log_likelihood, nats_to_bpd
+from sdelab.likelihood.options import Augmented, Exact, Hutchinson, Quadrature, Randomized
 from sdelab.oracle import GaussianData
 from sdelab.sde import VESchedule, VPSchedule
 
@@ -146,52 +147,34 @@ def cases(args):
     return out
 
 
+def _opts(integrator, divergence=None, tol=1e-5) -> dict:
+    """log_likelihood's options for one row (exact trace unless a Hutchinson estimator)."""
+    return dict(integrator=integrator, divergence=divergence or Exact(), tol=tol)
+
+
 def method_rows(peer):
+    hutch8 = Hutchinson(n_probes=8)
     rows = [
-        ("today: augmented exact, tol 1e-5", dict(integrator="augmented")),
-        ("quadrature exact, t, dopri8", dict(integrator="quadrature")),
-        ("quadrature exact, dopri5", dict(integrator="quadrature", method="dopri5")),
-        ("quadrature exact, log-SNR", dict(integrator="quadrature", time_variable="log_snr")),
+        ("augmented exact, tol 1e-5", _opts(Augmented())),
+        ("quadrature exact, t, dopri8", _opts(Quadrature())),
+        ("quadrature exact, dopri5", _opts(Quadrature(method="dopri5"))),
+        ("quadrature exact, log-SNR", _opts(Quadrature(time_variable="log_snr"))),
+        ("quadrature exact, forward-mode trace", _opts(Quadrature(), Exact(mode="forward"))),
+        ("quadrature exact, tol 1e-4", _opts(Quadrature(), tol=1e-4)),
+        ("quadrature exact, tol 1e-3", _opts(Quadrature(), tol=1e-3)),
+        ("quadrature exact, dopri5, tol 1e-3", _opts(Quadrature(method="dopri5"), tol=1e-3)),
         (
-            "quadrature exact, forward-mode trace",
-            dict(integrator="quadrature", trace_mode="forward"),
+            "quadrature exact, DPM-Solver++(3M) 64 steps, tol 0.01",
+            _opts(Quadrature(method="dpm3m", steps=64, solve_in="log_snr"), tol=1e-2),
         ),
-        ("quadrature exact, tol 1e-4", dict(integrator="quadrature", rtol=1e-4, atol=1e-4)),
-        ("quadrature exact, tol 1e-3", dict(integrator="quadrature", rtol=1e-3, atol=1e-3)),
-        (
-            "quadrature exact, dopri5, tol 1e-3",
-            dict(integrator="quadrature", method="dopri5", rtol=1e-3, atol=1e-3),
-        ),
-        (
-            "quadrature exact, DPM-Solver++(3M) 64 steps, quad_tol 0.01",
-            dict(
-                integrator="quadrature",
-                method="dpm3m",
-                options={"steps": 64},
-                solve_in="log_snr",
-                quad_tol=1e-2,
-                min_nodes=4,
-                max_nodes=128,
-            ),
-        ),
-        (
-            "quadrature Hutchinson 8 probes fixed per example",
-            dict(integrator="quadrature", divergence="hutchinson", n_probes=8),
-        ),
+        ("quadrature Hutchinson 8 probes fixed per example", _opts(Quadrature(), hutch8)),
         (
             "quadrature Hutchinson 8 fresh probes × 17 nodes",
-            dict(
-                integrator="quadrature",
-                divergence="hutchinson",
-                n_probes=8,
-                refresh_probes=True,
-                min_nodes=16,
-                max_nodes=16,
-            ),
+            _opts(Quadrature(refresh_probes=True, min_nodes=16, max_nodes=16), hutch8),
         ),
         (
             "augmented Hutchinson 1 probe (the field's default)",
-            dict(integrator="augmented", divergence="hutchinson"),
+            _opts(Augmented(), Hutchinson()),
         ),
     ]
     return rows
@@ -201,7 +184,7 @@ def case_rows(args, peer, name, score, sched, x) -> list[str]:
     lines = []
     tol = args.digits_ref_tol if name.startswith("digits") else 1e-8
     with torch.no_grad():
-        ref = log_likelihood(score, sched, x, rtol=tol, atol=tol, integrator="augmented")
+        ref = log_likelihood(score, sched, x, tol=tol, integrator=Augmented())
     t_today = None
     results = []
     rows = method_rows(peer)
@@ -280,25 +263,25 @@ def table_tail() -> list[str]:
     sde = VESchedule()
     sf = data.score_fn(sde)
     with torch.no_grad():
-        ref = log_likelihood(sf, sde, xb, rtol=1e-9, atol=1e-9, integrator="augmented").logp
+        ref = log_likelihood(sf, sde, xb, tol=1e-9, integrator=Augmented()).logp
     lines = [
-        "| integrator | rtol = atol | tail err in batch | tail err alone | max err of the 255 "
+        "| integrator | tol (nats) | tail err in batch | tail err alone | max err of the 255 "
         "| NFE batch / alone |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     variants = [
-        ("augmented", dict(integrator="augmented")),
-        ("quadrature (dopri8, one step sequence)", dict(integrator="quadrature")),
+        ("augmented", dict(integrator=Augmented())),
+        ("quadrature (dopri8, one step sequence)", dict(integrator=Quadrature())),
         (
             "quadrature, dopri5, steps per example",
-            dict(integrator="quadrature", method="dopri5", step_control="example"),
+            dict(integrator=Quadrature(method="dopri5", step_control="example")),
         ),
     ]
     for integ, kw in variants:
         for tol in (1e-2, 1e-3, 1e-4):
             with torch.no_grad():
-                rb = log_likelihood(sf, sde, xb, rtol=tol, atol=tol, **kw)
-                ra = log_likelihood(sf, sde, xb[-1:], rtol=tol, atol=tol, **kw)
+                rb = log_likelihood(sf, sde, xb, tol=tol, divergence=Exact(), **kw)
+                ra = log_likelihood(sf, sde, xb[-1:], tol=tol, divergence=Exact(), **kw)
             eb = (rb.logp - ref).abs()
             alone = float((ra.logp[0] - ref[-1]).abs())
             lines.append(
@@ -396,30 +379,21 @@ def table_digits_bpd(args) -> list[str]:
         "|---|---:|---:|---:|---:|---:|",
     ]
     rows = [
-        (
-            "reference: quadrature exact, tol 1e-7",
-            dict(integrator="quadrature", rtol=1e-7, atol=1e-7, quad_tol=1e-5),
-        ),
-        ("today: augmented exact, tol 1e-5", dict(integrator="augmented")),
-        ("quadrature exact (opt-in)", dict(integrator="quadrature")),
-        ("quadrature exact, dopri8, tol 1e-4", dict(integrator="quadrature", rtol=1e-4, atol=1e-4)),
+        ("reference: quadrature exact, tol 1e-6", _opts(Quadrature(), tol=1e-6)),
+        ("today: augmented exact, tol 1e-5", _opts(Augmented())),
+        ("quadrature exact, tol 1e-5", _opts(Quadrature())),
+        ("quadrature exact, dopri8, tol 1e-4", _opts(Quadrature(), tol=1e-4)),
         (
             "quadrature Hutchinson 1 probe fixed per example",
-            dict(integrator="quadrature", divergence="hutchinson"),
+            _opts(Quadrature(), Hutchinson()),
         ),
         (
             "quadrature Hutchinson 1 fresh probe × 17 nodes",
-            dict(
-                integrator="quadrature",
-                divergence="hutchinson",
-                refresh_probes=True,
-                min_nodes=16,
-                max_nodes=16,
-            ),
+            _opts(Quadrature(refresh_probes=True, min_nodes=16, max_nodes=16), Hutchinson()),
         ),
         (
             "augmented Hutchinson 1 probe (Score-SDE design)",
-            dict(integrator="augmented", divergence="hutchinson"),
+            _opts(Augmented(check=False), Hutchinson()),
         ),
     ]
     ref, t_today = None, None
@@ -488,7 +462,7 @@ def table_dataset_bpd(args) -> list[str]:
     image* is std(run₅ − run₆)/√2 (dequantization + probes + quadrature shift: the estimator's
     own randomness; the images' spread is the test set's, not the estimator's). Its *solver
     bias* is the paired mean difference to its own tight twin (same integrator, same random
-    numbers, dopri8 at rtol = atol = 1e-7), so only the solver's error is left in it. A pass
+    numbers, dopri8 at tol = 1e-7), so only the solver's error is left in it. A pass
     over the ``--bpd-target-n`` images of the evaluation then has estimator SE = SD/√N; the
     passes needed for SE ≤ 0.005 are max(1, (SE/0.005)²), and the CPU time to the target is
     the measured CPU per image × N × passes. Speeds are ratios to the Score-SDE design's
@@ -498,35 +472,38 @@ def table_dataset_bpd(args) -> list[str]:
     model, sched, k, deq = _run_test_levels(args.bpd_run, args.bpd_n)
     n, dim = k.shape[0], k[0].numel()
     n_target = args.bpd_target_n or n
-    aug = dict(integrator="augmented", divergence="hutchinson")
-    rnd = dict(integrator="randomized", divergence="hutchinson", prior_control=False)
-    tight = dict(method="dopri8", rtol=1e-7, atol=1e-7)
+    hutch = Hutchinson()
+    # the Score-SDE design: one augmented solve (no tolerance check) with one probe
+    aug = Augmented(check=False)
+
+    def rnd(nodes: int, tol: float | None = None, **solver) -> dict:
+        return dict(integrator=Randomized(nodes=nodes, **solver), divergence=hutch, tol=tol)
+
     # (label, options, twin): the twin is the key of the tight run it is paired with
     rows = [
         (
             "Score-SDE design (= sdelab's old default): augmented, dopri5, tol 1e-5",
-            dict(aug, rtol=1e-5, atol=1e-5),
+            dict(integrator=aug, divergence=hutch, tol=1e-5),
             "aug",
         ),
-        ("Score-SDE design, tol 1e-6", dict(aug, rtol=1e-6, atol=1e-6), "aug"),
+        ("Score-SDE design, tol 1e-6", dict(integrator=aug, divergence=hutch, tol=1e-6), "aug"),
     ]
     for nodes in args.bpd_nodes:
-        lam = dict(rnd, nodes=nodes, method="dopri5", solve_in="log_snr")
         rows += [
             (
                 f"randomized, {nodes} nodes, dopri5 in λ, tol 1e-5"
                 + (" (the previous default)" if nodes == 32 else ""),
-                dict(lam, rtol=1e-5, atol=1e-5),
+                rnd(nodes, 1e-5, method="dopri5"),
                 f"rnd{nodes}",
             ),
             (
                 f"randomized, {nodes} nodes, dopri5 in λ, tol 3e-5",
-                dict(lam, rtol=3e-5, atol=3e-5),
+                rnd(nodes, 3e-5, method="dopri5"),
                 f"rnd{nodes}",
             ),
             (
                 f"randomized, {nodes} nodes, dopri5 in t, tol 1e-5",
-                dict(rnd, nodes=nodes, method="dopri5", solve_in="t", rtol=1e-5, atol=1e-5),
+                rnd(nodes, 1e-5, method="dopri5", solve_in="t"),
                 f"rnd{nodes}",
             ),
         ]
@@ -534,7 +511,7 @@ def table_dataset_bpd(args) -> list[str]:
             (
                 f"randomized, {nodes} nodes, DPM-Solver++(3M) {steps} steps in λ"
                 + (" (the default)" if (nodes, steps) == (32, 64) else ""),
-                dict(rnd, nodes=nodes, method="dpm3m", options={"steps": steps}),
+                rnd(nodes, method="dpm3m", steps=steps),
                 f"rnd{nodes}",
             )
             for steps in args.bpd_steps
@@ -542,8 +519,9 @@ def table_dataset_bpd(args) -> list[str]:
     if args.bpd_rows:  # the base row (the first) always, then those matching a substring
         keep = args.bpd_rows.split("|")
         rows = rows[:1] + [r for r in rows[1:] if any(k in r[0] for k in keep)]
-    twins = {"aug": dict(aug, **tight)}
-    twins.update({f"rnd{m}": dict(rnd, nodes=m, **tight) for m in args.bpd_nodes})
+    # tight twins: dopri8 at 1e-7 (the augmented one with the same single probe per example)
+    twins = {"aug": dict(integrator=Augmented(method="dopri8"), divergence=hutch, tol=1e-7)}
+    twins.update({f"rnd{m}": rnd(m, 1e-7, method="dopri8") for m in args.bpd_nodes})
 
     def run(kw: dict, seed: int) -> tuple[torch.Tensor, float, int]:
         t0 = time.process_time()
@@ -616,22 +594,26 @@ def table_steps_bias(args) -> list[str]:
 
     The randomized rule (``--steps-nodes`` nodes, one probe) on the first ``--bpd-n`` test
     images from ``--steps-start``; each row is paired with the same estimator, same random
-    numbers, solved by dopri8 at rtol = atol = 1e-7 (its tight twin), so every difference is
+    numbers, solved by dopri8 at tol = 1e-7 (its tight twin), so every difference is
     the fixed grid's error alone; ± is the SE of the paired mean over images."""
     model, sched, y, dim = _run_images(args.bpd_run, args.bpd_n, args.steps_start)
     n, c = y.shape[0], nats_to_bpd(1.0, dim)
-    rnd = dict(integrator="randomized", divergence="hutchinson", prior_control=False)
-    rnd["nodes"] = args.steps_nodes
 
-    def run(**kw):
+    def run(tol: float | None = None, **solver):
         t0 = time.process_time()
         with torch.no_grad():
             res = log_likelihood(
-                model, sched, y, generator=torch.Generator().manual_seed(7), **rnd, **kw
+                model,
+                sched,
+                y,
+                tol=tol,
+                divergence=Hutchinson(),
+                integrator=Randomized(nodes=args.steps_nodes, **solver),
+                generator=torch.Generator().manual_seed(7),
             )
         return res, time.process_time() - t0
 
-    ref, cpu_ref = run(method="dopri8", rtol=1e-7, atol=1e-7)
+    ref, cpu_ref = run(1e-7, method="dopri8")
     lines = [
         f"{dim}-dimensional images {args.steps_start}–{args.steps_start + n - 1} of the test "
         f"split of `{args.bpd_run}`, randomized rule with {args.steps_nodes} nodes; tight twin "
@@ -647,7 +629,7 @@ def table_steps_bias(args) -> list[str]:
 
     for method in args.steps_methods:
         for steps in args.bpd_steps:
-            res, cpu = run(method=method, options={"steps": steps})
+            res, cpu = run(method=method, steps=steps)
             total = -(res.logp - ref.logp) * c
             prior = -(res.prior_logp - ref.prior_logp) * c
             integral = -(res.delta_logp - ref.delta_logp) * c
@@ -704,7 +686,7 @@ def table_unet_nodes(args) -> list[str]:
     h = torch.empty(times.numel(), n, dtype=F64)
     chunk = max(1, 64 // n)
 
-    def trace(fn, xx, rows):
+    def trace(fn, xx, rows, nodes):
         return exact_trace(fn, xx)
 
     for s in range(0, times.numel(), chunk):
@@ -720,7 +702,7 @@ def table_unet_nodes(args) -> list[str]:
         values.append((kind, var, m, (ww[:, None] * h[idx]).sum(0)))
     ref = next(v for k, var, m, v in values if var == "t" and m == levels[-1] + 1)
     with torch.no_grad():
-        aug = log_likelihood(model, sched, y, integrator="augmented")
+        aug = log_likelihood(model, sched, y, tol=1e-5, divergence=Exact(), integrator=Augmented())
     lines = [
         f"{n} dequantized test images of `{args.digits_run}` (float64), {times.numel()} exact "
         f"traces in {cpu:.0f} CPU s. Reference: Clenshaw–Curtis in t with {levels[-1] + 1} "
@@ -787,21 +769,21 @@ def table_trace_estimators(args) -> list[str]:
     for name, score, sched, x in cases(args):
         gen = torch.Generator().manual_seed(11)
 
-        def rad(fn, xx, rows, m, gen=gen):
+        def rad(fn, xx, m, gen=gen):
             draw = torch.randint(0, 2, (m, *xx.shape), generator=gen, dtype=torch.int64)
             return hutchinson_trace(fn, xx, draw.to(xx.dtype) * 2 - 1)
 
-        estimators = [("exact trace", 64, lambda fn, xx, rows: exact_trace(fn, xx))]
+        estimators = [("exact trace", 64, lambda fn, xx, rows, nodes: exact_trace(fn, xx))]
         for m in (8, 24, 48):
             estimators.append(
-                (f"Rademacher, {m} probes", m, lambda fn, xx, rows, m=m: rad(fn, xx, rows, m))
+                (f"Rademacher, {m} probes", m, lambda fn, xx, rows, nodes, m=m: rad(fn, xx, m))
             )
         for m in (24, 48):
             estimators.append(
                 (
                     f"Hutch++, {m} products",
                     m,
-                    lambda fn, xx, rows, m=m, gen=gen: hutchpp_trace(fn, xx, m, gen),
+                    lambda fn, xx, rows, nodes, m=m, gen=gen: hutchpp_trace(fn, xx, m, gen),
                 )
             )
         ref = None
@@ -879,7 +861,7 @@ def main() -> None:
     print(
         f"## Likelihood speed (issue 17)\n\n`{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} "
         f"UTC`, {platform.processor() or 'cpu'}, torch {torch.__version__}, 1 thread, median of "
-        f"{args.repeats} run(s); errors against the augmented exact trace at rtol = atol = 1e-8\n"
+        f"{args.repeats} run(s); errors against the augmented exact trace at tol = 1e-8 nats\n"
     )
     if "1" in args.tables:
         print(

@@ -1,6 +1,6 @@
-"""The per-example Runge–Kutta solver (sdelab.likelihood.batched_rk) against closed-form solutions: the
-order of the method, batch = alone and outputs in both directions (the probability-flow tail
-point solved in a batch as alone: tests/test_quadrature.py)."""
+"""The per-example Runge–Kutta solver (sdelab.likelihood.batched_rk) against closed-form
+solutions: the order of the method, batch = alone and outputs in both directions (the
+probability-flow tail point solved in a batch as alone: tests/test_quadrature.py)."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from torch import nn
 from sdelab.interop import DiscreteVPSchedule, from_diffusers, from_k_diffusion, load_diffusers
 from sdelab.likelihood import log_likelihood
 from sdelab.likelihood.bpd import ODE, Levels, bits_per_dim
+from sdelab.likelihood.options import Hutchinson
 from sdelab.oracle import GaussianData
 from sdelab.samplers import sample
 
@@ -262,7 +263,7 @@ def test_ode_bits_per_dim_is_finite_reproducible_and_equals_hand_wrapping(tmp_pa
                 k,
                 Levels(256, model.scale, model.shift),
                 schedule=schedule,
-                estimator=ODE(tol=1e-3),
+                estimator=ODE(tol=1e-3, divergence=Hutchinson()),
                 generator=torch.Generator().manual_seed(3),
             )
 
@@ -315,7 +316,7 @@ def test_k_diffusion_adapter_gives_the_exact_score_and_likelihood():
     # ODE likelihood of the adapter = the exact density of p_{t_min} = N(μ, Σ + σ_min² I)
     # the flow of the adapter's score carries p_{t_min} to p_T exactly: log p_{t_min}(x) =
     # log p_T(z) + ∫∇·v (the prior π differs from p_T by ~0.05 nats at σ_max = 80, so use p_T)
-    res = log_likelihood(score_fn, schedule, x, rtol=1e-8, atol=1e-8)
+    res = log_likelihood(score_fn, schedule, x, tol=1e-7)
     flow = data.marginal_log_prob(res.z, schedule.T, schedule) + res.delta_logp
     exact = data.marginal_log_prob(x, schedule.t_min, schedule)
     assert torch.allclose(flow, exact, atol=1e-5)
@@ -374,9 +375,14 @@ def test_ode_likelihood_on_a_ddpm_schedule_is_exact():
     schedule = DiscreteVPSchedule(DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod)
     data = GaussianData(GAUSS.mean.double(), GAUSS.cov.double())
     x = data.sample(8, generator=torch.Generator().manual_seed(0))
-    res = log_likelihood(data.score_fn(schedule), schedule, x, rtol=1e-8, atol=1e-8)
+    # the interpolated schedule has a kink at every one of its 1000 steps: a tight tolerance
+    # costs thousands of steps, so check the per-example contract at tol = 1e-4 nats
+    tol = 1e-4
+    with torch.no_grad():
+        res = log_likelihood(data.score_fn(schedule), schedule, x, tol=tol)
     flow = data.marginal_log_prob(res.z, schedule.T, schedule) + res.delta_logp
-    assert torch.allclose(flow, data.marginal_log_prob(x, 0.0, schedule), atol=1e-5)
+    err = (flow - data.marginal_log_prob(x, 0.0, schedule)).abs()
+    assert float(err.max()) < 3 * tol and bool((res.error >= err).all())
 
 
 def test_exact_divergence_works_through_a_diffusers_unet():

@@ -263,8 +263,17 @@ def log_likelihood(
                 "noise would defeat the refinement"
             )
     probes = None
+    refresh = isinstance(policy.integrator, Quadrature) and policy.integrator.refresh_probes
     if isinstance(div, Hutchinson):
-        probes = sample_probes(x, div.n_probes, div.probe, generator)  # fixed along each path
+        if refresh:
+            # fresh probes at every node, drawn once per (node, example): the two solves of the
+            # check then see the same probes, and their difference is the solve's error alone
+            # rather than the probes' noise
+            n_times = policy.integrator.max_nodes + 1
+            probes = sample_probes(x.expand(n_times, *x.shape), div.n_probes, div.probe, generator)
+            # (K, nodes + 1, B, ...)
+        else:
+            probes = sample_probes(x, div.n_probes, div.probe, generator)  # fixed along a path
 
     def solve(rows: Tensor, tau: float | None, q: Tensor | None = None) -> _Partial:
         return _forward_only(
@@ -275,7 +284,7 @@ def log_likelihood(
             policy,
             tau,
             generator,
-            None if probes is None else probes[:, rows],
+            None if probes is None else probes[:, :, rows] if refresh else probes[:, rows],
         )
 
     if isinstance(policy.integrator, Randomized) or fixed_grid(policy.integrator):
@@ -351,6 +360,9 @@ def _checked(
     q = sensitivity(coarse.z).to(q.dtype)
     tau /= CHECK_RATIO
     fine = solve(rows, tau, q)
+    # the tighter solve's own estimate (a quadrature's level difference): the two solves share
+    # a capped rule's truncation error, which their difference cannot see
+    own = fine.error
     nfe = coarse.nfe + fine.nfe
     evals = coarse.evals + fine.evals
     error = (fine.logp - coarse.logp).abs().detach()
@@ -367,6 +379,8 @@ def _checked(
         evals = evals.index_add(0, rows, new.evals)
         error = error.index_put((rows,), (new.logp - fine.logp[rows]).abs().detach())
         floor = floor.index_fill(0, rows, tau)
+        if own is not None:
+            own = own.index_put((rows,), new.error)
         fine = _Partial(
             logp=fine.logp.index_put((rows,), new.logp),
             prior=fine.prior.index_put((rows,), new.prior),
@@ -375,7 +389,15 @@ def _checked(
             nfe=0,
             evals=evals,
         )
-    unmet = int((error > tol).sum())
+    # the difference estimates the looser solve's error (×ERROR_SAFETY: the errors are not yet
+    # proportional to the tolerance at loose tol); the tighter one's tolerance is a floor
+    unmet_rows = error > tol
+    error = torch.maximum(ERROR_SAFETY * error, floor)
+    if own is not None:
+        own = torch.nan_to_num(own.to(error.dtype), nan=0.0)
+        unmet_rows |= own > tol
+        error = torch.maximum(error, own)
+    unmet = int(unmet_rows.sum())
     if unmet:
         warnings.warn(
             f"{unmet} example(s) did not meet tol={tol:g} nats after {CHECK_LEVELS} "
@@ -385,9 +407,7 @@ def _checked(
             stacklevel=3,
         )
     fine.nfe, fine.evals = nfe, evals
-    # the difference estimates the looser solve's error (×ERROR_SAFETY: the errors are not yet
-    # proportional to the tolerance at loose tol); the tighter one's tolerance is a floor
-    return fine.result(x, t0, policy, torch.maximum(ERROR_SAFETY * error, floor))
+    return fine.result(x, t0, policy, error)
 
 
 def _augmented(
@@ -467,15 +487,19 @@ def _forward_only(
     if isinstance(div, Exact):
         mode = div.mode
 
-        def trace(fn, xx, rows):
+        def trace(fn, xx, rows, nodes):
             return exact_trace(fn, xx, mode)
-    elif randomized or opts.refresh_probes:
+    elif randomized:
 
-        def trace(fn, xx, rows):  # fresh probes at every node: independent errors
+        def trace(fn, xx, rows, nodes):  # fresh probes at every node: independent errors
             return hutchinson_trace(fn, xx, sample_probes(xx, div.n_probes, div.probe, generator))
+    elif opts.refresh_probes:
+
+        def trace(fn, xx, rows, nodes):  # each (node, example)'s own probes, drawn once
+            return hutchinson_trace(fn, xx, probes[:, nodes, rows])
     else:
 
-        def trace(fn, xx, rows):  # the same probes at every node: a smooth integrand
+        def trace(fn, xx, rows, nodes):  # the same probes at every node: a smooth integrand
             return hutchinson_trace(fn, xx, probes[:, rows])
 
     options: dict = {}

@@ -354,8 +354,8 @@ def default_policy(
             divergence = Hutchinson()
         else:
             divergence = Exact()
-    if fixed_grid(integrator):
-        tol = None
+    if fixed_grid(integrator) and isinstance(integrator, Randomized):
+        tol = None  # a fixed rule on a fixed grid: nothing for a tolerance to set
     elif tol is None:
         tol = DEFAULT_TOL
     return Policy(divergence=divergence, integrator=integrator, tol=tol)

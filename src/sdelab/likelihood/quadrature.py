@@ -168,7 +168,7 @@ def node_divergence(
     def flow(xx: Tensor) -> Tensor:
         return schedule.probability_flow(xx, tb, score_fn(xx, tb))
 
-    div = trace(flow, xs, rs).to(path.dtype)
+    div = trace(flow, xs, rs, ks).to(path.dtype)
     return div - dim * schedule.f(times[ks]).to(path.dtype)
 
 
@@ -197,8 +197,9 @@ def divergence_integral(
 ) -> QuadratureOutput:
     """Forward-only solve of x(t) plus nested quadrature of the divergence (module docstring).
 
-    ``trace(fn, x, rows)`` returns tr ∂fn/∂x per example (exact or an estimate); ``rows`` are
-    the indices in the batch of ``x``'s examples (for probes fixed per example). Runs without
+    ``trace(fn, x, rows, nodes)`` returns tr ∂fn/∂x per example (exact or an estimate); ``rows``
+    are the indices in the batch of ``x``'s examples and ``nodes`` those of their times in the
+    solve's output times (for probes fixed per example, or per node and example). Runs without
     gradients. Levels run from ``min_nodes`` to ``max_nodes`` intervals (powers of two times
     ``min_nodes``); an example stops refining once its error estimate is ≤ ``quad_tol`` nats.
     ``solve``: how x(t) is solved (:class:`ForwardSolve`; its ``prior_control`` also
