@@ -221,3 +221,19 @@ def test_train_with_periodic_likelihood_eval(tmp_path, capsys):
     assert all(math.isfinite(r["test_nll_ode"]) and math.isfinite(r["test_elbo_nll"]) for r in rows)
     # the same default policy as `sdelab likelihood`, recorded; a solver-bias bound beside it
     assert all(r["ode_policy"] == default_policy(2).tag and r["ode_bias_bound"] >= 0 for r in rows)
+    # one default: the library, run_likelihood, the CLI and the eval hook resolve the same
+    # integrator (and divergence, tol) for the same run and data
+    import torch
+
+    from sdelab.likelihood import log_likelihood
+    from sdelab.train.build import load_run
+
+    _, model, schedule = load_run(run)
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        library = log_likelihood(model, schedule, x).policy.tag
+    runs = run_likelihood(run, n=20, progress=False).policy["tag"]
+    code, out, err = run_cli(capsys, "likelihood", str(run), "--n", "20")
+    assert code == 0, err
+    cli = recorded(out)["estimator"]["tag"].removeprefix("ode_")
+    assert library == runs == cli == rows[-1]["ode_policy"] == default_policy(2).tag
