@@ -151,9 +151,10 @@ def main() -> None:
         for label, row in lines:
             cover = "—" if row["cover"] is None else f"{row['cover']:.0%}"
             tol = "—" if row["tol"] == BASE_DEFAULT else f"{row['tol']:g}"
+            within = "—" if row["tol"] == BASE_DEFAULT else ("yes" if row["within"] else "no")
             print(
                 f"| {row['case']} | {label} | {tol} | {row['tail']:.2g} / "
-                f"{row['ordinary']:.2g} | {'yes' if row['within'] else 'no'} | {cover} | "
+                f"{row['ordinary']:.2g} | {within} | {cover} | "
                 f"{row['nfe']} | {row['cpu']:.2f} |"
             )
 
