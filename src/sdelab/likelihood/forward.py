@@ -29,7 +29,7 @@ STEP_CONTROLS: tuple[str, ...] = ("batch", "example")
 #: fixed-grid exponential integrators of the forward-only solve (:func:`exponential_path`):
 #: DPM-Solver++ (2M, 3M) run from the data to the prior, ``options["steps"]`` steps in λ.
 EXPONENTIAL_METHODS: dict[str, int] = {"dpm2m": 2, "dpm3m": 3}
-#: their default number of steps (``options["steps"]``), measured in benchmarks/RESULTS.md
+#: their default number of steps (``options["steps"]``), measured on docs/benchmarks/likelihood.md
 EXPONENTIAL_STEPS: int = 64
 
 
@@ -84,8 +84,9 @@ def forward_path(
 
     ``step_control``: ``"batch"`` (torchdiffeq: one step sequence for the batch, accepted when
     the worst example meets the tolerance; any of its methods) or ``"example"``
-    (:func:`sdelab.likelihood.batched_rk.solve_per_example`: Dormand–Prince 5(4) with every example on
-    its own step sequence — in a batch exactly as alone; ``method`` must be ``"dopri5"``).
+    (:func:`sdelab.likelihood.batched_rk.solve_per_example`: Dormand–Prince 5(4) with every
+    example on its own step sequence — in a batch exactly as alone; ``method`` must be
+    ``"dopri5"``).
 
     ``method="dpm2m"`` or ``"dpm3m"``: no adaptive solver but :func:`exponential_path` with
     ``options["steps"]`` equal steps in λ (no step control: ``rtol``, ``atol`` and
