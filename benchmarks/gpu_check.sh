@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# GPU check (issue 17, item 7): run on a machine with one CUDA GPU, from the repository root.
+# GPU check: run on a machine with one CUDA GPU, from the repository root.
 #
 #   bash benchmarks/gpu_check.sh [PYTHON]        (default PYTHON: .venv/bin/python)
 #
 # Budget: <= 8 minutes on one GPU. Prints a markdown "RESULTS" section at the end, to paste
-# into benchmarks/RESULTS.md:
+# into docs/benchmarks/gpu.md:
 #   1. the likelihood comparison on CUDA (benchmarks/gpu_likelihood.py): today's augmented
 #      exact trace, the quadrature default, Hutchinson variants, the Score-SDE scipy design
 #      with its host round trip per evaluation;
@@ -95,7 +95,7 @@ step "torchrun 1 process: train (cuda)" 90 "${TORCHRUN[@]}" train toy/checkerboa
 END=$(date +%s)
 echo
 echo "================================ RESULTS ================================"
-echo "## GPU check (issue 17)"
+echo "## GPU check"
 echo
 echo "\`$(date -u '+%Y-%m-%d %H:%M') UTC\`, ${GPU_NAME:-unknown GPU}, torch $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)'), total $((END - START)) s, $FAILED failed step(s). Command: \`bash benchmarks/gpu_check.sh\`"
 echo

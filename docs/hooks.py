@@ -227,10 +227,16 @@ def layers_reference() -> str:
     for contract in config["contracts"]:
         out += [f"## {contract['name']}", ""]
         if contract["type"] == "layers":
-            out += ["| layer (top first) | module | what it is |", "|---:|---|---|"]
-            for i, layer in enumerate(contract["layers"], 1):
-                for module in (m.strip() for m in layer.split(":")):
-                    out.append(f"| {i} | `{module}` | {_first_line(module)} |")
+            containers = contract.get("containers", [""])
+            for container in containers:
+                if container:  # layers named relative to a package
+                    out += [f"Inside `{container}`:", ""]
+                out += ["| layer (top first) | module | what it is |", "|---:|---|---|"]
+                for i, layer in enumerate(contract["layers"], 1):
+                    for module in (m.strip() for m in layer.split(":")):
+                        full = f"{container}.{module}" if container else module
+                        out.append(f"| {i} | `{module}` | {_first_line(full)} |")
+                out.append("")
         elif contract["type"] == "forbidden":
             src = ", ".join(f"`{m}`" for m in contract["source_modules"])
             bad = ", ".join(f"`{m}`" for m in contract["forbidden_modules"])

@@ -341,7 +341,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "number is in the name and the file); an existing one is kept\nunless --force. "
         "finished batches are kept in RUN/eval/likelihood until the evaluation\ncompletes: "
         "after a kill, --resume computes only the rest. measurements behind the\ndefaults: "
-        "benchmarks/RESULTS.md (docs/benchmarks).",
+        "docs/benchmarks/likelihood.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run", metavar="RUN", nargs="?", help="run folder written by sdelab train")

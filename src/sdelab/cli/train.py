@@ -248,8 +248,9 @@ examples:
   sdelab train sdeflow_swissroll --dry-run                     # print the resolved config
 
 overrides are KEY=VALUE with dotted keys (anywhere on the line), values parsed as YAML
-scalars; sections: data, sde, model, loss, optim, train, eval (see README "Training on 2-D
-toys"). the run folder gets config.yaml/.json, metrics.jsonl, checkpoints/, loss.png.
+scalars; sections: data, sde, model, loss, optim, train, eval (every key:
+docs/reference/config.md). the run folder gets config.yaml/.json, metrics.jsonl,
+checkpoints/, loss.png.
 --resume continues from the run's own saved config; only the overrides you type change it,
 and only the loop's keys (train.*, eval.*) and optim.lr / optim.grad_clip may change.
 SIGTERM/SIGINT save a checkpoint and exit with 128+signal; --resume continues exactly.

@@ -448,7 +448,7 @@ def load_imagenet(
     These are the *new*, box-resized files of https://image-net.org/download-images
     ("Downsampled ImageNet 32x32 / 64x64", npz or pickle), not the older ImageNet 32×32 of
     van den Oord et al. (2016) that earlier likelihood papers used; published bits/dim on the two
-    differ by about 0.1 (see the README). ``root`` holds ``train_data_batch_1`` …
+    differ by about 0.1 (docs/concepts/bits-per-dim.md). ``root`` holds ``train_data_batch_1`` …
     ``train_data_batch_10`` (train) and ``val_data`` (test), each with or without ``.npz``,
     directly or in the sub-folders the zips extract to. 1 281 167 train and 50 000 test images
     of 256 levels, 1000 classes; labels are stored 1-based and returned 0-based. The train split

@@ -4,7 +4,7 @@ A batched adaptive solver (torchdiffeq's) advances every example with one step s
 accepted only when the *worst* example meets the tolerance. Each example's error is then
 bounded, but it is not the error it would get alone: the shared sequence is not the one its
 own controller would choose, and at loose tolerances an example can come out worse in a batch
-than alone (measured: 0.11 vs 0.008 nats for a tail point at rtol = 1e-2, issue 17). Here
+than alone (measured: 0.11 vs 0.008 nats for a tail point at rtol = 1e-2). Here
 every example keeps its own time, step size and accept/reject decision; one batched call of
 the right-hand side serves all examples still running, each at its own time, and an example
 leaves the batch when it reaches the end. So a batch gives every example exactly the steps it

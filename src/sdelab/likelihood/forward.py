@@ -29,7 +29,7 @@ STEP_CONTROLS: tuple[str, ...] = ("batch", "example")
 #: fixed-grid exponential integrators of the forward-only solve (:func:`exponential_path`):
 #: DPM-Solver++ (2M, 3M) run from the data to the prior, ``options["steps"]`` steps in λ.
 EXPONENTIAL_METHODS: dict[str, int] = {"dpm2m": 2, "dpm3m": 3}
-#: their default number of steps (``options["steps"]``), measured in benchmarks/RESULTS.md
+#: their default number of steps (``options["steps"]``), measured on docs/benchmarks/likelihood.md
 EXPONENTIAL_STEPS: int = 64
 
 

@@ -87,7 +87,7 @@ def make_extractor(
     if inception_weights is None:
         raise ValueError(
             "--features inception needs --inception-weights PATH (pt_inception-2015-12-05 "
-            "weights, see README 'Sample quality')"
+            "weights, see docs/how-to/quality.md)"
         )
     return InceptionFeatures(
         load_fid_inception(inception_weights),

@@ -134,7 +134,7 @@ def sample(
         ``options`` actually used, and optionally ``trajectory``/``times``.
 
     Warns:
-        UserWarning: for a combination measured to go wrong (benchmarks/RESULTS.md):
+        UserWarning: for a combination measured to go wrong (docs/benchmarks/samplers.md):
             DPM-Solver++(3M) below 15 NFE, a grid whose step-size ratios make DPM-Solver lower
             its order, or an ``ode`` (fixed-step), ``dpm_solver``, ``euler_maruyama`` or
             ``lambda`` run whose output law on Gaussian test data misses the exact one by more

@@ -1,8 +1,8 @@
 r"""Measured defaults of the samplers and warnings for combinations measured to go wrong.
 
 The numbers behind every choice come from ``benchmarks/bench_sampler_defaults.py`` on the
-Gaussian oracle (exact output laws; tables in ``benchmarks/RESULTS.md``), over the six
-built-in schedules and the README's two user-defined ones:
+Gaussian oracle (exact output laws; tables on ``docs/benchmarks/samplers.md``), over the six
+built-in schedules and two user-defined ones (an OU process and σ = t):
 
 - :func:`linear_probe` scores a sampler on one schedule and grid by its exact output law on
   Gaussian test data N(1, diag(0.1, 1, 10)) with a closed-form score (float64, a few ms).
@@ -226,7 +226,8 @@ def resolve_options(
         elif run["order"] == 3 and steps + 1 < DPM_3M_FROM_NFE:
             warnings.warn(
                 f"DPM-Solver++(3M) with {steps + 1} NFE is less accurate than 2M below "
-                f"{DPM_3M_FROM_NFE} NFE (measured, benchmarks/RESULTS.md): use order=2 or None",
+                f"{DPM_3M_FROM_NFE} NFE (measured: docs/benchmarks/samplers.md): use order=2 or "
+                "None",
                 stacklevel=3,
             )
         if run["order"] in (1, 2, 3):

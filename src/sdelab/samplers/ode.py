@@ -162,7 +162,7 @@ def sample_ode(
 
 # ---- DPM-Solver++: measured defaults --------------------------------------------------------
 # All three are measured on the Gaussian oracle by benchmarks/bench_sampler_defaults.py
-# (exact-law W2, VP and VE, D = 2 and 64; tables in benchmarks/RESULTS.md).
+# (exact-law W2, VP and VE, D = 2 and 64; tables on docs/benchmarks/samplers.md).
 
 #: ``order=None`` picks 3M from this many NFE on, 2M below: up to 12 NFE 3M is worse than 2M
 #: (its quadratic extrapolation over three wide steps overshoots: 3.6× 2M's W2 at 10 NFE on
