@@ -277,6 +277,5 @@ def test_eval_hook_on_images(tmp_path):
     rec = json.loads((tmp_path / "run" / "eval.jsonl").read_text().splitlines()[-1])
     assert rec["step"] == 4 and 0 < rec["test_bpd_ode"] < 20 and 0 < rec["test_bpd_elbo"] < 20
     # the hook resolves its estimator as `sdelab likelihood` does: the one default policy
-    dim = math.prod(config.model.image_shape)
-    assert rec["ode_policy"] == default_policy(dim, tol=0.1).tag
+    assert rec["ode_policy"] == default_policy(tuple(config.model.image_shape), tol=0.1).tag
     assert rec["ode_bias_bound"] >= 0 and rec["test_bpd_ode_se"] > 0

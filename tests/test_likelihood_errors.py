@@ -102,14 +102,7 @@ def test_every_example_within_3_tol_and_error_covers(kind, dim, tol):
 
 @pytest.mark.parametrize(
     ("kind", "dim", "tol"),
-    grid(
-        (2, 16, 64),
-        xfail={
-            ("VE", 16, 1e-3): "measured: the tail point alone and in its batch differ by "
-            "1.10·tol (each within 0.5·tol of the truth); the batch's error estimate 0.02·tol "
-            "does not cover its own error there"
-        },
-    ),
+    grid((2, 16, 64)),
 )
 def test_result_does_not_depend_on_the_batch(kind, dim, tol):
     """The far-tail point (radius 13) solved alone and inside its batch: the two values agree
@@ -282,6 +275,13 @@ def test_default_policy_picks_by_dimension_and_gradients():
     fixed = Quadrature(method="dpm3m", solve_in="log_snr")
     assert default_policy(small, integrator=fixed, tol=1e-3).tol == 1e-3
     assert default_policy(small, integrator=Randomized(method="dopri5"), tol=1e-3).tol == 1e-3
+    # images are data-set means whatever their size (8×8 digits: 64 values, but an image);
+    # a vector of the same size gets per-example values
+    assert default_policy((1, 8, 8)) == evaluation
+    assert default_policy((64,)) == default_policy(64) == Policy(Exact(), Augmented(), DEFAULT_TOL)
+    assert default_policy((1, 8, 8), differentiable=True).integrator == Augmented()
+    with pytest.raises(ValueError, match="one example's shape"):
+        default_policy((0, 8))
 
 
 def test_results_record_the_policy_that_ran():

@@ -134,7 +134,7 @@ class ODE:
         divergence: :class:`~sdelab.likelihood.options.Exact` or
             :class:`~sdelab.likelihood.options.Hutchinson` (``None``: the default policy's).
         integrator: :class:`~sdelab.likelihood.options.Augmented`, ``Quadrature`` or
-            ``Randomized`` (``None``: the default policy's, which depends on the data dimension:
+            ``Randomized`` (``None``: the default policy's, which depends on the examples' shape:
             :func:`~sdelab.likelihood.options.default_policy`).
     """
 
@@ -146,10 +146,11 @@ class ODE:
     def __post_init__(self) -> None:  # default_policy checks tol and both option types
         default_policy(1, divergence=self.divergence, integrator=self.integrator, tol=self.tol)
 
-    def policy(self, dim: int) -> Policy:
-        """What runs on data of dimension ``dim`` (:func:`default_policy`)."""
+    def policy(self, shape: int | tuple[int, ...]) -> Policy:
+        """What runs on examples of this shape, or vectors of this dimension
+        (:func:`default_policy`)."""
         return default_policy(
-            dim, divergence=self.divergence, integrator=self.integrator, tol=self.tol
+            shape, divergence=self.divergence, integrator=self.integrator, tol=self.tol
         )
 
     @property
@@ -662,7 +663,7 @@ def _evaluate_batch(
     state = generator.get_state()
     est, per_repeat = _batch(score_fn, schedule, data, estimator, levels, dequantization, generator)
     nfe, dim = est.nfe, data[0].numel()
-    policy = estimator.policy(dim) if isinstance(estimator, ODE) else None
+    policy = estimator.policy(data.shape[1:]) if isinstance(estimator, ODE) else None
     refined = None if policy is None else _refined(policy)
     if refined is None:
         grid = 0.0

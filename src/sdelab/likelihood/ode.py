@@ -250,7 +250,7 @@ def log_likelihood(
         )
     track = _tracks_grad(score_fn, schedule, x)
     policy = default_policy(
-        x[0].numel(), divergence=divergence, integrator=integrator, tol=tol, differentiable=track
+        x.shape[1:], divergence=divergence, integrator=integrator, tol=tol, differentiable=track
     )
     if isinstance(policy.integrator, Augmented):
         return _augmented(score_fn, schedule, x, t0, policy, generator, track)

@@ -18,6 +18,7 @@ number (result files are named by it, so a name and its computation cannot disag
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
@@ -300,7 +301,7 @@ class Policy:
 
 
 def default_policy(
-    dim: int,
+    shape: int | tuple[int, ...] | torch.Size,
     *,
     divergence: Exact | Hutchinson | None = None,
     integrator: Augmented | Quadrature | Randomized | None = None,
@@ -309,12 +310,15 @@ def default_policy(
 ) -> Policy:
     """The one place where unset likelihood options become choices.
 
-    - ``D ≤ EXACT_MAX_DIM`` (toys, tabular, small images) or gradients needed: per-example
-      values, the exact trace (Hutchinson when D is larger) and :class:`Augmented` with the
-      tolerance check, ``tol = DEFAULT_TOL`` nats.
-    - larger D (images), evaluation: data-set means, one Hutchinson probe and
-      :class:`Randomized` (32 nodes on DPM-Solver++(3M), 64 steps in λ): ≥ 5× cheaper than the
-      augmented solve at equal data-set accuracy (docs/benchmarks, likelihood speed).
+    ``shape`` is one example's shape (``x.shape[1:]``), or an int D for vectors of D values.
+
+    - vectors with D ≤ EXACT_MAX_DIM (toys, tabular data), or gradients needed: per-example
+      values — the exact trace (Hutchinson when D is larger) and :class:`Augmented` with the
+      tolerance check, ``tol = DEFAULT_TOL`` nats;
+    - images (an example of rank ≥ 2, e.g. ``(C, H, W)``) and vectors with D > EXACT_MAX_DIM,
+      evaluation: data-set means — one Hutchinson probe and :class:`Randomized` (32 nodes on
+      DPM-Solver++(3M), 64 steps in λ), ≥ 5× cheaper than the augmented solve at equal
+      data-set accuracy (docs/benchmarks/likelihood.md).
 
     An explicit ``divergence`` or ``integrator`` is kept; the other part is filled in to fit it
     (Hutchinson with the randomized rule, whose per-node probes are part of its design).
@@ -323,6 +327,13 @@ def default_policy(
         ValueError: a non-positive or non-finite ``tol``; gradients with an integrator that
             has none.
     """
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        dim, image = shape, False
+    else:
+        shape = tuple(int(s) for s in shape)
+        if not shape or min(shape) < 1:
+            _fail(f"shape must be one example's shape, e.g. (C, H, W), got {shape!r}")
+        dim, image = math.prod(shape), len(shape) >= 2
     check_int("dim", dim, 1)
     if tol is not None:
         if (
@@ -341,7 +352,7 @@ def default_policy(
             f"{type(integrator).__name__} computes no gradients: use Augmented() (or run under "
             "torch.no_grad() for evaluation)"
         )
-    large = dim > EXACT_MAX_DIM
+    large = image or dim > EXACT_MAX_DIM
     if integrator is None:
         if differentiable or not large:
             integrator = Augmented()

@@ -39,10 +39,10 @@ from sdelab.vdm import check_vdm_schedule, vdm_vlb
 DEQUANTIZATION_KINDS: tuple[str, ...] = ("uniform", "truncated_normal")
 
 
-def resolve_estimator(estimator: Estimator | None, dim: int) -> Estimator:
+def resolve_estimator(estimator: Estimator | None, shape: tuple[int, ...]) -> Estimator:
     """The estimator with its defaults filled in: ``None`` is ``ODE()``, and an ODE's unset
     tolerance, divergence and integrator come from
-    :func:`~sdelab.likelihood.options.default_policy` for data of dimension ``dim`` (the one
+    :func:`~sdelab.likelihood.options.default_policy` for examples of ``shape`` (the one
     place defaults are resolved); the bounds are returned as they are.
 
     Raises:
@@ -56,7 +56,7 @@ def resolve_estimator(estimator: Estimator | None, dim: int) -> Estimator:
         return replace(estimator, divergence=Hutchinson())  # elbo()'s own default, made explicit
     if not isinstance(estimator, ODE):
         return estimator
-    policy = estimator.policy(dim)  # default_policy: the one place defaults are resolved
+    policy = estimator.policy(shape)  # default_policy: the one place defaults are resolved
     return ODE(tol=policy.tol, divergence=policy.divergence, integrator=policy.integrator)
 
 
@@ -249,7 +249,7 @@ def plan_likelihood(
             raise ValueError(f"--dequantization needs image data; {label} has continuous data")
     return LikelihoodPlan(
         source=source,
-        estimator=resolve_estimator(estimator, data[0].numel()),
+        estimator=resolve_estimator(estimator, tuple(data.shape[1:])),
         data=data,
         levels=levels,
         dequantization=deq,
