@@ -10,10 +10,9 @@ from torch import nn
 
 from sdelab.likelihood import elbo, log_likelihood, scoreflow_bound
 from sdelab.likelihood import ode as ode_module
-from sdelab.likelihood.bpd import evaluate_likelihood
 from sdelab.likelihood.divergence import sample_probes
 from sdelab.likelihood.ode import per_example_rms_norm
-from sdelab.likelihood.options import Augmented, Hutchinson
+from sdelab.likelihood.options import Augmented, Exact, Hutchinson
 from sdelab.oracle import GaussianData
 from sdelab.sde import SubVPSchedule, VESchedule, VPSchedule
 
@@ -70,6 +69,8 @@ def test_any_rank_and_t_min():
             x.reshape(4, 1, 2, 2),
             t_min=0.1,
             tol=1e-5,
+            divergence=Exact(),  # an image's default is the randomized rule (data-set means)
+            integrator=Augmented(),
         )
     torch.testing.assert_close(img.logp, flat.logp)
     assert img.z.shape == (4, 1, 2, 2) and flat.t_min == 0.1
@@ -325,53 +326,6 @@ def test_bounds_are_differentiable():
 
 
 # ---- data-set evaluation --------------------------------------------------------------------
-def test_evaluate_likelihood_batches_and_reports_se():
-    data = gaussian([0.5, 1.0], seed=10)
-    sde = VPSchedule()
-    x = data.sample(40, generator=torch.Generator().manual_seed(0))
-    batches = [(x[i : i + 16], torch.zeros(len(x[i : i + 16]))) for i in range(0, 40, 16)]
-    res = evaluate_likelihood(data.score_fn(sde), sde, batches, progress=False, tol=1e-4)
-    exact = -data.marginal_log_prob(x, sde.t_min, sde)
-    assert res.nll.shape == (40,) and res.dequantization == "none" and res.nfe > 0
-    assert (res.nll - exact).abs().max() < 2e-3
-    assert res.nll_mean == pytest.approx(float(res.nll.mean()))
-    assert res.nll_se == pytest.approx(float(res.nll.std()) / math.sqrt(40))
-    torch.testing.assert_close(res.bpd, res.nll / (2 * math.log(2)))
-    assert "bits/dim" in str(res)
-    bound = evaluate_likelihood(
-        data.score_fn(sde),
-        sde,
-        [x],
-        estimator="scoreflow",
-        progress=False,
-        n_samples=4,
-        generator=torch.Generator().manual_seed(0),
-    )
-    assert bound.estimator == "scoreflow" and bound.nll.shape == (40,)
-
-
-def test_evaluate_likelihood_on_integer_data():
-    data = GaussianData(torch.zeros(2, dtype=D64), torch.full((2,), 0.3, dtype=D64))
-    sde = VPSchedule()
-    k = torch.randint(0, 4, (12, 2), generator=torch.Generator().manual_seed(0))
-    res = evaluate_likelihood(
-        data.score_fn(sde),
-        sde,
-        [k[:6], k[6:]],
-        levels=4,
-        scale=2.0,
-        shift=-1.0,
-        progress=False,
-        dtype=D64,
-        generator=torch.Generator().manual_seed(1),
-    )
-    assert res.dequantization == "uniform" and res.bpd.shape == (12,)
-    assert bool((res.bpd > 0).all())
-    with pytest.raises(ValueError, match="scale and shift"):
-        evaluate_likelihood(data.score_fn(sde), sde, [k], levels=4, progress=False)
-
-
-# ---- bad input --------------------------------------------------------------------------------
 def test_bad_input_raises_clear_errors():
     data = gaussian([0.5, 1.0], seed=11)
     sde = VPSchedule()
@@ -396,9 +350,3 @@ def test_bad_input_raises_clear_errors():
         scoreflow_bound(sf, sde, x, n_samples=1)
     with pytest.raises(ValueError, match="t_min > 0"):
         elbo(sf, VPSchedule(t_min=0.0), x, n_samples=2)
-    with pytest.raises(ValueError, match="estimator"):
-        evaluate_likelihood(sf, sde, [x], estimator="exact", progress=False)
-    with pytest.raises(ValueError, match="empty"):
-        evaluate_likelihood(sf, sde, [], progress=False)
-    with pytest.raises(ValueError, match="n_samples"):  # options reach the estimator
-        evaluate_likelihood(sf, sde, [x], estimator="elbo", n_samples=1, progress=False)
