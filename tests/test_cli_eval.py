@@ -109,6 +109,21 @@ def test_likelihood_reports_and_records(run_dir, capsys, args):
     assert f"({rec['tag']})" in out and rec["tag"] in recorded_path(out).name
     assert rec["checkpoint"] == 150  # the newest checkpoint, resolved (never null)
     assert "solver bias" in out and "SE by source" in out  # the error bar
+    # per-example results beside the record: they pair up by index and average to the record
+    arrays = np.load(recorded_path(out).with_name(rec["per_example"]))
+    assert list(arrays["index"]) == list(range(200))
+    assert float(arrays["nll"].mean()) == pytest.approx(rec["nll_mean"], rel=1e-6)
+    np.testing.assert_allclose(arrays["bpd"], arrays["nll"] / (2 * math.log(2)), rtol=1e-6)
+    if args[1] == "ode":  # each ODE value has its error bar; a bound has none
+        assert bool((arrays["error"] >= 0).all()) and bool((arrays["error"] < 0.05).all())
+        if "--probes" in args:  # K = 2 probes: their standard error per example (0 where the
+            # two ±1 probes agree up to sign, which in D = 2 gives the same estimate)
+            se = arrays["probe_se"]
+            assert bool((se >= 0).all()) and bool((se > 0).any())
+        else:  # the exact trace has no probe noise
+            assert "probe_se" not in arrays or bool((arrays["probe_se"] == 0).all())
+    else:
+        assert bool(np.isnan(arrays["error"]).all())
 
 
 def recorded_path(out: str):

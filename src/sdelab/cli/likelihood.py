@@ -28,7 +28,7 @@ from sdelab.likelihood.options import (
     Randomized,
 )
 from sdelab.runs import open_run, plan_likelihood, run_loss, run_vlb, write_json
-from sdelab.runs.likelihood import DEQUANTIZATION_KINDS
+from sdelab.runs.likelihood import DEQUANTIZATION_KINDS, write_per_example
 from sdelab.utils import ADAPTIVE_SOLVERS
 
 #: ``--integrator`` choices (unset: the default policy decides).
@@ -164,8 +164,9 @@ def _likelihood(args: argparse.Namespace) -> int:
     )
     if args.diffusers is None:
         path = Path(args.run) / plan.name
+    arrays = None if path is None else path.with_suffix(".npz")  # per-example results
     if path is not None and info.is_main:
-        check_new_files([path], force=args.force, hint=_KEEP)
+        check_new_files([path, arrays], force=args.force, hint=_KEEP)
     res = plan.evaluate(resumable=path is not None, resume=args.resume)
     if not info.is_main:
         return 0
@@ -177,8 +178,11 @@ def _likelihood(args: argparse.Namespace) -> int:
     record = result_record(plan, res, processes=info.world_size)
     if args.diffusers is not None:
         record.update(model=str(source.path), data=args.data, source=source.source)
+    record["per_example"] = arrays.name
+    write_per_example(arrays, res, overwrite=args.force)
     write_json(path, record, overwrite=args.force)
     print(f"recorded in {path}")
+    print(f"per-example nll, bpd, error in {arrays}")
     return 0
 
 

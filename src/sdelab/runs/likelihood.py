@@ -31,7 +31,7 @@ from sdelab.runs.core import LOSS_STREAM, VLB_STREAM, LoadedRun, open_run, split
 from sdelab.runs.foreign import ForeignRun
 from sdelab.train.dequantizer import check_dequantizer_fits, load_dequantizer
 from sdelab.train.evalstore import EVAL_DIR, EvalStore
-from sdelab.utils import check_int, chunk_generator, mean_se_float
+from sdelab.utils import atomic_write, check_int, chunk_generator, mean_se_float
 from sdelab.vdm import check_vdm_schedule, vdm_vlb
 
 #: the dequantizations of image levels :func:`run_likelihood` takes by name (``"variational"``
@@ -585,3 +585,33 @@ def run_loss(
     loss = torch.cat(out)
     mean, se = mean_se_float(loss)
     return LossEvaluation(loss, mean, se, str(cfg.loss.weighting), cfg.loss.time_sampling)
+
+
+def write_per_example(path: str | Path, res: EvaluationResult, *, overwrite: bool = False) -> Path:
+    """Per-example results beside a likelihood record, atomically, as an ``.npz``: ``index``
+    (each example's position in the evaluated split, so two models' files pair up), ``nll``
+    (nats) and ``bpd``, ``error`` (each example's integration error estimate in nats; NaN for
+    the bounds), and ``probe_se`` and ``per_repeat`` ``(R, N)`` where the evaluation has them.
+    ``overwrite=False`` refuses an existing file (``FileExistsError``)."""
+    import io
+
+    import numpy as np
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists: pass --force to replace it")
+    n = res.nll.numel()
+    arrays = {
+        "index": np.arange(n),
+        "nll": res.nll.double().cpu().numpy(),
+        "bpd": res.bpd.double().cpu().numpy(),
+        "error": (np.full(n, np.nan) if res.error is None else res.error.double().cpu().numpy()),
+    }
+    if res.probe_se is not None:
+        arrays["probe_se"] = res.probe_se.double().cpu().numpy()
+    if res.per_repeat is not None:
+        arrays["per_repeat"] = res.per_repeat.double().cpu().numpy()
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write(path, buf.getvalue())
+    return path
