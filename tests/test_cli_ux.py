@@ -609,11 +609,12 @@ def test_metrics_right_after_import_sdelab():
     assert res.returncode == 0 and res.stdout.strip() == "True", res.stderr
 
 
-def test_vp_default_t_min_is_what_the_readme_says():
+def test_vp_default_t_min_is_what_the_docs_say():
     import sdelab
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert "vp's own defaults are" in readme and "t_min 1e-5" in readme
+    notation = (Path(__file__).parents[1] / "docs" / "concepts" / "notation.md").read_text()
+    (row,) = [ln for ln in notation.splitlines() if ln.startswith("| `VPSchedule`")]
+    assert "t_min = 1e-5" in row
     assert sdelab.make_schedule("vp").t_min == 1e-5
     assert load_config("checkerboard").sde.kwargs["t_min"] == 1e-3  # the toy configs' choice
 
