@@ -170,6 +170,37 @@ class DSMOutput:
     eps_hat: Tensor
 
 
+def _time_and_noise(
+    schedule: Schedule,
+    x0: Tensor,
+    time: TimeSample | None,
+    noise: Tensor | None,
+    time_sampling: str,
+    low_discrepancy: bool,
+    generator: torch.Generator | None,
+) -> tuple[TimeSample, Tensor]:
+    """The denoising losses' (t, weight) per example and their noise ε: drawn where not given
+    (times first, then noise, from ``generator``), checked where given."""
+    b = x0.shape[0]
+    if time is None:
+        time = sample_time(
+            schedule,
+            b,
+            time_sampling=time_sampling,
+            low_discrepancy=low_discrepancy,
+            generator=generator,
+            device=x0.device,
+            dtype=x0.dtype,
+        )
+    if time.t.shape != (b,):
+        raise ValueError(f"need one time per example: t has shape {tuple(time.t.shape)}, B={b}")
+    if noise is None:
+        noise = randn_like(x0, generator)
+    elif noise.shape != x0.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} differs from data {tuple(x0.shape)}")
+    return time, noise
+
+
 def dsm_loss(
     net: Callable[[Tensor, Tensor], Tensor],
     schedule: Schedule,
@@ -201,23 +232,9 @@ def dsm_loss(
         :class:`DSMOutput` whose ``loss`` has shape ``(B,)``; average it for training.
     """
     weight_fn = _weight_fn(weighting)
-    b = x0.shape[0]
-    if time is None:
-        time = sample_time(
-            schedule,
-            b,
-            time_sampling=time_sampling,
-            low_discrepancy=low_discrepancy,
-            generator=generator,
-            device=x0.device,
-            dtype=x0.dtype,
-        )
-    if time.t.shape != (b,):
-        raise ValueError(f"need one time per example: t has shape {tuple(time.t.shape)}, B={b}")
-    if noise is None:
-        noise = randn_like(x0, generator)
-    elif noise.shape != x0.shape:
-        raise ValueError(f"noise shape {tuple(noise.shape)} differs from data {tuple(x0.shape)}")
+    time, noise = _time_and_noise(
+        schedule, x0, time, noise, time_sampling, low_discrepancy, generator
+    )
     vals = schedule(time.t)
     x_t = append_dims(vals.alpha, x0.ndim) * x0 + append_dims(vals.sigma, x0.ndim) * noise
     eps_hat = to_eps(net(x_t, time.t), parametrization, x_t, vals)
@@ -423,26 +440,14 @@ def high_order_dsm_loss(
             f"{', '.join(SECOND_ORDER_FORMS)}"
         )
     weight_fn = _weight_fn(weighting)
+    time, noise = _time_and_noise(
+        schedule, x0, time, noise, time_sampling, low_discrepancy, generator
+    )
     b = x0.shape[0]
-    if time is None:
-        time = sample_time(
-            schedule,
-            b,
-            time_sampling=time_sampling,
-            low_discrepancy=low_discrepancy,
-            generator=generator,
-            device=x0.device,
-            dtype=x0.dtype,
-        )
-    if time.t.shape != (b,):
-        raise ValueError(f"need one time per example: t has shape {tuple(time.t.shape)}, B={b}")
-    if noise is None:
-        noise = randn_like(x0, generator)
     if probe is None:
         probe = rademacher_like(x0, generator)
-    for name, v in (("noise", noise), ("probe", probe)):
-        if v.shape != x0.shape:
-            raise ValueError(f"{name} shape {tuple(v.shape)} differs from data {tuple(x0.shape)}")
+    elif probe.shape != x0.shape:
+        raise ValueError(f"probe shape {tuple(probe.shape)} differs from data {tuple(x0.shape)}")
     vals = schedule(time.t)
     sigma = append_dims(vals.sigma, x0.ndim)
     x_t = append_dims(vals.alpha, x0.ndim) * x0 + sigma * noise
