@@ -19,8 +19,6 @@ from sdelab.utils import ScoreFn, check_int
 
 __all__ = ["PROBES", "TRACE_MODES", "exact_trace", "hutchinson_trace", "sample_probes"]
 
-#: divergence estimators: the exact trace, or Hutchinson's unbiased estimate.
-DIVERGENCES: tuple[str, ...] = ("exact", "hutchinson")
 #: Hutchinson probe distributions.
 PROBES: tuple[str, ...] = ("rademacher", "gaussian")
 #: exact-trace implementations: batched reverse mode (one backward pass with D cotangents)

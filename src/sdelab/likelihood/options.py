@@ -19,13 +19,19 @@ number (result files are named by it, so a name and its computation cannot disag
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 
 from sdelab.likelihood.divergence import PROBES, TRACE_MODES
-from sdelab.likelihood.forward import EXPONENTIAL_METHODS, SOLVE_VARIABLES, STEP_CONTROLS
+from sdelab.likelihood.forward import (
+    EXPONENTIAL_METHODS,
+    EXPONENTIAL_STEPS,
+    SOLVE_VARIABLES,
+    STEP_CONTROLS,
+)
+from sdelab.likelihood.quadrature import TIME_VARIABLES
 from sdelab.utils import ADAPTIVE_SOLVERS, check_int
 
 __all__ = [
@@ -47,8 +53,6 @@ DEFAULT_TOL: float = 1e-2
 #: largest dimension whose default divergence is the exact trace (D products per evaluation);
 #: above it the default is one Hutchinson probe and the randomized rule (data-set means).
 EXACT_MAX_DIM: int = 64
-#: quadrature variables of :class:`Quadrature`.
-TIME_VARIABLES: tuple[str, ...] = ("t", "log_snr")
 _DTYPES = {None: "native", torch.float64: "f64", torch.float32: "f32"}
 
 
@@ -248,10 +252,6 @@ class Randomized:
 
 Integrator = Augmented | Quadrature | Randomized
 
-#: steps of a ``dpm`` forward solve when an integrator leaves ``steps`` as None (measured on the
-#: digits and Fashion-MNIST U-Nets: docs/benchmarks, likelihood speed).
-EXPONENTIAL_STEPS: int = 64
-
 
 def _check_steps(method: str, steps: int | None, solve_in: str, step_control: str) -> None:
     if method in EXPONENTIAL_METHODS:
@@ -370,8 +370,3 @@ def default_policy(
     elif tol is None:
         tol = DEFAULT_TOL
     return Policy(divergence=divergence, integrator=integrator, tol=tol)
-
-
-def field_names(cls) -> tuple[str, ...]:
-    """The settings of an option class (for the CLI and the docs)."""
-    return tuple(f.name for f in fields(cls))
