@@ -483,3 +483,24 @@ def test_the_data_cache_notices_changed_files(tmp_path):
     assert torch.equal(a.load().levels[:, 0], torch.from_numpy(first["train"][0]))
     clear_cache()
     assert not _CACHE
+
+
+def test_classes_option_keeps_only_those_labels():
+    """``classes`` selects the same labels in both splits, keeps their values, and refuses
+    labels that do not exist."""
+    from sdelab.data import make_dataset
+
+    full = make_dataset("digits")
+    sub = make_dataset("digits", classes=[3, 1])
+    assert sub.classes_kept == (1, 3)
+    for labels_sub, labels_full in ((sub.labels, full.labels), (sub.test_labels, full.test_labels)):
+        assert set(labels_sub.tolist()) == {1, 3}
+        assert len(labels_sub) == int(((labels_full == 1) | (labels_full == 3)).sum())
+    keep = (full.test_labels == 1) | (full.test_labels == 3)
+    n = len(sub.test_labels)
+    assert torch.equal(sub.test_set(n), full.test_set(len(full.test_labels))[keep])
+    x = sub.sample(256, torch.Generator().manual_seed(0))
+    assert x.shape == (256, 1, 8, 8)
+    for bad, msg in (([10], "does not exist"), ([], "empty"), (3, "list of labels"), (["a"], "not a label")):
+        with pytest.raises(ValueError, match=msg):
+            make_dataset("digits", classes=bad)

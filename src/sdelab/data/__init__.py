@@ -52,7 +52,8 @@ __all__ = [
 #: Datasets by name: ``factory(seed=0, **options) -> Dataset``. The eight toys take no options;
 #: ``oracle`` takes ``mean``, ``cov``; ``array`` takes ``path`` and ``test_fraction``; the image
 #: datasets (digits, fashion_mnist, mnist, cifar10, imagenet32, imagenet64, folder) take
-#: ``root``, ``size``, ``channels``, ``data_range``, ``hflip``, ``test_split`` (:class:`ImageData`).
+#: ``root``, ``size``, ``channels``, ``data_range``, ``hflip``, ``test_split``, ``classes``
+#: (:class:`ImageData`).
 DATASETS: dict[str, Callable[..., Dataset]] = {
     **{name: partial(ToyDataset, name) for name in TOYS},
     "oracle": OracleDataset,

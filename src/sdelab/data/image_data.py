@@ -151,6 +151,40 @@ def _load(
     return IMAGE_DATASETS[_LOADER.get(name, name)](root, split, size=size, channels=channels)
 
 
+def _check_classes(classes, num_classes: int | None) -> tuple[int, ...]:
+    """``classes`` as a sorted tuple of distinct labels; ``ValueError`` naming the bad one."""
+    if isinstance(classes, (str, int)) or not hasattr(classes, "__iter__"):
+        raise ValueError(
+            f"data.options.classes must be a list of labels such as [0, 1, 2], got {classes!r}"
+        )
+    out = []
+    for c in classes:
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise ValueError(f"data.options.classes: {c!r} is not a label (a whole number ≥ 0)")
+        if num_classes is not None and c >= num_classes:
+            raise ValueError(
+                f"data.options.classes: label {c} does not exist (this dataset has labels "
+                f"0…{num_classes - 1})"
+            )
+        out.append(c)
+    if not out:
+        raise ValueError("data.options.classes is empty: name at least one label, or drop it")
+    return tuple(sorted(set(out)))
+
+
+def _keep_classes(data: ImageDataset, classes: tuple[int, ...]) -> ImageDataset:
+    """The images of ``data`` whose label is in ``classes`` (order kept)."""
+    if data.labels is None:
+        raise ValueError(
+            f"data.options.classes: {data.name} has no labels to select by; drop the option"
+        )
+    keep = torch.isin(data.labels, torch.tensor(classes, dtype=data.labels.dtype))
+    return ImageDataset(
+        data.levels[keep], data.num_levels, data.labels[keep], data.classes,
+        f"{data.name} (classes {', '.join(map(str, classes))})",
+    )  # fmt: skip
+
+
 class ImageData:
     """An image dataset as the training loop sees it (see the module docstring).
 
@@ -166,6 +200,9 @@ class ImageData:
         data_range: ``"[-1,1]"`` (a = 2, b = −1) or ``"[0,1]"`` (a = 1, b = 0).
         hflip: flip training images left–right with probability ½ (volume-preserving).
         test_split: ``"test"`` (default) or ``"train"``: the split ``test_set`` reads.
+        classes: keep only images whose label is in this list, in both splits (labels keep
+            their original values; e.g. ``[0, 1, 2, 3, 4]`` for an out-of-distribution
+            experiment). ``None``: every image.
 
     Attributes:
         dim: D = C·H·W. image_shape: (C, H, W). num_levels: L. scale, shift: a and b.
@@ -182,6 +219,7 @@ class ImageData:
         data_range: str = "[-1,1]",
         hflip: bool = False,
         test_split: str = "test",
+        classes: list[int] | tuple[int, ...] | None = None,
     ) -> None:
         if name not in IMAGE_DATA_NAMES:
             raise ValueError(
@@ -197,6 +235,9 @@ class ImageData:
             raise ValueError(f"size must be a positive number of pixels, got {size}")
         if channels is not None and channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if classes is not None:
+            classes = _check_classes(classes, NUM_CLASSES.get(name))
+        self.classes_kept: tuple[int, ...] | None = classes
         self.name = name
         self.seed = seed
         self.root = None if root is None else str(Path(root).expanduser())
@@ -219,6 +260,8 @@ class ImageData:
         data = self._read.get(split)
         if data is None:  # read once per object: a run trains on the files as they were
             data = _cached_load(self.name, self.root, split, self.size, self.channels)
+            if self.classes_kept is not None:
+                data = _keep_classes(data, self.classes_kept)
             self._read[split] = data
         if hasattr(self, "image_shape") and data.image_shape != self.image_shape:
             raise ValueError(
@@ -310,7 +353,8 @@ class ImageData:
         return None
 
     def __repr__(self) -> str:
+        kept = "" if self.classes_kept is None else f", classes={list(self.classes_kept)}"
         return (
             f"ImageData({self.name!r}, shape={self.image_shape}, levels={self.num_levels}, "
-            f"range={self.data_range})"
+            f"range={self.data_range}{kept})"
         )
