@@ -501,6 +501,11 @@ def test_classes_option_keeps_only_those_labels():
     assert torch.equal(sub.test_set(n), full.test_set(len(full.test_labels))[keep])
     x = sub.sample(256, torch.Generator().manual_seed(0))
     assert x.shape == (256, 1, 8, 8)
-    for bad, msg in (([10], "does not exist"), ([], "empty"), (3, "list of labels"), (["a"], "not a label")):
+    for bad, msg in (
+        ([10], "does not exist"),
+        ([], "empty"),
+        (3, "list of labels"),
+        (["a"], "not a label"),
+    ):
         with pytest.raises(ValueError, match=msg):
             make_dataset("digits", classes=bad)

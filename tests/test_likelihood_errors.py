@@ -126,24 +126,11 @@ def test_quadrature_meets_3_tol_on_the_oracle(kind, dim):
     assert res.policy.integrator == Quadrature() and res.policy.tol == tol
 
 
-@pytest.mark.parametrize(
-    ("kind", "dim"),
-    [
-        ("VE", 2),
-        pytest.param(
-            "VP",
-            16,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="measured coverage 0.73: the dopri8 forward solve's error (1.9e-2 on "
-                "the tail points) barely changes between tol and tol/8, so the two-tolerance "
-                "check sees ~0 and reports its floor",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize(("kind", "dim"), [("VE", 2), ("VE", 16), ("VP", 16)])
 def test_quadrature_error_covers_on_the_oracle(kind, dim):
-    """Quadrature at tol = 1e-2: its error covers the true error for ≥ 90 % of examples."""
+    """Quadrature at tol = 1e-2: its error covers the true error for ≥ 90 % of examples. (VP,
+    D = 16 covered 73 % while the forward solve held x to τ rather than τ/q: in that stiff
+    regime dopri8's error barely moved between τ and τ/8, so the check saw ~0.)"""
     data, sched, x, truth = problem(kind, dim)
     with torch.no_grad():
         res = log_likelihood(

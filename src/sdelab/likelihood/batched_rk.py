@@ -113,7 +113,8 @@ def solve_per_example(
         t_out: output times, ``(K,)`` shared or ``(B, K)`` per example, monotone in the
             direction of integration (all after t0, or all before it: t may decrease); the
             last one is where each example stops. A time equal to t0 returns y0.
-        rtol, atol: tolerances (scalars or ``(n,)`` per component); a step is accepted when
+        rtol, atol: tolerances (scalars, ``(n,)`` per component or ``(B, n)`` per example
+            and component); a step is accepted when
             ``norm(err / (atol + rtol·max(|y|, |y_new|))) ≤ 1`` for *its* example.
         norm: per-example error measure (default RMS).
         max_steps: attempted steps per example before giving up (``RuntimeError``).
@@ -132,8 +133,14 @@ def solve_per_example(
     t_end = t_out[:, -1]
     sign = torch.sign(t_end - t0)
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    rtol_t = torch.as_tensor(rtol, dtype=dt, device=dev)
-    atol_t = torch.as_tensor(atol, dtype=dt, device=dev)
+    rtol_all = torch.as_tensor(rtol, dtype=dt, device=dev)
+    atol_all = torch.as_tensor(atol, dtype=dt, device=dev)
+
+    def tolerances(rows: Tensor) -> tuple[Tensor, Tensor]:
+        """(rtol, atol) of the active ``rows`` (per-example tolerances follow their rows)."""
+        r = rtol_all[rows] if rtol_all.dim() == 2 else rtol_all
+        return r, (atol_all[rows] if atol_all.dim() == 2 else atol_all)
+
     ys = torch.empty(k_out, b, n, dtype=dt, device=dev)
     nxt = torch.zeros(b, dtype=torch.long, device=dev)  # next output index per example
     # outputs at t0 itself
@@ -158,6 +165,7 @@ def solve_per_example(
         return PerExampleSolution(ys, evals, 0, rejected)
     f = call(t, y, rows)
     # Hairer, Nørsett & Wanner's starting step, per example
+    rtol_t, atol_t = tolerances(rows)
     scale = atol_t + rtol_t * y.abs()
     d0, d1 = norm(y / scale), norm(f / scale)
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
@@ -180,6 +188,7 @@ def solve_per_example(
             ks.append(call(t + _C[i] * hs, yi, rows))
         y_new = y + _combine(hs, ks, _B5)
         err = _combine(hs, ks, _ERR)
+        rtol_t, atol_t = tolerances(rows)
         scale = atol_t + rtol_t * torch.maximum(y.abs(), y_new.abs())
         e = norm(err / scale)
         ok = e <= 1

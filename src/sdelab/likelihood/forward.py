@@ -66,6 +66,7 @@ def forward_path(
     prior_control: bool = True,
     solve_in: str = "t",
     step_control: str = "batch",
+    x_scale: Tensor | None = None,
 ) -> tuple[Tensor, int]:
     """x(t) of the probability-flow ODE at ``times`` (ascending, from t0) by forward passes
     alone, ``(len(times), B, D)`` in ``wide``, and the number of right-hand-side evaluations
@@ -87,6 +88,10 @@ def forward_path(
     (:func:`sdelab.likelihood.batched_rk.solve_per_example`: Dormand–Prince 5(4) with every
     example on its own step sequence — in a batch exactly as alone; ``method`` must be
     ``"dopri5"``).
+
+    ``x_scale``: ``(B,)`` per-example divisors of x's ``rtol`` and ``atol`` (the log π column
+    keeps ``atol`` nats): the sensitivity of log π(x_T) to a relative error of x_T, so that a
+    far-tail point's x is solved as much tighter as its log-density needs (``None``: 1).
 
     ``method="dpm2m"`` or ``"dpm3m"``: no adaptive solver but :func:`exponential_path` with
     ``options["steps"]`` equal steps in λ (no step control: ``rtol``, ``atol`` and
@@ -156,6 +161,12 @@ def forward_path(
         y0 = torch.cat([y0, y0.new_zeros(b, 1)], dim=1)
         rtol_t = torch.full((dim + 1,), rtol, dtype=wide, device=x.device)
         rtol_t[-1] = 0.0  # the log-density is controlled in absolute nats
+    if x_scale is not None:  # per example: (B, dim [+ 1]) tolerances, x's divided by x_scale
+        inv = 1.0 / x_scale.to(device=x.device, dtype=wide).reshape(b, 1)
+        rtol_t = (torch.as_tensor(rtol_t, dtype=wide, device=x.device) * inv).expand(b, y0.shape[1])
+        atol_t = torch.full_like(y0, float(atol))
+        atol_t[:, :dim] = atol * inv
+        rtol_t = rtol_t.contiguous()
     # the solver's output points: t, or the distinct λ of the times, descending (times that
     # round onto one λ share it)
     if lam_range is None:
@@ -297,7 +308,8 @@ class ForwardSolve:
     """How the quadrature rules solve x(t): :func:`forward_path`'s settings, given once.
 
     ``wide`` is the dtype of the integrated state; ``options`` go to torchdiffeq
-    (``"norm"`` overrides the per-example norm); the rest as :func:`forward_path`."""
+    (``"norm"`` overrides the per-example norm); ``x_scale`` (per example, for the rows of
+    the ``x`` it is used with) and the rest as :func:`forward_path`."""
 
     method: str
     rtol: float
@@ -307,6 +319,7 @@ class ForwardSolve:
     prior_control: bool = True
     solve_in: str = "t"
     step_control: str = "batch"
+    x_scale: Tensor | None = None
 
     def path(
         self, score_fn: ScoreFn, schedule: Schedule, x: Tensor, t0: float, times: Tensor
@@ -326,4 +339,5 @@ class ForwardSolve:
             prior_control=self.prior_control,
             solve_in=self.solve_in,
             step_control=self.step_control,
+            x_scale=self.x_scale,
         )

@@ -285,6 +285,7 @@ def log_likelihood(
             tau,
             generator,
             None if probes is None else probes[:, :, rows] if refresh else probes[:, rows],
+            q,
         )
 
     if isinstance(policy.integrator, Randomized) or fixed_grid(policy.integrator):
@@ -478,8 +479,11 @@ def _forward_only(
     tau: float | None,
     generator: torch.Generator | None,
     probes: Tensor | None,
+    q: Tensor | None = None,
 ) -> _Partial:
-    """One forward-only solve plus the quadrature or randomized rule for the rows ``x``."""
+    """One forward-only solve plus the quadrature or randomized rule for the rows ``x``;
+    ``q``: their sensitivities (:func:`_checked`), which divide x's tolerance of an adaptive
+    forward solve."""
     opts = policy.integrator
     randomized = isinstance(opts, Randomized)
     div = policy.divergence
@@ -517,6 +521,7 @@ def _forward_only(
         prior_control=(not randomized) and opts.prior_control and not fixed_grid(opts),
         solve_in=opts.solve_in,
         step_control="batch" if randomized else opts.step_control,
+        x_scale=None if fixed_grid(opts) else q,
     )
     if randomized:
         quad = randomized_divergence_integral(
