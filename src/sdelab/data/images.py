@@ -63,6 +63,7 @@ __all__ = [
     "minibatches",
     "model_to_levels",
     "random_hflip",
+    "requantize",
     "unit_to_levels",
 ]
 
@@ -163,6 +164,44 @@ def _resize(levels: np.ndarray, size: int | None, num_levels: int) -> np.ndarray
             out[i, j] = np.asarray(img)
     # Bicubic can overshoot the top level of data with fewer than 256 levels.
     return np.minimum(out, num_levels - 1)
+
+
+def requantize(k: Tensor, from_levels: int, to_levels: int, size: int | None = None) -> Tensor:
+    """Integer levels of one count as levels of another (and optionally another size).
+
+    Each level k becomes round(k·(to − 1)/(from − 1)), so black stays black and white white;
+    with ``size``, images are then resized (bicubic, shorter side, centre crop) at the new
+    levels. For scoring a data set with a model of another (e.g. 8×8 digits, 17 levels, by a
+    28×28 Fashion-MNIST model, 256 levels).
+
+    Args:
+        k: ``(N, C, H, W)`` integer levels in ``0 … from_levels − 1``.
+        from_levels, to_levels: level counts (2 … 256 for ``to_levels`` with ``size``).
+        size: the new side length, or ``None`` to keep the size.
+
+    Returns:
+        ``(N, C, size, size)`` ``int64`` levels in ``0 … to_levels − 1``.
+
+    Raises:
+        ValueError: levels outside ``0 … from_levels − 1`` or a level count below 2.
+    """
+    if from_levels < 2 or to_levels < 2:
+        raise ValueError(f"level counts must be ≥ 2, got {from_levels} and {to_levels}")
+    k = torch.as_tensor(k).to(torch.int64)
+    if k.ndim != 4:
+        raise ValueError(f"k must be (N, C, H, W), got shape {tuple(k.shape)}")
+    if bool((k < 0).any()) or bool((k >= from_levels).any()):
+        raise ValueError(f"k holds levels outside 0 … {from_levels - 1}")
+    out = torch.div(
+        k * (to_levels - 1) * 2 + (from_levels - 1), 2 * (from_levels - 1), rounding_mode="floor"
+    )
+    if size is not None:
+        if to_levels > 256:
+            raise ValueError(f"resizing works on 8-bit images: to_levels ≤ 256, got {to_levels}")
+        out = torch.from_numpy(_resize(out.numpy().astype(np.uint8), size, to_levels)).to(
+            torch.int64
+        )
+    return out
 
 
 def _finish(

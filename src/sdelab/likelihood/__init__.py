@@ -4,7 +4,9 @@ Layers inside the package (imports point down; ``lint-imports`` checks them):
 
 - composition: :mod:`~sdelab.likelihood.bpd` (bits/dim of integer data, data-set evaluation),
   :mod:`~sdelab.likelihood.dequantizer` (training a variational dequantizer),
-  :mod:`~sdelab.likelihood.objectives` (maximum-likelihood training of the ODE);
+  :mod:`~sdelab.likelihood.objectives` (maximum-likelihood training of the ODE),
+  :mod:`~sdelab.likelihood.ood` (out-of-distribution scores: AUROC, input complexity, the
+  likelihood ratio across noise levels);
 - the ODE: :mod:`~sdelab.likelihood.ode` (:func:`log_likelihood`, its integrators and their
   option objects), :mod:`~sdelab.likelihood.quadrature` (nested and randomized rules),
   :mod:`~sdelab.likelihood.forward` (the forward-only solve), :mod:`~sdelab.likelihood.bounds`
