@@ -5,9 +5,10 @@
 ``plot`` (:mod:`~sdelab.cli.plot`), ``inpaint | colorize | train-classifier``
 (:mod:`~sdelab.cli.control`), ``train-dequantizer`` (:mod:`~sdelab.cli.dequantizer`). Every error
 the user can fix is one line on stderr (``sdelab CMD: error: ...``) with exit code 2; Ctrl-C
-outside training (which saves a checkpoint and exits 130 itself) is one line and exit code 130,
-SIGTERM one line and 143; ``evaluate`` and ``likelihood`` say that their finished batches are
-kept and how to continue them. A full disk and a failed allocation are one line and exit code 2
+is one line and exit code 130, SIGTERM one line and 143: the training commands (``train``,
+``train-classifier``, ``train-dequantizer``) first save a checkpoint and name it,
+``evaluate`` and ``likelihood`` say that their finished batches are kept and how to continue
+them. A full disk and a failed allocation are one line and exit code 2
 too. ``sdelab --debug CMD`` (or ``SDELAB_DEBUG=1``) raises every error with its traceback instead
 (for maintainers: a bug deep inside then does not read like bad input).
 """
@@ -28,6 +29,7 @@ import torch
 from sdelab import __version__, distributed
 from sdelab.cli import control, dequantizer, likelihood, plot, quality, sample, train
 from sdelab.cli.common import CLIError, OneLineParser, is_override
+from sdelab.train.skeleton import TrainingInterrupted
 
 __all__ = ["CLIError", "main"]
 
@@ -175,12 +177,16 @@ def _run(args: argparse.Namespace) -> tuple[int, bool]:
     """The command's exit code, and whether it ended as it does on every rank (a returned code,
     which every rank reaches) rather than by an error or a signal of this rank alone.
 
-    SIGTERM and Ctrl-C outside training (which saves a checkpoint and returns 128+signal
-    itself) end the command with one line on stderr and exit code 143 / 130."""
+    SIGTERM and Ctrl-C end the command with one line on stderr and exit code 143 / 130; in a
+    training loop (:class:`~sdelab.train.skeleton.TrainSkeleton`) after saving a checkpoint,
+    which the line names."""
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         return args.func(args), True
+    except TrainingInterrupted as e:  # a checkpoint was saved (on every rank's same step)
+        print(f"sdelab {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum, True
     except _USER_ERRORS as e:
         print(f"sdelab {args.command}: error: {e}", file=sys.stderr)
         if _debug(args):

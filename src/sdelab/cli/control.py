@@ -121,7 +121,8 @@ def _train_classifier(args: argparse.Namespace) -> int:
     """Train a noise-conditional classifier p_t(y | x_t) for a run (or a config) with the same
     data and schedule, for `sdelab sample --class K --classifier DIR`: an MLP for vector data,
     a small conv net for images (--width = its base channels); --clean trains at t = t_min only
-    (a classifier of clean data, to score samples)."""
+    (a classifier of clean data, to score samples). Progress goes to stderr, the loss to
+    DIR/metrics.jsonl; SIGTERM or Ctrl-C saves a checkpoint, and --resume continues it."""
     path = train_classifier(
         args.source,
         args.out,
@@ -131,8 +132,10 @@ def _train_classifier(args: argparse.Namespace) -> int:
         width=args.width,
         depth=args.depth,
         seed=args.seed,
-        log_every=args.log_every,
         clean=args.clean,
+        log_every=args.log_every,
+        ckpt_every=args.ckpt_every,
+        resume=args.resume,
     )
 
     acc = json.loads(path.read_text())["accuracy"]
@@ -204,11 +207,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n  sdelab train-classifier runs/8g --steps 2000 --out runs/8g-clf\n"
         "  sdelab sample runs/8g --class 3 --guidance 1 --classifier runs/8g-clf --out c3.npy\n"
         "  sdelab train-classifier runs/digits --width 32 --out runs/digits-clf\n"
+        "  sdelab train-classifier runs/8g --steps 4000 --out runs/8g-clf --resume\n"
         "  sdelab train-classifier runs/digits --clean --seed 1 --out runs/digits-clean",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", metavar="CONFIG-or-RUN", help="run folder, YAML or built-in name")
-    p.add_argument("--out", required=True, metavar="DIR", help="classifier folder (new)")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="classifier folder (new, or --resume)"
+    )
     p.add_argument("--steps", type=positive_int, default=2000, help="training steps (default 2000)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="batch size (default 256)")
     p.add_argument(
@@ -219,7 +225,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--depth", type=positive_int, default=3, help="MLP hidden layers (default 3)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default 0)")
-    p.add_argument("--log-every", type=nonneg_int, default=0, help="print the loss every N steps")
+    p.add_argument(
+        "--log-every", type=positive_int, default=50, help="log the loss every N steps (50)"
+    )
+    p.add_argument(
+        "--ckpt-every", type=positive_int, default=500, help="checkpoint every N steps (500)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue the folder in --out")
     p.add_argument(
         "--clean", action="store_true", help="train at t = t_min only (clean-data classifier)"
     )

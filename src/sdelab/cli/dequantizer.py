@@ -4,35 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from sdelab.nets.dequantizer import DEQUANTIZER_PRESETS
-from sdelab.train.dequantizer import DequantizerInterrupted, train_dequantizer_run
+from sdelab.train.dequantizer import train_dequantizer_run
 
 
 def _train_dequantizer(args: argparse.Namespace) -> int:
     """Train a variational dequantizer q(u | k) (a Flow++-style conditional flow) for a trained
     image run, whose score model stays frozen (ScoreFlow's train_deq): it minimises the
     ScoreFlow bound of −log p(a(k+u)/L + b) + log q(u | k). Use it with sdelab likelihood RUN
-    --dequantizer DIR."""
-    try:
-        path = train_dequantizer_run(
-            args.run,
-            args.out,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            preset=args.preset,
-            ema_decay=args.ema_decay,
-            n_samples=args.n_samples,
-            ckpt_every=args.ckpt_every,
-            log_every=args.log_every,
-            seed=args.seed,
-            resume=args.resume,
-        )
-    except DequantizerInterrupted as e:  # a checkpoint was saved: not an error
-        print(f"sdelab train-dequantizer: {e}", file=sys.stderr)
-        return 128 + e.signum
+    --dequantizer DIR. Progress goes to stderr; SIGTERM or Ctrl-C saves a checkpoint, and
+    --resume continues it."""
+    path = train_dequantizer_run(
+        args.run,
+        args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        preset=args.preset,
+        ema_decay=args.ema_decay,
+        n_samples=args.n_samples,
+        ckpt_every=args.ckpt_every,
+        log_every=args.log_every,
+        seed=args.seed,
+        resume=args.resume,
+    )
     record = json.loads(path.read_text())
     print(f"dequantizer ({record['flow']['couplings']} couplings) -> {path.parent}")
     return 0
@@ -52,7 +48,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run", metavar="RUN", help="image run folder written by sdelab train")
-    p.add_argument("--out", required=True, metavar="DIR", help="dequantizer folder (new)")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="dequantizer folder (new, or --resume)"
+    )
     p.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")

@@ -21,7 +21,7 @@ from sdelab.train.build import make_run_dataset, resolve_config
 from sdelab.train.checkpoint import list_checkpoints
 from sdelab.train.config import builtin_configs, load_config
 from sdelab.train.hooks import eval_hook_for
-from sdelab.train.loop import TrainingError, TrainingInterrupted, train
+from sdelab.train.loop import TrainingError, train
 from sdelab.train.rundir import (
     LOCK_FILE,
     RunLock,
@@ -56,9 +56,6 @@ def _demo_locked(args: argparse.Namespace, out: Path) -> int:
     print(f"1/3 training {args.toy} for {args.steps} steps -> {run_dir}", flush=True)
     try:
         train(config, run_dir)
-    except TrainingInterrupted as e:
-        print(f"sdelab demo: {e}", file=sys.stderr)
-        return 128 + e.signum
     except TrainingError as e:
         raise CLIError(str(e)) from None
     print(f"2/3 plots -> {out / 'plots'}", flush=True)
@@ -200,9 +197,6 @@ def _train(args: argparse.Namespace) -> int:
     try:
         hook = eval_hook_for(config)
         result = train(config, args.out, resume=args.resume, eval_hook=hook)
-    except TrainingInterrupted as e:
-        print(f"sdelab train: {e}", file=sys.stderr)
-        return 128 + e.signum
     except TrainingError as e:
         raise CLIError(str(e)) from None
 

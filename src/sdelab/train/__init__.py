@@ -1,7 +1,10 @@
 """Training and the run folder: typed config (:mod:`~sdelab.train.config`), config → objects
-(:mod:`~sdelab.train.build`), objectives, the loop (:func:`sdelab.train.loop.train`), the run
-folder (:mod:`~sdelab.train.rundir`, :mod:`~sdelab.train.checkpoint`) and noise-conditional
-classifiers (:mod:`~sdelab.train.classifier`)."""
+(:mod:`~sdelab.train.build`), objectives, the loop (:func:`sdelab.train.loop.train`), the
+skeleton every training command runs in (:mod:`~sdelab.train.skeleton`: lock, checkpoints,
+resume, signals, logs, progress), the run folder (:mod:`~sdelab.train.rundir`,
+:mod:`~sdelab.train.checkpoint`), noise-conditional classifiers
+(:mod:`~sdelab.train.classifier`) and variational dequantizers
+(:mod:`~sdelab.train.dequantizer`)."""
 
 from sdelab.train.build import Run, build_model, build_run, load_run, make_run_dataset
 from sdelab.train.checkpoint import CheckpointError, load_checkpoint

@@ -2,20 +2,21 @@
 data and schedule, their files (``classifier.safetensors`` + ``classifier.json``), loading.
 
 Vector data get a :class:`~sdelab.nets.classifier.TimeClassifier` MLP, image data a
-:class:`~sdelab.nets.classifier.ConvClassifier`. The guidance itself is maths
+:class:`~sdelab.nets.classifier.ConvClassifier`. :func:`train_classifier` trains in the shared
+:class:`~sdelab.train.skeleton.TrainSkeleton` (the folder's lock, ``metrics.jsonl``,
+checkpoints and ``--resume``, progress on stderr, SIGTERM/SIGINT saving a checkpoint);
+:func:`fit_classifier` is the same step in a plain in-memory loop. The guidance itself is maths
 (:func:`sdelab.controllable.guided_score_fn`).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -29,10 +30,11 @@ from sdelab.sde import Schedule
 from sdelab.train.build import make_run_dataset, schedule_from
 from sdelab.train.checkpoint import list_checkpoints, load_checkpoint
 from sdelab.train.config import load_config
-from sdelab.train.rundir import LOCK_FILE, RunLock
+from sdelab.train.rundir import TrainState
+from sdelab.train.skeleton import TrainSkeleton
 from sdelab.utils import atomic_write, randn_like
 
-__all__ = ["fit_classifier", "load_classifier", "train_classifier"]
+__all__ = ["classifier_step", "fit_classifier", "load_classifier", "train_classifier"]
 
 
 def noised_batch(
@@ -47,6 +49,28 @@ def noised_batch(
     return schedule.perturb(x0, t, randn_like(x0, generator)), t
 
 
+def classifier_step(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sample_fn: Callable[[int, torch.Generator], tuple[Tensor, Tensor]],
+    schedule: Schedule,
+    generator: torch.Generator,
+    batch_size: int,
+    *,
+    clean: bool = False,
+) -> float:
+    """One optimizer step of a time-dependent classifier: the cross-entropy of
+    ``net(x_t, t)`` on a labeled batch ``sample_fn(batch_size, generator)`` noised by
+    :func:`noised_batch` (all randomness from ``generator``). Returns the loss."""
+    x0, labels = sample_fn(batch_size, generator)
+    xt, t = noised_batch(x0, schedule, generator, clean=clean)
+    loss = nn.functional.cross_entropy(net(xt, t), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def fit_classifier(
     net: nn.Module,
     sample_fn: Callable[[int, torch.Generator], tuple[Tensor, Tensor]],
@@ -56,28 +80,21 @@ def fit_classifier(
     batch_size: int = 256,
     lr: float = 1e-3,
     seed: int = 0,
-    log_every: int = 0,
     clean: bool = False,
 ) -> list[float]:
-    """Train a time-dependent classifier on noised data: minimise E_t CE(net(x_t, t), y).
+    """Train a time-dependent classifier on noised data in memory: minimise
+    E_t CE(net(x_t, t), y) with Adam (:func:`classifier_step`).
 
     Times are uniform in [t_min, T], as for the score model (``clean``: t = t_min only, a
-    classifier of clean data). Returns the loss per step.
+    classifier of clean data). Returns the loss per step; ``net`` ends in eval mode.
     """
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()
-    losses = []
-    for step in range(1, steps + 1):
-        x0, labels = sample_fn(batch_size, gen)
-        xt, t = noised_batch(x0, schedule, gen, clean=clean)
-        loss = nn.functional.cross_entropy(net(xt, t), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if log_every and step % log_every == 0:
-            print(f"step {step}: loss {float(loss):.4f}")
+    losses = [
+        classifier_step(net, opt, sample_fn, schedule, gen, batch_size, clean=clean)
+        for _ in range(steps)
+    ]
     net.eval()
     return losses
 
@@ -95,8 +112,11 @@ def train_classifier(
     width: int = 128,
     depth: int = 3,
     seed: int = 0,
-    log_every: int = 0,
     clean: bool = False,
+    log_every: int = 50,
+    ckpt_every: int = 500,
+    resume: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Train a noise-conditional classifier for a run's data and schedule and save it to ``out``.
 
@@ -107,26 +127,37 @@ def train_classifier(
     Args:
         run_or_config: a run folder written by ``sdelab train`` (its checkpoint's config is
             used), a YAML config path / built-in name, or a config dict.
-        out: folder for ``classifier.safetensors`` + ``classifier.json`` (must not exist or be
-            empty).
+        out: the classifier folder (absent or empty, unless ``resume``).
         steps, batch_size, lr: Adam on the cross-entropy of noised labeled data.
         width, depth: the MLP's hidden units and layers; for images ``width`` is the conv
             net's base channels (``depth`` unused).
         seed: data, times and initialisation.
         clean: train at t = t_min only: a classifier of clean data (e.g. to score samples),
             not one for guidance.
+        log_every, ckpt_every: ``metrics.jsonl`` (step, loss, steps_per_s) and checkpoint
+            cadence, in steps.
+        resume: continue from the newest checkpoint in ``out`` (the same source and options;
+            only ``steps`` may change), exactly as if it had not stopped.
+        progress: show progress with an ETA and the loss on stderr.
 
     Returns:
-        The JSON path. ``classifier.json`` records the accuracy on held-out data (the test
-        split for images, fresh points for toys) at a few noise levels.
+        The path of ``classifier.json`` (written with ``classifier.safetensors`` when the
+        training ends): the net's architecture, the options, the last step's loss and the
+        accuracy on held-out data (the test split for images, fresh points for toys) at a few
+        noise levels. ``out`` also holds ``metrics.jsonl`` and ``checkpoints/``.
 
     Raises:
-        ValueError: a dataset without labels, a non-empty ``out``, a bad size.
+        ValueError: a dataset without labels, a bad size, a non-empty ``out`` without
+            ``resume``, resuming with other options, ``out`` locked by another live process
+            (:class:`~sdelab.train.rundir.RunLockedError`).
+        TrainingInterrupted: SIGTERM/SIGINT, after saving a checkpoint
+            (:class:`~sdelab.train.skeleton.TrainingInterrupted`).
     """
-    if steps < 1 or batch_size < 1 or width < 1 or depth < 1 or not lr > 0:
+    sizes = (steps, batch_size, width, depth, log_every, ckpt_every)
+    if min(sizes) < 1 or not lr > 0:
         raise ValueError(
-            f"need positive --steps, --batch-size, --width, --depth and --lr, got {steps}, "
-            f"{batch_size}, {width}, {depth}, {lr}"
+            "need positive --steps, --batch-size, --width, --depth, --log-every, --ckpt-every "
+            f"and --lr, got {', '.join(str(v) for v in sizes)}, {lr}"
         )
     src = Path(run_or_config) if isinstance(run_or_config, (str, Path)) else None
     if src is not None and src.is_dir() and list_checkpoints(src):
@@ -134,84 +165,81 @@ def train_classifier(
     else:
         config = load_config(run_or_config)
     dataset = make_run_dataset(config)
-    num_classes = dataset.num_classes
-    if not num_classes:
+    if not dataset.num_classes:
         raise no_labels_error(config.data.name)
-    out = Path(out)
-    _check_empty(out)
-    created = not out.exists()
-    with RunLock(out, "sdelab train-classifier"):
-        try:
-            _check_empty(out)  # again, holding the lock: another classifier that started first
-            return _train_and_save(
-                config, dataset, out, steps, batch_size, lr, width, depth, seed, log_every, clean
+    skeleton = TrainSkeleton(
+        out,
+        "sdelab train-classifier",
+        steps=steps,
+        ckpt_every=ckpt_every,
+        log_every=log_every,
+        keep_last=2,
+        resume=resume,
+        progress=progress,
+    )
+    with skeleton:
+        schedule = schedule_from(config)
+        arch = _arch(dataset, width, depth)
+        with torch.random.fork_rng(devices=[]):  # initialise from the seed, leave global RNG be
+            torch.manual_seed(seed)
+            net = _build_classifier(arch, dataset.dim)
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+        gen = torch.Generator().manual_seed(seed)
+        state = TrainState({"net": net}, optimizer, {"data": gen})
+        record = {
+            "format": CLASSIFIER_FORMAT,
+            **arch,
+            "dim": dataset.dim,
+            "data": config.data.name,
+            "data_options": config.data.options,
+            "sde": {"name": config.sde.name, "kwargs": config.sde.kwargs},
+            "clean": clean,
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+        }
+        if skeleton.resuming:
+            skeleton.check_options(record)  # the same source and options; only steps may change
+            skeleton.restore(state)
+        start = time.time()
+        net.train()
+
+        def step() -> dict[str, float]:
+            loss = classifier_step(
+                net, optimizer, dataset.sample_labeled, schedule, gen, batch_size, clean=clean
             )
-        finally:
-            if created and not any(p.name != LOCK_FILE for p in out.iterdir()):
-                shutil.rmtree(out, ignore_errors=True)  # failed before writing: no empty folder
+            return {"loss": loss}
+
+        metrics = skeleton.run(state, step, config=record)
+        net.eval()
+        if metrics is None:  # resumed at its last step already: the loss of that checkpoint
+            metrics = load_checkpoint(out).meta["metrics"]
+        times = (0.0,) if clean else (0.0, 0.1, 0.3, 0.5)
+        accuracy = classifier_accuracy(net, _held_out(dataset, seed + 1), schedule, times=times)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        atomic_write(Path(out) / "classifier.safetensors", save_safetensors(tensors))
+        record.update(
+            final_loss=float(metrics["loss"]),
+            accuracy=accuracy,
+            seconds=round(time.time() - start, 1),
+        )
+        json_path = Path(out) / "classifier.json"
+        atomic_write(json_path, json.dumps(record, indent=1))
+    return json_path
 
 
-def _check_empty(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file: choose another --out")
-    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
-        raise ValueError(f"{out} is not empty: choose another --out or delete it first")
-
-
-def _train_and_save(
-    config, dataset, out, steps, batch_size, lr, width, depth, seed, log_every, clean
-) -> Path:
-    num_classes = dataset.num_classes
-    schedule = schedule_from(config)
+def _arch(dataset: Dataset, width: int, depth: int) -> dict[str, Any]:
+    """The classifier's architecture record: a conv net for images, an MLP otherwise."""
     shape = dataset.image_shape
     if shape is not None:
-        arch: dict[str, Any] = {
+        return {
             "arch": "conv",
             "image_shape": list(shape),
-            "num_classes": num_classes,
+            "num_classes": dataset.num_classes,
             "channels": width,
         }
-    else:
-        arch = {"arch": "mlp", "num_classes": num_classes, "width": width, "depth": depth}
-    with torch.random.fork_rng(devices=[]):  # initialise from the seed, leave global RNG be
-        torch.manual_seed(seed)
-        net = _build_classifier(arch, dataset.dim)
-    start = time.time()
-    losses = fit_classifier(
-        net,
-        dataset.sample_labeled,
-        schedule,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        log_every=log_every,
-        clean=clean,
-    )
-    times = (0.0,) if clean else (0.0, 0.1, 0.3, 0.5)
-    accuracy = classifier_accuracy(net, _held_out(dataset, seed + 1), schedule, times=times)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    atomic_write(out / "classifier.safetensors", save_safetensors(tensors))
-    record = {
-        "format": CLASSIFIER_FORMAT,
-        **arch,
-        "dim": dataset.dim,
-        "data": config.data.name,
-        "data_options": config.data.options,
-        "sde": {"name": config.sde.name, "kwargs": config.sde.kwargs},
-        "clean": clean,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "final_loss": float(np.mean(losses[-50:])),
-        "accuracy": accuracy,
-        "seconds": round(time.time() - start, 1),
-    }
-    json_path = out / "classifier.json"
-    atomic_write(json_path, json.dumps(record, indent=1))
-    return json_path
+    return {"arch": "mlp", "num_classes": dataset.num_classes, "width": width, "depth": depth}
 
 
 def _build_classifier(meta: dict[str, Any], dim: int) -> nn.Module:

@@ -5,7 +5,10 @@ A dequantizer folder holds ``dequantizer.json`` (format, the score run it belong
 levels / image shape / map to model space, the flow's size and the training options),
 ``metrics.jsonl`` (step, loss in bits/dim, steps/s) and ``checkpoints/`` (safetensors + JSON,
 written atomically: ``flow.*``, ``ema.*``, ``optim.*`` and the generator states), so a run
-killed at any moment resumes exactly with ``--resume``; SIGTERM/SIGINT save and stop.
+killed at any moment resumes exactly with ``--resume``. The loop runs in the shared
+:class:`~sdelab.train.skeleton.TrainSkeleton`: the folder is locked while it is written,
+progress with an ETA goes to stderr, and SIGTERM/SIGINT save a checkpoint and stop
+(:class:`~sdelab.train.skeleton.TrainingInterrupted`).
 
 The score model stays frozen (ScoreFlow's ``--mode=train_deq``): the flow minimises the
 ScoreFlow bound of −log p_model(a(k+u)/L + b) + log q(u | k)
@@ -17,8 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import signal
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,20 +30,12 @@ from sdelab import streams
 from sdelab.likelihood.dequantizer import dequantizer_step
 from sdelab.nets.dequantizer import DEQUANTIZER_PRESETS, Dequantizer, DequantizerConfig
 from sdelab.train.build import load_run, make_run_dataset
-from sdelab.train.checkpoint import (
-    list_checkpoints,
-    load_checkpoint,
-    optimizer_state_from_flat,
-    optimizer_state_to_flat,
-    prefixed,
-    save_checkpoint,
-)
-from sdelab.train.loop import update_ema
-from sdelab.train.rundir import METRICS_FILE, MetricsLog, StopOnSignal, truncate_jsonl
+from sdelab.train.checkpoint import load_checkpoint, prefixed
+from sdelab.train.rundir import TrainState
+from sdelab.train.skeleton import TrainSkeleton, ema_decay_at, update_ema
 from sdelab.utils import atomic_write, check_int, derive_seed
 
 __all__ = [
-    "DequantizerInterrupted",
     "check_dequantizer_fits",
     "load_dequantizer",
     "train_dequantizer_run",
@@ -50,18 +43,6 @@ __all__ = [
 
 DEQUANTIZER_FORMAT = "sdelab-dequantizer"
 DEQUANTIZER_FILE = "dequantizer.json"
-
-
-class DequantizerInterrupted(Exception):
-    """SIGTERM/SIGINT: a checkpoint was saved at ``step``; resume with ``--resume``."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        name = signal.Signals(signum).name
-        super().__init__(
-            f"stopped by {name} after step {step}; checkpoint saved to {checkpoint}; "
-            "continue with --resume"
-        )
 
 
 def _record(run_dir: Path, dataset: Any, flow: Dequantizer, options: dict[str, Any]) -> dict:
@@ -109,14 +90,16 @@ def train_dequantizer_run(
         ckpt_every, log_every: checkpoint and log cadence (steps).
         seed: the flow's initialisation, the batches and the bound's noise.
         resume: continue from the newest checkpoint in ``out`` (options must match).
+        progress: show progress with an ETA and the loss on stderr.
 
     Returns:
         The folder's ``dequantizer.json``.
 
     Raises:
         ValueError: a run without integer levels, an unknown preset, bad sizes, a non-empty
-            ``out`` without ``resume``, or resuming with other options.
-        DequantizerInterrupted: SIGTERM/SIGINT, after saving a checkpoint.
+            ``out`` without ``resume``, resuming with other options, or ``out`` locked by
+            another live process (:class:`~sdelab.train.rundir.RunLockedError`).
+        TrainingInterrupted: SIGTERM/SIGINT, after saving a checkpoint.
     """
     for name, value, low in (
         ("steps", steps, 1),
@@ -133,100 +116,66 @@ def train_dequantizer_run(
             f"unknown preset {preset!r}: choose one of {', '.join(DEQUANTIZER_PRESETS)}"
         )
     run_dir, out = Path(run_dir), Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file: choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not resume:
-        raise ValueError(f"{out} is not empty: pass --resume to continue it, or a new --out")
-    config, model, schedule = load_run(run_dir)
-    dataset = make_run_dataset(config)
-    if dataset.num_levels is None:
-        raise ValueError(
-            f"run {run_dir} trains on continuous data: a dequantizer needs image data with "
-            "integer levels"
-        )
-    dataset.load()
-    options = dict(
+    skeleton = TrainSkeleton(
+        out,
+        "sdelab train-dequantizer",
         steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        preset=preset,
-        ema_decay=ema_decay,
-        n_samples=n_samples,
-        seed=seed,
+        ckpt_every=ckpt_every,
+        log_every=log_every,
+        keep_last=2,
+        resume=resume,
+        progress=progress,
     )
-    flow = Dequantizer(dataset.image_shape, dataset.num_levels, preset, seed=seed)
-    ema = copy.deepcopy(flow).requires_grad_(False)
-    optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
-    data_gen = torch.Generator().manual_seed(derive_seed(seed, streams.DEQUANTIZER_DATA))
-    loss_gen = torch.Generator().manual_seed(derive_seed(seed, streams.DEQUANTIZER_LOSS))
-    record = _record(run_dir, dataset, flow, options)
-    step = 0
-    out.mkdir(parents=True, exist_ok=True)
-    if resume and list_checkpoints(out):
-        saved = json.loads((out / DEQUANTIZER_FILE).read_text())
-        fixed = {k: v for k, v in saved["training"].items() if k != "steps"}
-        given = {k: v for k, v in options.items() if k != "steps"}
-        if fixed != given or saved["run"] != record["run"]:
-            differ = sorted(k for k in fixed if fixed[k] != given.get(k))
+    with skeleton:
+        config, model, schedule = load_run(run_dir)
+        dataset = make_run_dataset(config)
+        if dataset.num_levels is None:
             raise ValueError(
-                f"cannot resume {out} with other options ({', '.join(differ) or 'run'}): only "
-                "--steps may change"
+                f"run {run_dir} trains on continuous data: a dequantizer needs image data with "
+                "integer levels"
             )
-        ckpt = load_checkpoint(out)
-        flow.load_state_dict(prefixed(ckpt.tensors, "flow"))
-        ema.load_state_dict(prefixed(ckpt.tensors, "ema"))
-        optimizer.load_state_dict(optimizer_state_from_flat(ckpt.tensors, ckpt.meta["optimizer"]))
-        data_gen.set_state(ckpt.tensors["rng.data"])
-        loss_gen.set_state(ckpt.tensors["rng.loss"])
-        step = ckpt.step
-    atomic_write(out / DEQUANTIZER_FILE, json.dumps(record, indent=1) + "\n")
-    truncate_jsonl(out / METRICS_FILE, step)
-
-    def save() -> Path:
-        opt_tensors, opt_meta = optimizer_state_to_flat(optimizer)
-        tensors = {
-            **{f"flow.{k}": v for k, v in flow.state_dict().items()},
-            **{f"ema.{k}": v for k, v in ema.state_dict().items()},
-            **opt_tensors,
-            "rng.data": data_gen.get_state(),
-            "rng.loss": loss_gen.get_state(),
-        }
-        return save_checkpoint(
-            out, step, tensors, {"optimizer": opt_meta}, config=record, keep_last=2
+        dataset.load()
+        options = dict(
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            preset=preset,
+            ema_decay=ema_decay,
+            n_samples=n_samples,
+            seed=seed,
         )
+        flow = Dequantizer(dataset.image_shape, dataset.num_levels, preset, seed=seed)
+        ema = copy.deepcopy(flow).requires_grad_(False)
+        optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
+        data_gen = torch.Generator().manual_seed(derive_seed(seed, streams.DEQUANTIZER_DATA))
+        loss_gen = torch.Generator().manual_seed(derive_seed(seed, streams.DEQUANTIZER_LOSS))
+        state = TrainState(
+            {"flow": flow, "ema": ema}, optimizer, {"data": data_gen, "loss": loss_gen}
+        )
+        record = _record(run_dir, dataset, flow, options)
+        if skeleton.resuming:
+            skeleton.check_options(record)  # the same run and options; only steps may change
+            skeleton.restore(state)
+        atomic_write(out / DEQUANTIZER_FILE, json.dumps(record, indent=1) + "\n")
 
-    log = MetricsLog(out)
-    t0, s0 = time.perf_counter(), step
-    try:
-        with StopOnSignal() as stop:
-            while step < steps:
-                k = dataset.sample_levels(batch_size, data_gen)
-                loss = dequantizer_step(
-                    model,
-                    schedule,
-                    k,
-                    flow,
-                    optimizer,
-                    levels=dataset.num_levels,
-                    scale=dataset.scale,
-                    shift=dataset.shift,
-                    n_samples=n_samples,
-                    generator=loss_gen,
-                )
-                step += 1
-                update_ema(ema, flow, min(ema_decay, (1 + step) / (10 + step)))
-                if step % log_every == 0 or step == steps:
-                    rate = (step - s0) / max(time.perf_counter() - t0, 1e-9)
-                    log.write(METRICS_FILE, {"step": step, "loss_bpd": loss, "steps_per_s": rate})
-                    if progress:
-                        print(f"step {step}/{steps}: loss {loss:.4f} bits/dim", flush=True)
-                stopping = stop.signum is not None and step < steps
-                if step % ckpt_every == 0 or step == steps or stopping:
-                    path = save()
-                if stopping:
-                    raise DequantizerInterrupted(stop.signum, step, path)
-    finally:
-        log.close()
+        def step() -> dict[str, float]:
+            k = dataset.sample_levels(batch_size, data_gen)
+            loss = dequantizer_step(
+                model,
+                schedule,
+                k,
+                flow,
+                optimizer,
+                levels=dataset.num_levels,
+                scale=dataset.scale,
+                shift=dataset.shift,
+                n_samples=n_samples,
+                generator=loss_gen,
+            )
+            update_ema(ema, flow, ema_decay_at(ema_decay, skeleton.step + 1))
+            return {"loss_bpd": loss}
+
+        skeleton.run(state, step, config=record, show=("loss_bpd",))
     return out / DEQUANTIZER_FILE
 
 

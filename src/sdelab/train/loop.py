@@ -3,8 +3,9 @@ r"""The training loop, as a few small functions.
 :func:`~sdelab.train.build.build_run` makes everything a run holds
 (:class:`~sdelab.train.build.Run`), :func:`train_step` does one optimizer step of the run's
 objective (:mod:`sdelab.train.objectives`), :func:`update_ema` the moving average,
-:func:`evaluate` calls the optional evaluation hook, :mod:`sdelab.train.rundir` writes the logs
-and checkpoints and applies the rules of ``--resume``, and :func:`train` strings them together.
+:func:`evaluate` calls the optional evaluation hook, :mod:`sdelab.train.rundir` applies the
+rules of ``--resume``, and :func:`train` strings them together in the shared
+:class:`~sdelab.train.skeleton.TrainSkeleton`.
 
 Randomness: three independent streams derived from ``train.seed`` — model initialisation, data
 batches (a CPU generator) and loss times/noise (a generator on the training device); each
@@ -12,10 +13,12 @@ evaluation gets its own generator seeded by (seed, step), so evaluating never ch
 training. With the generators' states in the checkpoint, a resumed run repeats an
 uninterrupted one exactly (bit for bit on CPU).
 
-Signals: SIGTERM and SIGINT finish the current step, save a checkpoint and raise
-:class:`TrainingInterrupted`. A non-finite loss or gradient stops the run before the bad update
-with :class:`TrainingError`; a checkpoint of the weights that gave it is moved to
-``checkpoints/diverged/``, so ``--resume`` continues from one from before the divergence.
+The folder's lock, checkpoints, logs, progress and signals are those of the shared
+:class:`~sdelab.train.skeleton.TrainSkeleton`: SIGTERM and SIGINT finish the current step, save
+a checkpoint and raise :class:`~sdelab.train.skeleton.TrainingInterrupted`. A non-finite loss or
+gradient stops the run before the bad update with :class:`TrainingError`; a checkpoint of the
+weights that gave it is moved to ``checkpoints/diverged/``, so ``--resume`` continues from one
+from before the divergence.
 
 Many processes (``torchrun`` / ``accelerate launch``, see :mod:`sdelab.distributed`): every
 rank draws the same global batch, times and noise from the same generators and keeps its
@@ -31,8 +34,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,6 @@ from sdelab import distributed, streams
 from sdelab.data import Dataset
 from sdelab.parametrization import ScoreModel
 from sdelab.plots import plot_loss
-from sdelab.progress import Progress
 from sdelab.sde import Schedule
 from sdelab.train.build import (
     Run,
@@ -55,7 +55,7 @@ from sdelab.train.build import (
     resolve_config,
     resolve_device,
 )
-from sdelab.train.checkpoint import CKPT_DIR, list_checkpoints, load_checkpoint
+from sdelab.train.checkpoint import list_checkpoints, load_checkpoint
 from sdelab.train.config import OptimConfig, RunConfig
 from sdelab.train.memory import check_memory
 from sdelab.train.objectives import OBJECTIVES
@@ -63,20 +63,15 @@ from sdelab.train.periodic import epoch_steps, write_samples
 from sdelab.train.rundir import (
     EVAL_FILE,
     METRICS_FILE,
-    MetricsLog,
-    RunLock,
-    RunLockedError,
-    StopOnSignal,
     check_run_dir,
     init_from,
     merge_for_resume,
     require_tensorboard,
-    restore,
-    save,
-    truncate_jsonl,
+    run_state,
     update_best,
     write_config,
 )
+from sdelab.train.skeleton import TrainingInterrupted, TrainSkeleton, ema_decay_at, update_ema
 from sdelab.utils import derive_seed
 
 __all__ = [
@@ -97,18 +92,6 @@ __all__ = [
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says what to change."""
-
-
-class TrainingInterrupted(Exception):
-    """SIGTERM/SIGINT: a checkpoint was saved at ``step``; resume with ``--resume``."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        name = signal.Signals(signum).name
-        super().__init__(
-            f"stopped by {name} after step {step}; checkpoint saved to {checkpoint}; "
-            "continue with --resume"
-        )
 
 
 @dataclass(frozen=True)
@@ -206,24 +189,6 @@ def lr_at(optim: OptimConfig, step: int, total_steps: int | None = None) -> floa
     return low + (optim.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def ema_decay_at(decay: float, step: int) -> float:
-    """EMA decay after update number ``step`` (1-based): min(decay, (1 + step)/(10 + step)),
-    the usual warm-up, so a short run's EMA is not dominated by the random initial weights."""
-    return min(decay, (1 + step) / (10 + step))
-
-
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema ← decay·ema + (1 − decay)·model for parameters; buffers are copied."""
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            if decay == 0:
-                e.copy_(p)
-            else:
-                e.lerp_(p, 1.0 - decay)
-        for e, b in zip(ema.buffers(), model.buffers()):
-            e.copy_(b)
-
-
 # ---- evaluation, logging ---------------------------------------------------------------------
 def evaluate(run: Run, hook: EvalHook) -> dict[str, float | str]:
     """Call ``hook`` on the EMA model with the fixed test set; returns its metrics as floats
@@ -296,99 +261,81 @@ def train(
     dataset = make_run_dataset(config)  # built once: resolving, checking and training use it
     config = resolve_config(config, dataset)
     check_world(config, info)
-    created = not run_dir.exists()
-    lock = _lock_main(run_dir, info)
-    try:
-        check_run_dir(run_dir, resume)  # again, holding the lock: a run that started first
-        has_ckpt = resume and bool(list_checkpoints(run_dir))
-        if has_ckpt:
+    tc = config.train  # the loop's keys are the given config's, on resume too
+    skeleton = TrainSkeleton(
+        run_dir,
+        "sdelab train",
+        steps=tc.steps,
+        ckpt_every=tc.ckpt_every,
+        log_every=tc.log_every,
+        keep_last=tc.keep_last,
+        resume=resume,
+        progress=progress,
+        tensorboard=tc.tensorboard,
+        dist=info,
+    )
+    with skeleton:
+        resuming = skeleton.resuming
+        if resuming:
             config = merge_for_resume(load_checkpoint(run_dir).config, config, run_dir)
         run = build_resolved_run(config, run_dir, info, dataset, device)
-        if has_ckpt:
-            restore(run)
+        if resuming:
+            run.step = skeleton.restore(run_state(run))
         elif config.train.init_from:
             init_from(run, config.train.init_from)
         if info.is_main:
             write_config(run_dir, run.config)
-            for name in (METRICS_FILE, EVAL_FILE):
-                truncate_jsonl(run_dir / name, run.step)
         if run.config.train.memory_check:
             try:
                 check_memory(run, train_step)  # parameter count and one trial step's peak memory
             except TrainingError:
                 pass  # a non-finite first step: the loop meets it again and says what to do
-        log = MetricsLog(run_dir, run.config.train.tensorboard, enabled=info.is_main)
-        try:
-            last_loss, ckpt = _loop(run, log, eval_hook, progress)
-        finally:
-            log.close()
+        metrics = skeleton.run(
+            run_state(run),
+            lambda: _step(run),
+            config=run.config,
+            after_step=_after_step(run, skeleton, eval_hook),
+        )
         if info.is_main:
             _plot(run_dir)
-    finally:
-        if lock is not None:
-            lock.release()
-        if created and info.is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # failed before writing anything: leave no empty folder behind
-    return TrainResult(run_dir=run_dir, step=run.step, last_loss=last_loss, checkpoint=ckpt)
+    last_loss = None if metrics is None else metrics["loss"]
+    return TrainResult(
+        run_dir=run_dir, step=run.step, last_loss=last_loss, checkpoint=skeleton.checkpoint
+    )
 
 
-def _lock_main(run_dir: Path, info: distributed.DistInfo) -> RunLock | None:
-    """Rank 0 locks the run folder; every rank fails together if it cannot."""
-    lock, error = None, None
-    if info.is_main:
-        try:
-            lock = RunLock(run_dir, "sdelab train").acquire()
-        except RunLockedError as e:
-            error = e
-    if distributed.any_rank(error is not None, info):
-        raise error or RunLockedError(f"rank 0 could not lock {run_dir}")
-    return lock
+def _step(run: Run) -> dict[str, float]:
+    """:func:`train_step`, with what to do after a non-finite loss in its error."""
+    try:
+        return vars(train_step(run))
+    except TrainingError as e:
+        raise TrainingError(_diverged_advice(e, run)) from None
 
 
-def _loop(
-    run: Run, log: MetricsLog, eval_hook: EvalHook | None, progress: bool = True
-) -> tuple[float | None, Path | None]:
-    tc = run.config.train
-    ckpts = list_checkpoints(run.run_dir)
-    ckpt: Path | None = ckpts[-1][1] if ckpts else None
-    stats: StepStats | None = None
-    info = run.dist
-    bar = Progress(tc.steps, "train", "steps", initial=run.step, enabled=progress and info.is_main)
-    t_last, step_last = time.perf_counter(), run.step
+def _after_step(
+    run: Run, skeleton: TrainSkeleton, eval_hook: EvalHook | None
+) -> Callable[[int, bool], bool]:
+    """What ``sdelab train`` does after each step: evaluation (``eval.jsonl``, the best
+    checkpoint), sample grids; it asks for a checkpoint after a new best and at each
+    ``train.ckpt_every_epochs``."""
+    tc, info = run.config.train, run.dist
     every_epochs = epoch_steps(run)  # train.ckpt_every_epochs in steps (0: off)
-    with StopOnSignal() as stop, bar:
-        while run.step < tc.steps:
-            try:
-                stats = train_step(run)
-            except TrainingError as e:
-                raise TrainingError(_diverged_advice(e, run)) from None
-            last = run.step == tc.steps
-            logged = run.step % tc.log_every == 0 or last
-            if logged:
-                now = time.perf_counter()
-                rate = (run.step - step_last) / max(now - t_last, 1e-9)
-                t_last, step_last = now, run.step
-                log.write(METRICS_FILE, {"step": run.step, **vars(stats), "steps_per_s": rate})
-            bar.update(1, loss=stats.loss)
-            due = tc.eval_every and (run.step % tc.eval_every == 0 or last)
-            best = False
-            if eval_hook is not None and due and info.is_main:
-                metrics = evaluate(run, eval_hook)
-                log.write(EVAL_FILE, {"step": run.step, **metrics})
-                best = update_best(run, metrics)  # eval.select_best: keep this checkpoint
-            if due and eval_hook is not None:  # the same steps on every rank: one collective
-                best = distributed.any_rank(best, info)
-            if tc.sample_every and (run.step % tc.sample_every == 0 or last) and info.is_main:
-                write_samples(run)
-            # every rank stops after the same step, whichever rank saw the signal
-            signalled = distributed.any_rank(stop.signum is not None, info)
-            stopping = signalled and not last
-            epoch_due = every_epochs and run.step % every_epochs == 0
-            if run.step % tc.ckpt_every == 0 or epoch_due or last or stopping or best:
-                ckpt = _save_main(run, {"loss": stats.loss})
-            if stopping:
-                raise TrainingInterrupted(stop.signum or signal.SIGTERM, run.step, ckpt)
-    return (stats.loss if stats else None), ckpt
+
+    def after(step: int, last: bool) -> bool:
+        due = tc.eval_every and (step % tc.eval_every == 0 or last)
+        best = False
+        if eval_hook is not None and due and info.is_main:
+            metrics = evaluate(run, eval_hook)
+            assert skeleton.log is not None  # open while the skeleton runs
+            skeleton.log.write(EVAL_FILE, {"step": step, **metrics})
+            best = update_best(run, metrics)  # eval.select_best: keep this checkpoint
+        if due and eval_hook is not None:  # the same steps on every rank: one collective
+            best = distributed.any_rank(best, info)
+        if tc.sample_every and (step % tc.sample_every == 0 or last) and info.is_main:
+            write_samples(run)
+        return bool(best or (every_epochs and step % every_epochs == 0))
+
+    return after
 
 
 def _diverged_advice(error: TrainingError, run: Run) -> str:
@@ -439,13 +386,6 @@ def _set_aside(run_dir: Path, step: int) -> Path | None:
     if tensors.exists():
         os.replace(tensors, dest.with_suffix(".safetensors"))
     return dest
-
-
-def _save_main(run: Run, metrics: Mapping[str, float]) -> Path:
-    """Rank 0 saves; the others wait for it (a rank exiting early must not cut the save)."""
-    path = save(run, metrics) if run.dist.is_main else None
-    distributed.barrier(run.dist)
-    return path or run.run_dir / CKPT_DIR / f"step_{run.step:08d}.json"
 
 
 def _plot(run_dir: Path) -> None:

@@ -19,13 +19,17 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from sdelab.train.build import Run, load_state
 from sdelab.train.checkpoint import (
     BEST_FILE,
     CKPT_DIR,
+    Checkpoint,
     CheckpointError,
     best_step,
     list_checkpoints,
@@ -48,6 +52,7 @@ __all__ = [
     "RunLock",
     "RunLockedError",
     "StopOnSignal",
+    "TrainState",
     "check_run_dir",
     "config_changes",
     "flat_config",
@@ -55,8 +60,11 @@ __all__ = [
     "merge_for_resume",
     "require_tensorboard",
     "restore",
+    "restore_state",
     "resume_config",
+    "run_state",
     "save",
+    "save_state",
     "saved_config",
     "truncate_jsonl",
     "update_best",
@@ -154,25 +162,105 @@ def truncate_jsonl(path: Path, step: int) -> None:
     atomic_write(path, "".join(kept))
 
 
-def save(run: Run, metrics: Mapping[str, float] | None = None) -> Path:
-    """Checkpoint the run at its current step (see :mod:`sdelab.train.checkpoint`)."""
-    opt_tensors, opt_meta = optimizer_state_to_flat(run.optimizer)
+@dataclass(frozen=True)
+class TrainState:
+    """What a training checkpoint holds besides its step, config and metrics: modules by name
+    (tensors ``NAME.<key>``), one optimizer (tensors ``optim.*``, hyper-parameters in the JSON)
+    and random generators by name (``rng.NAME``). Restoring all of them makes a loop continue
+    exactly as if it had not stopped (bit for bit on CPU)."""
+
+    modules: Mapping[str, torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    generators: Mapping[str, torch.Generator]
+
+
+def run_state(run: Run) -> TrainState:
+    """A score-model run's :class:`TrainState`: ``model``, ``ema``, the optimizer, ``rng.data``
+    and ``rng.loss``."""
+    return TrainState(
+        {"model": run.model, "ema": run.ema},
+        run.optimizer,
+        {"data": run.data_gen, "loss": run.loss_gen},
+    )
+
+
+def save_state(
+    folder: Path,
+    step: int,
+    state: TrainState,
+    *,
+    config: RunConfig | Mapping[str, Any],
+    keep_last: int | None,
+    metrics: Mapping[str, float] | None = None,
+) -> Path:
+    """Checkpoint ``state`` at ``step`` in ``folder/checkpoints`` (atomically; the newest
+    ``keep_last`` are kept, and the best one of ``eval.select_best`` if there is one).
+
+    Args:
+        folder: the run (or classifier / dequantizer) folder.
+        step: completed optimizer steps.
+        state: what to save.
+        config: the resolved config, or a JSON-able record for folders that are not
+            score-model runs; stored in the checkpoint.
+        keep_last: how many checkpoints to keep (``None``: all).
+        metrics: scalars recorded in the checkpoint's JSON.
+
+    Returns:
+        The checkpoint's JSON path.
+    """
+    opt_tensors, opt_meta = optimizer_state_to_flat(state.optimizer)
     tensors = {
-        **{f"model.{k}": v for k, v in run.model.state_dict().items()},
-        **{f"ema.{k}": v for k, v in run.ema.state_dict().items()},
+        **{
+            f"{name}.{k}": v
+            for name, module in state.modules.items()
+            for k, v in module.state_dict().items()
+        },
         **opt_tensors,
-        "rng.data": run.data_gen.get_state(),
-        "rng.loss": run.loss_gen.get_state(),
+        **{f"rng.{name}": g.get_state() for name, g in state.generators.items()},
     }
-    meta = {"optimizer": opt_meta, "metrics": dict(metrics or {})}
     return save_checkpoint(
+        folder,
+        step,
+        tensors,
+        {"optimizer": opt_meta, "metrics": dict(metrics or {})},
+        config=config,
+        keep_last=keep_last,
+        protect=frozenset(s for s in [best_step(folder)] if s is not None),
+    )
+
+
+def restore_state(folder: Path, state: TrainState, step: int | None = None) -> Checkpoint:
+    """Load checkpoint ``step`` of ``folder`` (default: the newest) into ``state``; returns the
+    checkpoint (its ``step``, ``path`` and JSON ``meta``).
+
+    Raises:
+        CheckpointError: no checkpoint, a corrupt one, or tensors that do not fit the modules.
+    """
+    ckpt = load_checkpoint(folder, step)
+    t = ckpt.tensors
+    for name, module in state.modules.items():
+        load_state(module, prefixed(t, name), ckpt.path)
+    try:
+        state.optimizer.load_state_dict(optimizer_state_from_flat(t, ckpt.meta["optimizer"]))
+        for name, g in state.generators.items():
+            g.set_state(t[f"rng.{name}"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} does not fit this training loop ({type(e).__name__}: "
+            f"{e}): it belongs to another kind of folder, or its files were changed"
+        ) from None
+    return ckpt
+
+
+def save(run: Run, metrics: Mapping[str, float] | None = None) -> Path:
+    """Checkpoint the run at its current step (see :func:`save_state`)."""
+    return save_state(
         run.run_dir,
         run.step,
-        tensors,
-        meta,
+        run_state(run),
         config=run.config,
         keep_last=run.config.train.keep_last,
-        protect=frozenset(s for s in [best_step(run.run_dir)] if s is not None),
+        metrics=metrics,
     )
 
 
@@ -194,14 +282,7 @@ def update_best(run: Run, metrics: Mapping[str, float]) -> bool:
 
 def restore(run: Run, step: int | None = None) -> None:
     """Load weights, EMA, optimizer state, generator states and step from a checkpoint."""
-    ckpt = load_checkpoint(run.run_dir, step)
-    t = ckpt.tensors
-    load_state(run.model, prefixed(t, "model"), ckpt.path)
-    load_state(run.ema, prefixed(t, "ema"), ckpt.path)
-    run.optimizer.load_state_dict(optimizer_state_from_flat(t, ckpt.meta["optimizer"]))
-    run.data_gen.set_state(t["rng.data"])
-    run.loss_gen.set_state(t["rng.loss"])
-    run.step = ckpt.step
+    run.step = restore_state(run.run_dir, run_state(run), step).step
 
 
 #: What a run started by ``train.init_from`` must share with the run it starts from.
