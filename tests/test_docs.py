@@ -55,6 +55,7 @@ def test_pages_have_code():
         "tutorials/vdm.md",
         "tutorials/discrete.md",
         "tutorials/controllable.md",
+        "tutorials/ood.md",
         "how-to/likelihood-integrator.md",
         "concepts/bits-per-dim.md",
     ):
