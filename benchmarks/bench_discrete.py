@@ -7,9 +7,10 @@ Trains ``images/fashion_vpsde_discrete`` (DDPM's discrete-time VP, loss.objectiv
 ``images/fashion_subvpsde`` (sub-VP, predictor–corrector) with ``sdelab.train.loop.train``,
 then for each:
 
-- test bits/dim through the probability-flow ODE (uniform dequantization, one Hutchinson
-  probe, rtol = atol = 1e-4, ``--n`` test images) — for the discrete model through its
-  continuous view (t ↦ t·(N − 1));
+- test bits/dim through the probability-flow ODE (uniform dequantization,
+  ``ODE(tol=1e-3, divergence=Hutchinson(), integrator=Augmented())``: one Rademacher probe,
+  the augmented dopri5 solve with its two-tolerance check to 1e-3 nats per image, ``--n`` test
+  images) — for the discrete model through its continuous view (t ↦ t·(N − 1));
 - for the discrete model also DDPM's own discrete variational bound
   (:func:`sdelab.discrete.ddpm_vlb`, all N − 1 terms, discretised decoder, no dequantization);
 - a 6×6 grid of samples with the config's sampler (``eval.sampler``, 1000 steps; the exact

@@ -6,7 +6,8 @@ Launches itself under ``python -m torch.distributed.run --nproc_per_node N`` for
 loopback, one torch thread per process, for two models:
 
 - the toy MLP on checkerboard (width 128, depth 3, global batch 512): training, then
-  ``run_likelihood`` (exact-trace ODE, rtol = atol = 1e-4) over ``--n-test`` test points in
+  ``run_likelihood`` (exact-trace ODE, ``ODE(tol=1e-2, divergence=Exact(),
+  integrator=Augmented())``: every point within 1e-2 nats) over ``--n-test`` test points in
   batches of 50, timed from a barrier to the gathered result;
 - the small U-Net of ``images/digits`` (8×8 digits, global batch 128): training only.
 
@@ -40,6 +41,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from sdelab import distributed
+    from sdelab.likelihood.bpd import ODE
+    from sdelab.likelihood.options import Augmented, Exact
     from sdelab.runs import run_likelihood
     from sdelab.train.config import load_config
     from sdelab.train.loop import train
@@ -59,9 +62,8 @@ def worker(args: argparse.Namespace) -> None:
     result: dict = {"procs": info.world_size}
     if args.model == "mlp":
         t0 = time.perf_counter()
-        res = run_likelihood(
-            run_dir, n=args.n_test, batch_size=50, rtol=1e-4, atol=1e-4, progress=False
-        )
+        ode = ODE(tol=1e-2, divergence=Exact(), integrator=Augmented())
+        res = run_likelihood(run_dir, estimator=ode, n=args.n_test, batch_size=50, progress=False)
         result.update(lik_ex_s=args.n_test / (time.perf_counter() - t0), nll=res.nll_mean)
     if info.is_main:
         rates = [json.loads(line)["steps_per_s"] for line in (run_dir / "metrics.jsonl").open()]

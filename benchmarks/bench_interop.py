@@ -10,9 +10,11 @@ built from the even steps of diffusers' 1000-step schedules and compared at the 
 Table 2 — a tiny ``UNet2DModel`` (diffusers' own class and DDPM recipe: ε-prediction, 1000
 linear-β steps, uniform integer t) trained on the 8×8 digits for ``--steps`` steps, saved with
 ``save_pretrained``, read back with ``sdelab.interop.load_diffusers``, then: ODE bits/dim on
-test digits (uniform dequantization over 17 levels, 1 Rademacher probe, dopri5 rtol = atol =
-1e-5) with each schedule choice, the snapped network (round t·(N − 1), the price of an
-integer-only time embedding), and Score-SDE's protocol (a fitted linear-β VP, t_min = 1e-5);
+test digits (uniform dequantization over 17 levels, ``ODE(tol=1e-3, divergence=Hutchinson(),
+integrator=Augmented())``: 1 Rademacher probe, the augmented dopri5 solve with its
+two-tolerance check to 1e-3 nats per image) with each schedule choice, the snapped network
+(round t·(N − 1), the price of an integer-only time embedding), and Score-SDE's protocol (a
+fitted linear-β VP, t_min = 1e-5);
 sampling time and NFE: diffusers' own DDPMScheduler loop vs sdelab's ancestral sampler (the
 same chain) and DPM-Solver++(2M).
 """
