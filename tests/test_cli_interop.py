@@ -68,6 +68,7 @@ def test_likelihood_cli_equals_the_python_evaluation(pipe, tmp_path, capsys):
     # an existing result is never replaced without --force
     code, _, err = run_cli(capsys, "likelihood", *args, "--seed", "1", "--out", str(out))
     assert code == 2 and "--force" in err and len(err.strip().splitlines()) == 1
+    assert "same options" not in err and "--out" in err  # the user named the file, not sdelab
     assert json.loads(out.read_text()) == record
     code, _, err = run_cli(capsys, "likelihood", *args, "--seed", "1", "--out", str(out), "--force")
     assert code == 0 and json.loads(out.read_text())["seed"] == 1, err

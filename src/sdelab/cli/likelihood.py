@@ -165,8 +165,9 @@ def _likelihood(args: argparse.Namespace) -> int:
     if args.diffusers is None:
         path = Path(args.run) / plan.name
     arrays = None if path is None else path.with_suffix(".npz")  # per-example results
-    if path is not None and info.is_main:
-        check_new_files([path, arrays], force=args.force, hint=_KEEP)
+    if path is not None and info.is_main:  # --out names a diffusers result: options may differ
+        hint = _KEEP if args.diffusers is None else _KEEP_OUT
+        check_new_files([path, arrays], force=args.force, hint=hint)
     res = plan.evaluate(resumable=path is not None, resume=args.resume)
     if not info.is_main:
         return 0
@@ -187,6 +188,7 @@ def _likelihood(args: argparse.Namespace) -> int:
 
 
 _KEEP = "an earlier result with the same options is kept; pass --force to replace it"
+_KEEP_OUT = "an earlier result is kept; choose another --out, or pass --force to replace it"
 
 
 def result_record(plan, res, *, processes: int = 1) -> dict[str, Any]:
