@@ -272,6 +272,17 @@ def test_sample_refuses_before_writing_anything(run_dir, tmp_path, capsys):
     assert code == 2 and ".npy or .csv" in one_line(err, "sample")
 
 
+def test_sample_names_the_checkpoint_that_made_it(run_dir, tmp_path, capsys):
+    """The printed line says which checkpoint step drew the samples (the newest by default)."""
+    names = (run_dir / "checkpoints").glob("step_*.safetensors")
+    steps = sorted(int(p.stem.split("_")[-1]) for p in names)
+    out = tmp_path / "s.npy"
+    code, stdout, _ = run_cli(
+        capsys, "sample", str(run_dir), "--n", "5", "--steps", "5", "--out", str(out)
+    )
+    assert code == 0 and f"checkpoint step {steps[-1]}" in stdout, stdout
+
+
 # ---- 7. one-line errors instead of tracebacks --------------------------------------------------
 @pytest.mark.parametrize(
     ("option", "needle"),

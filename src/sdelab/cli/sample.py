@@ -77,10 +77,11 @@ def _sample(args: argparse.Namespace) -> int:
 def _save(res, run, out: Path, args: argparse.Namespace, steps: int) -> str:
     """Write the samples (and their plot or grid), each atomically; the line to print."""
     dataset = run.dataset
+    made_by = "" if getattr(run, "step", None) is None else f", checkpoint step {run.step}"
     if dataset.image_shape is not None:  # image run: .npy + PNG grid
-        return _save_image_samples(res, dataset, out, args)
+        return _save_image_samples(res, dataset, out, args, made_by)
     save_samples(res.samples, out)
-    msg = f"{args.n} samples ({args.sampler}, {steps} steps, NFE {res.nfe}) -> {out}"
+    msg = f"{args.n} samples ({args.sampler}, {steps} steps, NFE {res.nfe}{made_by}) -> {out}"
     if res.samples.shape[1] == 2:
         test = dataset.test_set(min(args.n, 5000))
         png = plot_samples(
@@ -103,7 +104,9 @@ def _outputs(out: Path, image: bool, dim: int | None) -> list[Path]:
     return [out, out.with_suffix(".png")] if dim == 2 else [out]
 
 
-def _save_image_samples(res, dataset, out: Path, args: argparse.Namespace) -> str:
+def _save_image_samples(
+    res, dataset, out: Path, args: argparse.Namespace, made_by: str = ""
+) -> str:
     """Image runs: model-space samples (N, C, H, W) to ``out.npy`` and their pixel levels
     (``model_to_levels``) as a PNG grid to ``out.png``, whichever of the two ``--out`` names."""
     npy, png = out.with_suffix(".npy"), out.with_suffix(".png")
@@ -111,7 +114,7 @@ def _save_image_samples(res, dataset, out: Path, args: argparse.Namespace) -> st
     save_samples(samples, npy)
     levels = model_to_levels(samples, dataset.num_levels, data_range=dataset.data_range)
     save_level_grid(levels, dataset.num_levels, png)
-    return f"{args.n} samples ({args.sampler}, NFE {res.nfe}) -> {npy}, grid {png}"
+    return f"{args.n} samples ({args.sampler}, NFE {res.nfe}{made_by}) -> {npy}, grid {png}"
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
