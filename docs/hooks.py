@@ -156,6 +156,21 @@ def _docstring(cls) -> str:
     return " ".join(inspect.getdoc(cls).split()).replace("``", "`")
 
 
+def _data_option_keys() -> str:
+    """The option keys each kind of data set takes (from the dataset factories' signatures)."""
+    from sdelab.data import DATASETS, dataset_options
+
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name in DATASETS:
+        groups.setdefault(tuple(dataset_options(name)), []).append(name)
+    parts = []
+    for keys, names in groups.items():
+        listed = ", ".join(f"`{k}`" for k in keys) or "none"
+        shown = names if len(names) <= 3 else names[:2] + ["…"]
+        parts.append(f"{'/'.join(shown)}: keys {listed}")
+    return "; ".join(parts)
+
+
 def config_reference() -> str:
     """Every key of :class:`sdelab.train.config.RunConfig` with type, default and checks."""
     from sdelab.train.config import EVAL_OPTIONS, RunConfig
@@ -183,6 +198,8 @@ def config_reference() -> str:
                 rules.append("one of " + ", ".join(f"`{c}`" for c in choices[dotted]))
             if dotted == "eval.options":
                 rules.append("keys " + ", ".join(f"`{k}`" for k in EVAL_OPTIONS))
+            if dotted == "data.options":
+                rules.append(_data_option_keys())
             out.append(
                 f"| `{dotted}` | {_type_name(field.annotation)} | {_default(field)} | "
                 f"{'; '.join(rules) or '—'} |"
