@@ -169,7 +169,9 @@ class Augmented:
 @dataclass(frozen=True)
 class Quadrature:
     """Forward-only solve of x(t), then nested Clenshaw–Curtis quadrature of the divergence,
-    refined per example; evaluation only (no gradients).
+    refined per example; evaluation only (no gradients). An adaptive forward solve holds x to
+    tol over each example's sensitivity max(D, |x_T|²/s²), as :class:`Augmented` does, and
+    the tolerance check runs as there.
 
     Attributes:
         method: the forward solve: an adaptive torchdiffeq solver (default ``dopri8``) or
