@@ -142,7 +142,7 @@ def main() -> None:
     print()
     print("| set | images | bpd | PNG bits/dim | "
           + " | ".join(f"fine part σ < {sg:g} (t = {times[sg]:.3g})" for sg in sigmas)
-          + " | worst error (nats) | CPU s |")  # fmt: skip
+          + " | largest per-image error bar (nats) | CPU s |")  # fmt: skip
     print("|---|---:|---:|---:|" + "---:|" * len(sigmas) + "---:|---:|")
     for name, s in scores.items():
         n = len(s["bpd"])
