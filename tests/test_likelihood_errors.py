@@ -155,7 +155,7 @@ def test_randomized_rule_is_unbiased_on_average():
             integrator=Randomized(),
             generator=torch.Generator().manual_seed(0),
         )
-    assert res.policy == Policy(Hutchinson(), Randomized(), None)
+    assert res.policy == Policy(Hutchinson(), Randomized(nodes=32), None)
     dev = res.logp - truth[0]
     se = float(dev.std()) / math.sqrt(dev.numel())
     assert abs(float(dev.mean())) < 4 * se, (float(dev.mean()), se)
@@ -231,7 +231,8 @@ def test_option_objects_are_frozen_and_tagged():
     opts = Quadrature(method="dpm3m", steps=32, solve_in="log_snr")
     with pytest.raises(AttributeError):
         opts.steps = 64
-    assert opts.tag == "quadrature_dpm3m32" and Randomized().tag == "randomized32_dpm3m64"
+    assert opts.tag == "quadrature_dpm3m32" and Randomized(nodes=32).tag == "randomized32_dpm3m64"
+    assert Randomized().tag == "randomizedauto_dpm3m64"  # the policy resolves the nodes
     assert Augmented(check=False).tag == "augmented_dopri5_nocheck"
     record = Policy(Hutchinson(2), Augmented(), 1e-3).record()
     assert record["tag"] == "augmented_dopri5_hutchinson2_tol0.001"
@@ -269,6 +270,14 @@ def test_default_policy_picks_by_dimension_and_gradients():
     assert default_policy((1, 8, 8), differentiable=True).integrator == Augmented()
     with pytest.raises(ValueError, match="one example's shape"):
         default_policy((0, 8))
+    # the randomized rule's nodes follow the measured table: 32 below 256 values, 16 from 256
+    assert default_policy((1, 15, 15)).integrator.nodes == 32
+    assert default_policy((1, 16, 16)).integrator.nodes == 16
+    assert default_policy((1, 28, 28)).tag == "randomized16_dpm3m64_hutchinson1"
+    assert default_policy((1, 28, 28), integrator=Randomized(nodes=64)).integrator.nodes == 64
+    assert default_policy(100, integrator=Randomized(steps=32)).integrator == Randomized(
+        nodes=32, steps=32
+    )
 
 
 def test_results_record_the_policy_that_ran():
@@ -288,4 +297,4 @@ def test_results_record_the_policy_that_ran():
         assert grad.logp.requires_grad
         with pytest.raises(ValueError, match="computes no gradients"):
             log_likelihood(data.score_fn(sched), sched, xg, integrator=Randomized())
-    assert res.policy.integrator == Randomized() and res.policy.divergence == Hutchinson()
+    assert res.policy.integrator == Randomized(nodes=32) and res.policy.divergence == Hutchinson()

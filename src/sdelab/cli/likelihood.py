@@ -415,7 +415,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--nodes",
         type=positive_int,
         metavar="N",
-        help="with --integrator randomized: divergence nodes per example (even; default 32)",
+        help="with --integrator randomized: divergence nodes per example (even; default 32 "
+        "below 256 values per example, 16 from 256 on)",
     )
     p.add_argument("--rtol", type=float, help=argparse.SUPPRESS)  # gone: refused, see --tol
     p.add_argument("--atol", type=float, help=argparse.SUPPRESS)
