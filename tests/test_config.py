@@ -68,7 +68,16 @@ def test_recipes_stack_the_techniques():
         base = load_config(f"recipes/{ds}_first_order")
         assert base == load_config(base_name)
         high = load_config(f"recipes/{ds}_high_order")
-        assert diff(high, base) == {"loss.score_matching_order"}
+        # a second stage from a first-order run (Lu et al.): a constant lr 2e-4, fewer steps
+        assert diff(high, base) == {
+            "loss.score_matching_order",
+            "optim.lr",
+            "optim.schedule",
+            "optim.warmup_steps",
+            "train.steps",
+        }
+        assert (high.optim.lr, high.optim.schedule, high.train.init_from) == (2e-4, "constant", None)
+        assert high.train.steps < base.train.steps
         vel = load_config(f"recipes/{ds}_velocity")
         assert diff(vel, base) == {"loss.time_sampling"}
         assert vel.loss.time_sampling == "importance-velocity"
