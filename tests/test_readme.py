@@ -69,3 +69,27 @@ def test_readme_links_resolve():
     local = [t for t in targets if not re.match(r"[a-z]+://|mailto:", t)]
     missing = [t for t in local if not (root / t).exists()]
     assert not missing, f"README links to missing files: {missing}"
+
+
+def test_readme_shell_commands_parse():
+    """Every ``sdelab`` command of the README's bash blocks parses, and every ``sdelab train``
+    config loads with its overrides (the recipes' second stages with ``train.init_from``)."""
+    import shlex
+
+    from sdelab.cli import parse_args
+    from sdelab.train.config import load_config
+
+    text = README.read_text(encoding="utf-8")
+    lines = [
+        ln.split("#")[0].strip()
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+        for ln in block.splitlines()
+    ]
+    commands = [shlex.split(ln) for ln in lines if ln.startswith("sdelab ")]
+    assert sum(c[1] == "train" for c in commands) >= 5
+    for argv in commands:
+        args = parse_args(argv[1:])
+        assert args.command == argv[1]
+        if argv[1] == "train":
+            overrides = [a for a in argv[3:] if "=" in a and not a.startswith("-")]
+            load_config(argv[2], overrides)
