@@ -28,6 +28,11 @@ intermediate checkpoints on the first ``--n-curve`` images for the bits/dim-per-
 curve. ``table`` prints every row with its standard error and the paired per-image
 differences — against the row it adds to and against the baseline — whose standard error is
 the spread of the per-image differences over √n (it includes both rows' estimator noise).
+
+``table --recipe-runs RUN ...`` adds whole runs of one recipe trained for different lengths
+(each with the ``cpu.json`` of its training and the output of ``sdelab likelihood RUN --n N``,
+uniform dequantization, the same first N test images): their bits/dim against training
+CPU-minutes, each paired with the previous run, and the target line of ``--target``.
 """
 
 from __future__ import annotations
@@ -186,6 +191,40 @@ def _paired(a: dict, b: dict) -> tuple[float, float]:
     return float(d.mean()), float(d.std()) / math.sqrt(len(d))
 
 
+def _cli_result(run: Path, n: int) -> dict:
+    """The newest ``sdelab likelihood RUN --n n`` result of a run (ODE, uniform, test split)."""
+    found = sorted(
+        run.glob(f"likelihood_ode_*_uniform_test_n{n}_*_ema_step*.json"),
+        key=lambda p: int(p.stem.rsplit("step", 1)[1]),
+    )
+    if not found:
+        raise SystemExit(f"{run}: no `sdelab likelihood {run} --n {n}` result; run it first")
+    rec = json.loads(found[-1].read_text())
+    import numpy as np
+
+    bpd = np.load(found[-1].with_suffix(".npz"))["bpd"].tolist()
+    cpu = json.loads((run / "cpu.json").read_text())
+    step = int(found[-1].stem.rsplit("step", 1)[1])
+    return dict(bpd=bpd, mean=rec["bpd_mean"], se=rec["bpd_se"], n=n, step=step,
+                cpu_min=cpu["cpu_s"] / 60, policy=rec["tag"])  # fmt: skip
+
+
+def recipe_table(args) -> list[tuple[str, dict]]:
+    runs = [(Path(r).name, _cli_result(Path(r), args.n)) for r in args.recipe_runs]
+    runs.sort(key=lambda r: r[1]["cpu_min"])
+    print(f"\nWhole runs of one recipe ({runs[0][1]['policy']}; first {args.n} test images):\n")
+    print("| run | steps | training CPU-min | ODE bpd, uniform | Δ vs the previous run |")
+    print("|---|---:|---:|---:|---:|")
+    for i, (name, r) in enumerate(runs):
+        delta = "—"
+        if i:
+            m, se = _paired(r, runs[i - 1][1])
+            delta = f"{m:+.4f} ± {se:.4f}"
+        print(f"| {name} | {r['step']} | {r['cpu_min']:.1f} | {r['mean']:.4f} ± {r['se']:.4f} "
+              f"| {delta} |")  # fmt: skip
+    return runs
+
+
 def cmd_table(args) -> None:
     rows = stack(args.data)
     names = [n for n in rows if (args.out / n / "final_uniform.json").exists()]
@@ -226,11 +265,12 @@ def cmd_table(args) -> None:
         else:
             cells += ["—", "—"]
         print("| " + " | ".join(cells) + " |")
+    runs = recipe_table(args) if args.recipe_runs else []
     if args.plot:
-        plot(args, names, res)
+        plot(args, names, res, runs)
 
 
-def plot(args, names: list[str], res: dict) -> None:
+def plot(args, names: list[str], res: dict, runs: list[tuple[str, dict]]) -> None:
     """Test bits/dim against training CPU-minutes, one line per row."""
     import matplotlib
 
@@ -247,14 +287,22 @@ def plot(args, names: list[str], res: dict) -> None:
         u = res[n]["uniform"]
         pts.append((_cpu_min(args, n), u["mean"], u["se"], u["n"]))
         pts.sort()
-        line = ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
                            marker="o", capsize=3, label=n)  # fmt: skip
-        if len(rows_n := {p[3] for p in pts}) > 1:
-            ax.annotate(f"n={max(rows_n)}", (pts[-1][0], pts[-1][1]), fontsize=7,
-                        xytext=(4, -10), textcoords="offset points",
-                        color=line[0].get_color())  # fmt: skip
+    if runs:
+        ax.errorbar([r["cpu_min"] for _, r in runs], [r["mean"] for _, r in runs],
+                    yerr=[r["se"] for _, r in runs], marker="s", color="k", capsize=3,
+                    label="first_order recipe, whole runs")  # fmt: skip
+        for _, r in runs:
+            ax.annotate(f"{r['step']} steps", (r["cpu_min"], r["mean"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    if args.target:
+        bpd, minutes = args.target
+        ax.axhline(bpd, color="k", ls=":", lw=1)
+        ax.axvline(minutes, color="k", ls=":", lw=1)
     ax.set(xlabel="training CPU-minutes (1 thread)", ylabel="test bits/dim (ODE, uniform)",
-           title=f"{args.data}: the technique stack at equal CPU")  # fmt: skip
+           title=f"{args.data}: the technique stack at equal CPU\n(last points: first "
+                 f"{args.n} test images; earlier checkpoints: first {args.n_curve})")  # fmt: skip
     ax.legend(fontsize=8)
     fig.tight_layout()
     args.plot.parent.mkdir(parents=True, exist_ok=True)
@@ -273,6 +321,8 @@ def main() -> None:
     p.add_argument("--n-curve", type=int, default=250, help="test images of the curve (0: none)")
     p.add_argument("--what", nargs="*", default=["uniform", "truncated_normal", "scoreflow"])
     p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--recipe-runs", nargs="*", default=[], help="whole runs of one recipe")
+    p.add_argument("--target", nargs=2, type=float, default=None, metavar=("BPD", "CPU_MIN"))
     args = p.parse_args()
     torch.set_num_threads(1)
     {"calibrate": cmd_calibrate, "train": cmd_train, "eval": cmd_eval, "table": cmd_table}[
