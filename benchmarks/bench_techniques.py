@@ -25,7 +25,8 @@ images, all rows on the same images: the exact likelihood through the probabilit
 (the default estimator) with uniform and truncated-normal dequantization, and ScoreFlow's
 bound (uniform dequantization; the SDE's likelihood bound, 16 importance-sampled draws); the
 intermediate checkpoints on the first ``--n-curve`` images for the bits/dim-per-CPU-minute
-curve. ``table`` prints every row with its standard error and the paired per-image
+curve (every point of which is a mean over those images: the final models' too). ``table``
+prints every row with its standard error and the paired per-image
 differences — against the row it adds to and against the baseline — whose standard error is
 the spread of the per-image differences over √n (it includes both rows' estimator noise).
 
@@ -186,6 +187,12 @@ def _cpu_min(args, name: str, upto: tuple[int, int] | None = None) -> float:
     return total / 60
 
 
+def _head(rec: dict, n: int) -> tuple[float, float]:
+    """Mean and standard error of a result's first n per-image values."""
+    x = torch.tensor(rec["bpd"][:n], dtype=torch.float64)
+    return float(x.mean()), float(x.std()) / math.sqrt(len(x))
+
+
 def _paired(a: dict, b: dict) -> tuple[float, float]:
     d = torch.tensor(a["bpd"], dtype=torch.float64) - torch.tensor(b["bpd"], dtype=torch.float64)
     return float(d.mean()), float(d.std()) / math.sqrt(len(d))
@@ -284,25 +291,25 @@ def plot(args, names: list[str], res: dict, runs: list[tuple[str, dict]]) -> Non
             s, ck = p.stem.removeprefix("curve_stage").split("_")
             rec = json.loads(p.read_text())
             pts.append((_cpu_min(args, n, (int(s), int(ck))), rec["mean"], rec["se"], rec["n"]))
-        u = res[n]["uniform"]
-        pts.append((_cpu_min(args, n), u["mean"], u["se"], u["n"]))
+        pts.append((_cpu_min(args, n), *_head(res[n]["uniform"], args.n_curve), args.n_curve))
         pts.sort()
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
                            marker="o", capsize=3, label=n)  # fmt: skip
     if runs:
-        ax.errorbar([r["cpu_min"] for _, r in runs], [r["mean"] for _, r in runs],
-                    yerr=[r["se"] for _, r in runs], marker="s", color="k", capsize=3,
+        heads = [_head(r, args.n_curve) for _, r in runs]
+        ax.errorbar([r["cpu_min"] for _, r in runs], [h[0] for h in heads],
+                    yerr=[h[1] for h in heads], marker="s", color="k", capsize=3,
                     label="first_order recipe, whole runs")  # fmt: skip
-        for _, r in runs:
-            ax.annotate(f"{r['step']} steps", (r["cpu_min"], r["mean"]), fontsize=7,
+        for (_, r), h in zip(runs, heads, strict=True):
+            ax.annotate(f"{r['step']} steps", (r["cpu_min"], h[0]), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")  # fmt: skip
     if args.target:
         bpd, minutes = args.target
         ax.axhline(bpd, color="k", ls=":", lw=1)
         ax.axvline(minutes, color="k", ls=":", lw=1)
     ax.set(xlabel="training CPU-minutes (1 thread)", ylabel="test bits/dim (ODE, uniform)",
-           title=f"{args.data}: the technique stack at equal CPU\n(last points: first "
-                 f"{args.n} test images; earlier checkpoints: first {args.n_curve})")  # fmt: skip
+           title=f"{args.data}: the technique stack at equal CPU\n(every point: the mean over "
+                 f"the first {args.n_curve} test images ± SE)")  # fmt: skip
     ax.legend(fontsize=8)
     fig.tight_layout()
     args.plot.parent.mkdir(parents=True, exist_ok=True)
