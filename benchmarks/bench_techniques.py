@@ -56,8 +56,8 @@ from sdelab.runs import run_likelihood
 from sdelab.train.config import load_config
 from sdelab.train.loop import train
 
-# a second stage starts from the first stage's newest checkpoint at a constant small lr
-STAGE2 = ["optim.lr=2e-4", "optim.schedule=constant", "optim.warmup_steps=0"]
+# a second stage starts from the first stage's newest checkpoint (its recipe holds its constant
+# lr 2e-4)
 FLIPS = ["data.options.hflip=true"]
 
 
@@ -68,7 +68,7 @@ def stack(data: str) -> dict[str, dict]:
         "first_order": dict(parent=None, stages=[(r + "first_order", [], None)]),
         "high_order": dict(
             parent="first_order",
-            stages=[(r + "first_order", [], "first"), (r + "high_order", STAGE2, "second")],
+            stages=[(r + "first_order", [], "first"), (r + "high_order", [], "second")],
         ),
         "velocity": dict(parent="first_order", stages=[(r + "velocity", [], None)]),
         "finetune": dict(
