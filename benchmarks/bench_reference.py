@@ -120,7 +120,8 @@ def main() -> None:
     def wanted(key: str) -> bool:
         return args.rows is None or key in args.rows
 
-    rows = [r for r in rows if wanted(r[2] if r[0].startswith("ODE") else r[1].name.lower())]
+    # an ODE row is named by its dequantization, a bound by its estimator
+    rows = [r for r in rows if wanted(r[2] if r[1].name == "ode" else r[1].name)]
     for label, est, kind, dq in rows:
         t0 = time.process_time()
         res = run_likelihood(
